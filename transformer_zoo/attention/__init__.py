@@ -1,0 +1,6 @@
+"""Attention modules: parameters and plumbing around the kernels in ``functional``."""
+
+from transformer_zoo.attention.multihead import MultiHeadAttention
+from transformer_zoo.attention.softmax import SoftmaxAttention
+
+__all__ = ["MultiHeadAttention", "SoftmaxAttention"]

@@ -1,0 +1,199 @@
+"""Multi-head attention: projections, head split/merge, one kernel call, output projection.
+
+    MultiHead(X, C) = Concat(head_1, …, head_h) W^O,   head_i = Kernel(X W_i^Q, C W_i^K, C W_i^V)
+
+Vaswani et al. 2017, "Attention Is All You Need", arXiv 1706.03762, section 3.2.2.
+
+``MultiHeadAttention`` holds the parameters and the plumbing every attention shares; a
+subclass supplies ``attend`` (the kernel call on ``(b, h, n, d)`` tensors) and declares which
+positional-encoding places it accepts. Every attention class keeps this constructor core and
+this forward, so swapping one for another is one line.
+
+Shapes: b batch, n query length, m key length, h heads, d head dim, d_model model width.
+x ``(b, n, d_model)``, context ``(b, m, kv_dim)``; output ``(b, n, d_model)``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from transformer_zoo._checks import (
+    check_bool_mask,
+    check_broadcastable,
+    check_floating,
+    check_key_padding_mask,
+    check_positions,
+    check_positive_int,
+    check_probability,
+    check_rank,
+)
+from transformer_zoo.compat import check_pair
+from transformer_zoo.positional.base import LogitBias, Place, PositionalEncoding, QKTransform
+
+
+class MultiHeadAttention(nn.Module):
+    """Base class of every attention module.
+
+    Args:
+        d_model: model width of the queries' input and of the output.
+        n_heads: number of heads; ``head_dim = d_model // n_heads`` unless given.
+        dropout: attention-weight dropout (training only).
+        bias: biases in the four projections.
+        causal: query i attends only keys j <= i (bottom-right aligned for cross lengths).
+        positional: a ``QKTransform`` or ``LogitBias`` encoding applied inside attention;
+            rejected with ValueError if this kernel does not accept its place.
+        kv_dim: width of ``context`` (defaults to d_model).
+        head_dim: per-head width (defaults to d_model // n_heads).
+
+    Forward (all keyword-only after x):
+        context: ``(b, m, kv_dim)`` keys/values source; None = self-attention.
+        mask: key padding mask ``(b, m)``, True = real token.
+        attn_mask: boolean ``(b|1, h|1, n, m)`` (or ``(n, m)``), True = may attend.
+        positions: int64 ``(n,)`` or ``(b, n)`` query positions (default ``arange(n)``).
+        context_positions: int64 key positions (default: ``positions`` for self-attention,
+            ``arange(m)`` for cross-attention).
+    """
+
+    #: Positional-encoding places this kernel accepts (the compatibility table reads this).
+    accepts: ClassVar[frozenset[Place]] = frozenset(Place)
+    #: Whether ``causal=True`` is defined for this kernel.
+    supports_causal: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        causal: bool = False,
+        positional: PositionalEncoding | None = None,
+        kv_dim: int | None = None,
+        head_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(d_model, "d_model")
+        check_positive_int(n_heads, "n_heads")
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(
+                    f"d_model must be divisible by n_heads: got d_model={d_model}, "
+                    f"n_heads={n_heads} (or pass head_dim)"
+                )
+            head_dim = d_model // n_heads
+        check_positive_int(head_dim, "head_dim")
+        kv_dim = d_model if kv_dim is None else check_positive_int(kv_dim, "kv_dim")
+        if causal and not self.supports_causal:
+            raise ValueError(
+                f"{type(self).__name__} does not support causal=True; use SoftmaxAttention "
+                "or PerformerAttention for causal models"
+            )
+        if positional is not None:
+            check_pair(type(self), positional)
+        self.d_model, self.n_heads, self.head_dim, self.kv_dim = d_model, n_heads, head_dim, kv_dim
+        self.dropout = check_probability(dropout, "dropout")
+        self.causal = bool(causal)
+        self.positional = positional
+        inner = n_heads * head_dim
+        self.q_proj = nn.Linear(d_model, inner, bias=bias)
+        self.kv_proj = nn.Linear(kv_dim, 2 * inner, bias=bias)
+        self.out_proj = nn.Linear(inner, d_model, bias=bias)
+
+    # -- the kernel call: subclasses implement this ------------------------------------------
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        q_positions: Tensor,
+        k_positions: Tensor,
+    ) -> Tensor:
+        """q, k, v ``(b, h, n|m, d)`` -> ``(b, h, n, d)``; masks True = may attend."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses ---------------------------------------------------------------
+    def rotate(
+        self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Apply a ``QKTransform`` encoding if there is one; otherwise return q, k."""
+        if isinstance(self.positional, QKTransform):
+            return self.positional(q, k, q_positions, k_positions)
+        return q, k
+
+    def logit_bias(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
+        """The ``LogitBias`` encoding's ``(b|1, h, n, m)`` bias, or None."""
+        if isinstance(self.positional, LogitBias):
+            return self.positional(q, q_positions, k_positions)
+        return None
+
+    def attention_dropout(self) -> float:
+        return self.dropout if self.training else 0.0
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        context: Tensor | None = None,
+        mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        context_positions: Tensor | None = None,
+    ) -> Tensor:
+        check_rank(x, "x", 3, "(batch, seq, d_model)")
+        check_floating(x, "x")
+        b, n, width = x.shape
+        if width != self.d_model:
+            raise ValueError(f"x: expected last dim d_model={self.d_model}, got {tuple(x.shape)}")
+        if x.dtype != self.q_proj.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the parameters are {self.q_proj.weight.dtype}; "
+                "cast one to the other (or use torch.autocast)"
+            )
+        self_attention = context is None
+        if context is None:
+            context = x
+        else:
+            check_rank(context, "context", 3, "(batch, k_len, kv_dim)")
+            if context.shape[0] != b or context.shape[-1] != self.kv_dim:
+                raise ValueError(
+                    f"context: expected (batch, k_len, kv_dim) = ({b}, *, {self.kv_dim}), "
+                    f"got {tuple(context.shape)}"
+                )
+        m = context.shape[1]
+        if mask is not None:
+            check_key_padding_mask(mask, b, m)
+        if attn_mask is not None:
+            check_bool_mask(attn_mask, "attn_mask")
+            check_broadcastable(attn_mask, "attn_mask", (b, self.n_heads, n, m), "(b, h, n, m)")
+        if positions is None:
+            positions = torch.arange(n, device=x.device)
+        check_positions(positions, b, n)
+        if context_positions is None:
+            context_positions = positions if self_attention else torch.arange(m, device=x.device)
+        check_positions(context_positions, b, m, "context_positions")
+
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.n_heads)
+        k, v = rearrange(self.kv_proj(context), "b m (two h d) -> two b h m d", two=2,
+                         h=self.n_heads)
+        out = self.attend(
+            q, k, v,
+            key_padding_mask=mask,
+            attn_mask=attn_mask,
+            q_positions=positions,
+            k_positions=context_positions,
+        )  # (b, h, n, d)
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, n_heads={self.n_heads}, head_dim={self.head_dim}, "
+            f"causal={self.causal}, dropout={self.dropout}"
+        )

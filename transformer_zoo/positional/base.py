@@ -1,0 +1,85 @@
+"""Where a positional encoding acts: the composition contract.
+
+A positional encoding acts in exactly one of three places (``Place``):
+
+- ``Place.INPUT``: a vector added to the token embeddings before the first layer
+  (sinusoidal, learned absolute). Subclass ``InputEncoding``.
+- ``Place.QK``: a position-dependent transform of queries and keys inside every attention
+  (rotary). Subclass ``QKTransform``.
+- ``Place.BIAS``: an additive term on the attention logits (Shaw, T5, ALiBi), optionally with
+  a value term (Shaw). Subclass ``LogitBias``.
+
+Attention classes declare the places they accept (``MultiHeadAttention.accepts``); the
+encoder checks every attention × encoding pair when it is built (``transformer_zoo.compat``).
+
+Shapes: b batch, h heads, n query length, m key length, d head dim, positions int64
+``(n,)`` or ``(b, n)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+
+class Place(enum.Enum):
+    """The three places a positional encoding can act."""
+
+    INPUT = "input"  # added to x before the first layer
+    QK = "qk"  # transforms q and k inside attention
+    BIAS = "bias"  # additive logit bias (and optional value term)
+
+
+class PositionalEncoding(nn.Module):
+    """Base of every positional encoding; ``place`` says where it acts."""
+
+    place: ClassVar[Place]
+
+
+class InputEncoding(PositionalEncoding):
+    """Absolute encoding added to the input: ``forward(positions) -> (..., n, d_model)``."""
+
+    place = Place.INPUT
+
+    def forward(self, positions: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class QKTransform(PositionalEncoding):
+    """Transform of q and k: ``forward(q, k, q_positions, k_positions) -> (q, k)``.
+
+    q ``(b, h, n, d)``, k ``(b, h_kv, m, d)``; positions ``(n,)``/``(b, n)`` and
+    ``(m,)``/``(b, m)``.
+    """
+
+    place = Place.QK
+
+    def forward(
+        self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor
+    ) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class LogitBias(PositionalEncoding):
+    """Additive logit bias ``forward(q, q_positions, k_positions) -> (b|1, h, n, m)``.
+
+    ``q`` ``(b, h, n, d)`` is passed so content-dependent terms (Shaw's qᵀa^K) can use it; the
+    returned bias is added to the already scaled logits. Encodings with a value term set
+    ``has_value_term = True`` and implement ``value_term(weights, q_positions, k_positions)``
+    returning ``(b, h, n, d)`` to add to the attention output.
+    """
+
+    place = Place.BIAS
+    has_value_term: ClassVar[bool] = False
+
+    def forward(
+        self, q: Tensor, q_positions: Tensor, k_positions: Tensor
+    ) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def value_term(
+        self, weights: Tensor, q_positions: Tensor, k_positions: Tensor
+    ) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} has no value term")
