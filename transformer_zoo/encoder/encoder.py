@@ -186,6 +186,12 @@ class Encoder(nn.Module):
             raise ValueError(
                 f"x: expected last dim d_model={self.config.d_model}, got {tuple(x.shape)}"
             )
+        param_dtype = self.layers[0].norm1.weight.dtype
+        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the parameters are {param_dtype}; "
+                "cast one to the other (or use torch.autocast)"
+            )
         if mask is not None:
             check_key_padding_mask(mask, b, n)
         if positions is None:
