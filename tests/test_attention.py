@@ -92,7 +92,7 @@ def test_self_attention_equals_torch_multihead_attention(b, n, n_heads, causal, 
         theirs.out_proj.bias.copy_(ours.out_proj.bias)
     x = torch.randn(b, n, d_model, dtype=F64)
     keep = torch.rand(b, n) < 0.7
-    keep[:, 0] = True  # torch gives NaN for rows with no key; we give 0 (tested elsewhere)
+    keep[:, 0] = True  # older torch gives NaN for rows with no key; ours 0 (test_softmax)
     future = torch.ones(n, n, dtype=torch.bool).triu(1) if causal else None
     # torch's boolean masks mean True = masked out, ours True = may attend
     ref = theirs(x, x, x, key_padding_mask=~keep, attn_mask=future, need_weights=False)[0]

@@ -186,12 +186,6 @@ class Encoder(nn.Module):
             raise ValueError(
                 f"x: expected last dim d_model={self.config.d_model}, got {tuple(x.shape)}"
             )
-        param_dtype = self.layers[0].norm1.weight.dtype
-        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"x has dtype {x.dtype} but the parameters are {param_dtype}; "
-                "cast one to the other (or use torch.autocast)"
-            )
         if mask is not None:
             check_key_padding_mask(mask, b, n)
         if positions is None:
@@ -200,6 +194,12 @@ class Encoder(nn.Module):
         if self.input_encoding is not None:
             x = x + self.input_encoding(positions).to(x.dtype)
         x = self.dropout(x)
+        param_dtype = self.layers[0].norm1.weight.dtype
+        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the parameters are {param_dtype}; "
+                "cast one to the other (or use torch.autocast)"
+            )
         for layer in self.layers:
             x = layer(x, mask=mask, positions=positions)
         if self.final_norm is not None:
