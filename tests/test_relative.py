@@ -81,7 +81,7 @@ def test_t5_bucket_monotone_in_distance(causal, num_buckets, max_distance):
 def test_t5_bucket_validation():
     with pytest.raises(ValueError, match="max_distance"):
         t5_relative_bucket(torch.arange(3), num_buckets=32, max_distance=4)
-    with pytest.raises(ValueError, match="exact buckets"):
+    with pytest.raises(ValueError, match="exact bucket"):
         t5_relative_bucket(torch.arange(3), num_buckets=2)
 
 

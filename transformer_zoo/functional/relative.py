@@ -54,8 +54,8 @@ def t5_relative_bucket(
     max_exact = per_direction // 2
     if max_exact < 1 or max_distance <= max_exact:
         raise ValueError(
-            f"num_buckets={num_buckets}, max_distance={max_distance}: need at least 2 exact "
-            f"buckets per direction and max_distance > {max_exact}"
+            f"num_buckets={num_buckets}, max_distance={max_distance}: need at least one exact "
+            f"bucket per direction and max_distance > {max_exact} (the exact range)"
         )
     r = relative_position.long()
     if causal:
