@@ -22,7 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from transformer_zoo._checks import check_positive_int, check_rank
-from transformer_zoo.functional.relative import relative_positions, t5_relative_bucket
+from transformer_zoo.functional.relative import (
+    relative_positions,
+    t5_bucket_lookup,
+    t5_relative_bucket,
+)
 from transformer_zoo.positional.base import LogitBias
 
 
@@ -71,7 +75,7 @@ class T5RelativeBias(LogitBias):
 
     def buckets(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         """Bucket ids ``(n, m)`` or ``(b, n, m)``."""
-        return t5_relative_bucket(
+        return t5_bucket_lookup(
             relative_positions(q_positions, k_positions),
             causal=self.causal,
             num_buckets=self.num_buckets,
@@ -85,9 +89,11 @@ class T5RelativeBias(LogitBias):
                 f"q: expected n_heads={self.n_heads} heads, got shape {tuple(q.shape)}"
             )
         bucket = self.buckets(q_positions, k_positions)  # (.., n, m)
-        bias = self.weight[bucket]  # (.., n, m, h)
-        bias = bias[None] if bias.ndim == 3 else bias
-        return bias.permute(0, 3, 1, 2)  # (1|b, h, n, m)
+        bucket = bucket[None] if bucket.ndim == 2 else bucket  # (1|b, n, m)
+        # gather straight into the (h, ...) layout: contiguous (1|b, h, n, m), no permute copy
+        table = self.weight.T  # (h, num_buckets)
+        bias = table.index_select(1, bucket.flatten())  # (h, b·n·m)
+        return bias.view(self.n_heads, *bucket.shape).transpose(0, 1)  # (1|b, h, n, m)
 
     def extra_repr(self) -> str:
         return (
