@@ -88,12 +88,16 @@ class T5RelativeBias(LogitBias):
             raise ValueError(
                 f"q: expected n_heads={self.n_heads} heads, got shape {tuple(q.shape)}"
             )
-        bucket = self.buckets(q_positions, k_positions)  # (.., n, m)
-        bucket = bucket[None] if bucket.ndim == 2 else bucket  # (1|b, n, m)
-        # gather straight into the (h, ...) layout: contiguous (1|b, h, n, m), no permute copy
-        table = self.weight.T  # (h, num_buckets)
-        bias = table.index_select(1, bucket.flatten())  # (h, b·n·m)
-        return bias.view(self.n_heads, *bucket.shape).transpose(0, 1)  # (1|b, h, n, m)
+        # Every distance past max_distance shares the last bucket, so look the table up per
+        # clamped distance r ∈ [−D, D] (2D + 1 entries) and gather once per (i, j).
+        d = self.max_distance
+        r = relative_positions(q_positions, k_positions).clamp_(-d, d).add_(d)  # (.., n, m)
+        r = r[None] if r.ndim == 2 else r  # (1|b, n, m)
+        span = torch.arange(-d, d + 1, device=r.device)
+        bucket_of_r = t5_relative_bucket(span, causal=self.causal, num_buckets=self.num_buckets,
+                                         max_distance=d)  # (2D + 1,)
+        per_distance = self.weight.T[:, bucket_of_r]  # (h, 2D + 1)
+        return per_distance[:, r].transpose(0, 1)  # (1|b, h, n, m)
 
     def extra_repr(self) -> str:
         return (
