@@ -71,7 +71,7 @@ class ShawRelativePosition(LogitBias):
         b, h, n, _ = q.shape
         m = k_positions.shape[-1]
         scale = 1.0 / math.sqrt(self.head_dim)
-        scores = (q * scale) @ self.key_embedding.to(q.dtype).T  # (b, h, n, 2k+1): q_i·a^K_r/√d
+        scores = (q @ self.key_embedding.to(q.dtype).T) * scale  # (b, h, n, 2k+1): q_i·a^K_r/√d
         idx = self._index((b, h, n, m), q_positions, k_positions)
         return scores.gather(-1, idx)  # (b, h, n, m)
 
