@@ -83,8 +83,8 @@ def rotary_frequencies(
     _check_even_dim(dim)
     if not float(base) > 1.0:
         raise ValueError(f"base: expected a number > 1, got {base!r}")
-    exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
-    return (float(base) ** -exponent).to(torch.float32)
+    exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim  # on CPU: MPS has no fp64
+    return (float(base) ** -exponent).to(device=device, dtype=torch.float32)
 
 
 def rotary_angles(
