@@ -6,6 +6,7 @@ from transformer_zoo.functional.relative import (
     alibi_slopes,
     relative_positions,
     shaw_relative_index,
+    t5_bucket_lookup,
     t5_relative_bucket,
 )
 from transformer_zoo.functional.rotary import (
@@ -36,5 +37,6 @@ __all__ = [
     "shaw_relative_index",
     "sinusoidal_encoding",
     "softmax_attention",
+    "t5_bucket_lookup",
     "t5_relative_bucket",
 ]
