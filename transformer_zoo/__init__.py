@@ -1,6 +1,6 @@
 """transformer_zoo: Transformer building blocks that are right, fast and readable."""
 
-from transformer_zoo import functional
+from transformer_zoo import functional, regularizers
 from transformer_zoo.attention import MultiHeadAttention, SoftmaxAttention
 from transformer_zoo.compat import check_pair, compatibility_table, supports
 from transformer_zoo.encoder import (
@@ -19,6 +19,7 @@ from transformer_zoo.positional import (
     QKTransform,
     SinusoidalPositionalEncoding,
 )
+from transformer_zoo.regularizers import RDropLoss, SimCSELoss, Whitening
 
 __version__ = "0.1.0"
 
@@ -34,12 +35,16 @@ __all__ = [
     "Place",
     "PositionalEncoding",
     "QKTransform",
+    "RDropLoss",
+    "SimCSELoss",
     "SinusoidalPositionalEncoding",
     "SoftmaxAttention",
     "SwiGLUFeedForward",
+    "Whitening",
     "check_pair",
     "compatibility_table",
     "functional",
+    "regularizers",
     "supports",
     "__version__",
 ]
