@@ -44,3 +44,40 @@ def is_causal_pattern(allowed: Tensor) -> bool:
     """True when ``allowed (..., n, m)`` is the causal mask (bottom-right aligned) everywhere."""
     n, m = allowed.shape[-2:]
     return bool((allowed == causal_mask(n, m, device=allowed.device)).all())
+
+
+def torch_masks(
+    key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool,
+    b: int, h: int, n: int, m: int, *, where: str,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
+    """``nn.MultiheadAttention``'s masks -> ours.
+
+    Returns (key padding ``(b, m)`` True = real token, attn mask ``(1|b, 1|h, n, m)`` True =
+    may attend, float bias of the same shapes or None, causal). A mask equal to the causal
+    pattern becomes ``causal=True`` and no attn mask. ``where`` names the module in errors.
+    """
+    kpm = allowed = bias = None
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (b, m):
+            raise ValueError(f"{where}: key_padding_mask: expected (N, S) = ({b}, {m}), "
+                             f"got {tuple(key_padding_mask.shape)}")
+        kpm, kp_bias = to_allowed(key_padding_mask, true_means_attend=False)
+        bias = None if kp_bias is None else kp_bias[:, None, None, :]  # (b, 1, 1, m)
+    if attn_mask is not None:
+        if tuple(attn_mask.shape) == (n, m):
+            attn_mask = attn_mask[None, None]  # (1, 1, n, m)
+        elif tuple(attn_mask.shape) == (b * h, n, m):
+            attn_mask = attn_mask.reshape(b, h, n, m)
+        else:
+            raise ValueError(f"{where}: attn_mask: expected (L, S) = ({n}, {m}) or "
+                             f"(N*num_heads, L, S) = ({b * h}, {n}, {m}), "
+                             f"got {tuple(attn_mask.shape)}")
+        allowed, am_bias = to_allowed(attn_mask, true_means_attend=False)
+        if am_bias is not None:
+            bias = am_bias if bias is None else bias + am_bias
+        if is_causal_pattern(allowed):
+            allowed, is_causal = None, True
+        elif is_causal:
+            raise ValueError(f"{where}: is_causal=True but attn_mask is not the causal mask; "
+                             "pass is_causal=False or the causal mask")
+    return kpm, allowed, bias, is_causal

@@ -36,7 +36,7 @@ from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.attention.softmax import SoftmaxAttention
 from transformer_zoo.functional.masks import merge_masks, padding_to_attn_mask
 from transformer_zoo.functional.softmax import explicit_softmax_attention
-from transformer_zoo.interop._masks import is_causal_pattern, to_allowed
+from transformer_zoo.interop._masks import torch_masks
 from transformer_zoo.positional.base import LogitBias, Place
 
 AttentionFactory = Callable[..., MultiHeadAttention]
@@ -155,37 +155,6 @@ class MultiheadAttentionCompat(nn.Module):
                 inner.out_proj.bias.copy_(mha.out_proj.bias)
         return new.train(mha.training)
 
-    # -- masks --------------------------------------------------------------------------------
-    def _masks(
-        self, key_padding_mask: Tensor | None, attn_mask: Tensor | None, is_causal: bool,
-        b: int, n: int, m: int,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, bool]:
-        """torch masks -> (key padding (N, S) True = real, attn (.., L, S) True = attend,
-        float bias (.., L, S) or None, causal)."""
-        h, kpm, allowed, bias = self.num_heads, None, None, None
-        if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (b, m):
-                raise ValueError(f"{self.path}: key_padding_mask: expected (N, S) = ({b}, {m}), "
-                                 f"got {tuple(key_padding_mask.shape)}")
-            kpm, kp_bias = to_allowed(key_padding_mask, true_means_attend=False)
-            bias = None if kp_bias is None else kp_bias[:, None, None, :]  # (N, 1, 1, S)
-        if attn_mask is not None:
-            if attn_mask.shape in {(n, m), torch.Size((b * h, n, m))}:
-                attn_mask = attn_mask.reshape(-1, h, n, m) if attn_mask.ndim == 3 else attn_mask
-            else:
-                raise ValueError(f"{self.path}: attn_mask: expected (L, S) = ({n}, {m}) or "
-                                 f"(N*num_heads, L, S) = ({b * h}, {n}, {m}), "
-                                 f"got {tuple(attn_mask.shape)}")
-            allowed, am_bias = to_allowed(attn_mask, true_means_attend=False)
-            if am_bias is not None:
-                bias = am_bias if bias is None else bias + am_bias
-            if is_causal_pattern(allowed):
-                allowed, is_causal = None, True
-            elif is_causal:
-                raise ValueError(f"{self.path}: is_causal=True but attn_mask is not the causal "
-                                 "mask; pass is_causal=False or the causal mask")
-        return kpm, allowed, bias, is_causal
-
     def _check_kernel(self, allowed: Tensor | None, bias: Tensor | None, causal: bool) -> None:
         cls = type(self.attention).__name__
         if causal and not self.attention.supports_causal:
@@ -220,7 +189,8 @@ class MultiheadAttentionCompat(nn.Module):
             raise ValueError(f"{self.path}: expected query (N, L, {self.embed_dim}) and key/value "
                              f"(N, S, {self.kdim}); got {tuple(query.shape)}, "
                              f"{tuple(key.shape)}, {tuple(value.shape)} (batch first)")
-        kpm, allowed, bias, causal = self._masks(key_padding_mask, attn_mask, is_causal, b, n, m)
+        kpm, allowed, bias, causal = torch_masks(key_padding_mask, attn_mask, is_causal,
+                                                 b, self.num_heads, n, m, where=self.path)
         self._check_kernel(allowed, bias, causal)
 
         inner, h = self.attention, self.num_heads
