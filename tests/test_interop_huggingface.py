@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import ClassVar
@@ -17,6 +18,8 @@ from transformers.masking_utils import (  # noqa: E402
     sliding_window_causal_mask_function,
 )
 
+import transformer_zoo  # noqa: E402
+from transformer_zoo import MultiHeadAttention, Place, SoftmaxAttention  # noqa: E402
 from transformer_zoo.interop import huggingface as hf  # noqa: E402
 
 TOL = 1e-5
@@ -161,7 +164,7 @@ class ToyFeatureKernel(hf.HFKernel):
     name: ClassVar[str] = "toy_features"
     nb_features: int = 16
 
-    def setup(self, module, head_dim):
+    def setup(self, module, heads, head_dim):
         if not hasattr(module, "tz_toy_w"):
             module.register_buffer("tz_toy_w", torch.randn(self.nb_features, head_dim))
 
@@ -212,6 +215,90 @@ def test_padding_only_mask():
     assert hf.padding_only_mask(2, 4, 4, attention_mask=torch.ones(2, 4)) is None
     with pytest.raises(ValueError, match="key padding and causal masks"):
         hf.padding_only_mask(2, 4, 4, mask_function=sliding_window_causal_mask_function(2))
+
+
+# -- any MultiHeadAttention subclass through AttentionKernel --------------------------------------
+class ToyFeatureAttention(MultiHeadAttention):
+    """Test-local approximate module: the random-feature linear attention above, W a buffer."""
+
+    accepts = frozenset({Place.INPUT, Place.QK})
+
+    def __init__(self, d_model, n_heads, *, nb_features=8, **kwargs):
+        super().__init__(d_model, n_heads, **kwargs)
+        self.register_buffer("features", torch.randn(nb_features, self.head_dim))
+
+    def attend(self, q, k, v, *, key_padding_mask, attn_mask, q_positions, k_positions):
+        module = torch.nn.Module()
+        module.tz_toy_w = self.features
+        return ToyFeatureKernel().attend(
+            module, q, k, v, key_padding_mask=key_padding_mask, attn_mask=attn_mask, bias=None,
+            causal=self.causal, dropout=0.0, scaling=None, need_weights=False)[0]
+
+
+def exported_approximations() -> list[type[MultiHeadAttention]]:
+    found = [getattr(transformer_zoo, name) for name in transformer_zoo.__all__]
+    found = [c for c in found if isinstance(c, type) and issubclass(c, MultiHeadAttention)]
+    return [c for c in found if c not in (MultiHeadAttention, SoftmaxAttention)]
+
+
+@pytest.mark.parametrize("make", [bert, llama], ids=["bert", "llama_gqa"])
+def test_softmax_attention_module_matches_hf_sdpa(make):
+    """AttentionKernel path (key padding + causal flag, scaling folded into q) is exact too."""
+    model = make()
+    for path, module in model.named_modules():
+        if path.endswith(("attention.self", "self_attn")):
+            module.scaling = 0.3  # a non-default scaling must survive the fold into q
+    ids, mask = batch(left_padding=make is llama)
+    ref = hidden(model, ids, mask)
+    hf.use(model, SoftmaxAttention)
+    assert model.config._attn_implementation == "tz_module"
+    torch.testing.assert_close(real(hidden(model, ids, mask), mask), real(ref, mask),
+                               atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("attention", [*exported_approximations(), ToyFeatureAttention],
+                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize("make", [bert, llama], ids=["bert", "llama_gqa"])
+def test_approximate_attention_modules_in_hf(make, attention):
+    model = make()
+    paths = hf.use(model, attention)
+    inner = model.get_submodule(paths[0]).tz_attention
+    assert type(inner) is attention and inner.q_proj is None and not inner.training
+    buffers = {f"{paths[0]}.tz_attention.{name}" for name, _ in inner.named_buffers()}
+    assert buffers <= set(model.state_dict())
+    ids, mask = batch(left_padding=make is llama)
+    if make is llama and not attention.supports_causal:
+        with pytest.raises(ValueError, match="does not support causal"):
+            hidden(model, ids, mask)
+        return
+    out = hidden(model, ids, mask)
+    assert torch.isfinite(out).all()
+    changed = ids.masked_fill(~mask.bool(), 7)  # padded tokens must not matter
+    torch.testing.assert_close(real(hidden(model, changed, mask), mask), real(out, mask),
+                               atol=1e-4, rtol=0)
+    model.train()
+    hidden(model, ids, mask)[mask.bool()].pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_module_state_round_trips_and_use_replaces_it():
+    model = bert()
+    paths = hf.use(model, functools.partial(ToyFeatureAttention, nb_features=4))
+    ids, mask = batch()
+    out = hidden(model, ids, mask)
+    state = model.state_dict()
+    assert state[f"{paths[0]}.tz_attention.features"].shape == (4, 8)
+    fresh = bert()
+    hf.use(fresh, functools.partial(ToyFeatureAttention, nb_features=4))
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(hidden(fresh, ids, mask), out, atol=0, rtol=0)
+    hf.use(fresh, "softmax")  # switching kernels drops the old state
+    assert not any(".tz_attention." in key for key in fresh.state_dict())
+
+
+def test_module_kernel_needs_use():
+    with pytest.raises(ValueError, match="call transformer_zoo.interop.huggingface.use"):
+        hidden(bert(attn_implementation="tz_module"), *batch())
 
 
 # -- the real model ------------------------------------------------------------------------------

@@ -14,16 +14,16 @@ adapter (and any per-module state, as buffers) to every attention module and sel
 ``model.set_attn_implementation``. With the softmax kernel the result equals HF's own ``sdpa``
 (tests: <= 1e-5 on BERT and a GQA Llama, with padding; cosine 1.00000 on all-MiniLM-L6-v2).
 
-Adding a kernel = one ``HFKernel`` subclass (see ``SoftmaxKernel``): ``name``, whether it takes
-HF's dense masks (``dense_mask``) or only key padding + the causal flag, whether it takes k/v
-with fewer heads (``grouped_kv``), ``setup`` for per-module buffers, and ``attend``.
+Any ``MultiHeadAttention`` subclass runs too: ``use(model, functools.partial(
+PerformerAttention, nb_features=256))`` wraps it in ``AttentionKernel``, which keeps the kernel's
+state (buffers) on each HF attention module and calls its ``attend``. A named kernel is one
+``HFKernel`` subclass (``hf_kernels.py``) added to ``KERNELS``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,68 +35,20 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 
-from transformer_zoo.functional.softmax import (
-    expand_kv_heads,
-    explicit_softmax_attention,
-    softmax_attention,
-)
+from transformer_zoo.attention.multihead import MultiHeadAttention
+from transformer_zoo.functional.softmax import expand_kv_heads
 from transformer_zoo.interop._masks import split_additive
+from transformer_zoo.interop.hf_kernels import (
+    AttentionKernel,
+    HFKernel,
+    ModuleKernel,
+    SoftmaxKernel,
+)
+
+__all__ = ["KERNELS", "AttentionKernel", "HFKernel", "ModuleKernel", "SoftmaxKernel",
+           "padding_only_mask", "register", "use"]
 
 _UNSUPPORTED = ("softcap", "s_aux", "sinks")
-
-
-class HFKernel:
-    """Adapter protocol between HF's attention call and one transformer_zoo kernel.
-
-    Subclasses are dataclasses whose fields are the kernel's options (typos raise TypeError).
-    """
-
-    #: Short kernel name; HF sees it as ``"tz_" + name``.
-    name: ClassVar[str]
-    #: True: receive HF's dense ``(b, 1, n, m)`` boolean masks (any pattern: causal, sliding
-    #: window, packed sequences). False: receive only key padding and the causal flag.
-    dense_mask: ClassVar[bool] = False
-    #: True: ``attend`` takes k/v with h_kv < h heads; otherwise they are repeated first.
-    grouped_kv: ClassVar[bool] = False
-
-    @classmethod
-    def hf_name(cls) -> str:
-        return f"tz_{cls.name}"
-
-    def setup(self, module: nn.Module, head_dim: int) -> None:
-        """Attach per-module state to an HF attention module (idempotent). Default: none."""
-
-    def attend(
-        self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, *,
-        key_padding_mask: Tensor | None, attn_mask: Tensor | None, bias: Tensor | None,
-        causal: bool, dropout: float, scaling: float | None, need_weights: bool,
-    ) -> tuple[Tensor, Tensor | None]:
-        """q ``(b, h, n, d)``, k/v ``(b, h|h_kv, m, d)`` -> ``((b, h, n, d), weights|None)``.
-
-        ``key_padding_mask`` ``(b, m)`` True = real token; ``attn_mask`` boolean True = attend
-        and ``bias`` additive, both broadcastable to ``(b, h, n, m)`` (dense kernels only).
-        """
-        raise NotImplementedError
-
-
-@dataclass
-class SoftmaxKernel(HFKernel):
-    """Exact softmax attention (Vaswani et al. 2017, arXiv 1706.03762) on SDPA.
-
-    Takes every mask HF builds, float biases (``position_bias``) and GQA; returns the weights
-    when the model asks for ``output_attentions``.
-    """
-
-    name: ClassVar[str] = "softmax"
-    dense_mask: ClassVar[bool] = True
-    grouped_kv: ClassVar[bool] = True
-
-    def attend(self, module, q, k, v, *, key_padding_mask, attn_mask, bias, causal, dropout,
-               scaling, need_weights):
-        options = dict(mask=attn_mask, bias=bias, causal=causal, dropout_p=dropout, scale=scaling)
-        if need_weights:
-            return explicit_softmax_attention(q, k, v, training=dropout > 0, **options)
-        return softmax_attention(q, k, v, **options), None
 
 
 #: Built-in kernels by short name; ``use(model, name)`` looks names up here.
@@ -135,10 +87,15 @@ def _attention_function(kernel_cls: type[HFKernel]) -> Callable:
         attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
         is_causal: bool | None = None, position_bias: Tensor | None = None, **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
-        kernel = getattr(module, "tz_kernel", None)
-        kernel = kernel if isinstance(kernel, kernel_cls) else kernel_cls()
-        kernel.setup(module, query.shape[-1])
         where = f"{kernel_cls.hf_name()} in {type(module).__name__}"
+        kernel = getattr(module, "tz_kernel", None)
+        if not isinstance(kernel, kernel_cls):
+            try:
+                kernel = kernel_cls()
+            except TypeError as err:
+                raise ValueError(f"{where}: no kernel attached; call transformer_zoo.interop."
+                                 "huggingface.use(model, kernel) first") from err
+        kernel.setup(module, query.shape[1], query.shape[-1])
         for option in _UNSUPPORTED:
             if kwargs.get(option) is not None:
                 raise ValueError(f"{where}: {option!r} is not supported")
@@ -185,42 +142,56 @@ def register(kernel_cls: type[HFKernel]) -> str:
     return name
 
 
-def _head_dim(module: nn.Module) -> int | None:
-    """HF attention modules: a config, an ``is_causal`` flag and a head width."""
-    if not isinstance(getattr(module, "config", None), PreTrainedConfig):
-        return None
-    if isinstance(module, PreTrainedModel) or not hasattr(module, "is_causal"):
+def _heads(module: nn.Module) -> tuple[int, int] | None:
+    """(heads, head_dim) of an HF attention module: a config, ``is_causal``, a head width."""
+    config = getattr(module, "config", None)
+    if not isinstance(config, PreTrainedConfig) or isinstance(module, PreTrainedModel):
         return None
     head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
-    return head_dim if isinstance(head_dim, int) else None
+    heads = getattr(config, "num_attention_heads", None)
+    if not hasattr(module, "is_causal") or not isinstance(head_dim, int):
+        return None
+    return (heads, head_dim) if isinstance(heads, int) else None
 
 
-def use(model: PreTrainedModel, kernel: str | HFKernel, **options: Any) -> list[str]:
+def use(
+    model: PreTrainedModel,
+    kernel: str | HFKernel | Callable[..., MultiHeadAttention],
+    **options: Any,
+) -> list[str]:
     """Run ``kernel`` in every attention layer of ``model``; return the attention module paths.
 
     Args:
         model: a transformers 5.x model whose attention uses ``AttentionInterface``.
-        kernel: a short name from ``KERNELS`` (``"softmax"``) or an ``HFKernel`` instance.
-        **options: the kernel's options (fields of its adapter dataclass; typos raise).
+        kernel: a short name from ``KERNELS`` (``"softmax"``), an ``HFKernel`` instance, or a
+            ``MultiHeadAttention`` subclass / factory (wrapped in ``AttentionKernel``).
+        **options: the named kernel's options (fields of its adapter dataclass; typos raise).
 
-    Per-module state (``setup``) is created now, as buffers, so it saves with the model. To go
-    back: ``model.set_attn_implementation("sdpa")``.
+    Per-module state is created now (replacing any from an earlier ``use``), as buffers, so it
+    saves with the model: to restore it, ``use`` the same kernel, then ``load_state_dict``.
+    To go back: ``model.set_attn_implementation("sdpa")``.
     """
     if isinstance(kernel, str):
         if kernel not in KERNELS:
             raise ValueError(f"kernel: expected one of {sorted(KERNELS)}, got {kernel!r}")
         kernel = KERNELS[kernel](**options)
     elif options:
-        raise TypeError("options go to the kernel's constructor; pass a name, or no options")
+        raise TypeError("options go to a named kernel's constructor; got options with "
+                        f"{type(kernel).__name__}")
+    elif not isinstance(kernel, HFKernel) and callable(kernel):
+        kernel = AttentionKernel(kernel)
     if not isinstance(kernel, HFKernel):
-        raise TypeError(f"kernel: expected a name or an HFKernel, got {type(kernel).__name__}")
+        raise TypeError(f"kernel: expected a name, an HFKernel or a MultiHeadAttention "
+                        f"factory, got {type(kernel).__name__}")
     name = register(type(kernel))
     paths = []
     for path, module in model.named_modules():
-        head_dim = _head_dim(module)
-        if head_dim is not None:
+        shape = _heads(module)
+        if shape is not None:
+            if "tz_attention" in module._modules:
+                del module.tz_attention
             module.tz_kernel = kernel
-            kernel.setup(module, head_dim)
+            kernel.setup(module, *shape)
             paths.append(path)
     model.set_attn_implementation(name)
     return paths
