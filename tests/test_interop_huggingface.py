@@ -71,6 +71,20 @@ def test_softmax_matches_hf_sdpa_with_padding(make, left_padding):
     torch.testing.assert_close(hidden(model, ids), ref_nopad, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["softmax", SoftmaxAttention], ids=["named", "module"])
+def test_causal_decoder_with_cross_attention_matches_sdpa(kernel):
+    model = bert(is_decoder=True, add_cross_attention=True)
+    ids, mask = batch()
+    memory = torch.randn(3, 6, 32)
+    memory_mask = torch.ones(3, 6, dtype=torch.long)
+    memory_mask[0, 4:] = 0
+    kw = dict(encoder_hidden_states=memory, encoder_attention_mask=memory_mask, use_cache=False)
+    ref = hidden(model, ids, mask, **kw)
+    assert len(hf.use(model, kernel)) == 4  # self- and cross-attention in both layers
+    torch.testing.assert_close(real(hidden(model, ids, mask, **kw), mask), real(ref, mask),
+                               atol=TOL, rtol=0)
+
+
 def test_softmax_kernel_is_the_one_running(monkeypatch):
     calls = []
     original = hf.SoftmaxKernel.attend
