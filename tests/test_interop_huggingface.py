@@ -85,6 +85,37 @@ def test_causal_decoder_with_cross_attention_matches_sdpa(kernel):
                                atol=TOL, rtol=0)
 
 
+OTHER_MODELS = {
+    # T5: a learned position_bias joins the bias; Mistral: a sliding-window mask.
+    "t5": ("T5Config", "T5EncoderModel", dict(d_model=32, d_kv=8, num_layers=2, num_heads=4,
+                                              d_ff=64, vocab_size=VOCAB)),
+    "mistral_window": ("MistralConfig", "MistralModel", dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=VOCAB, sliding_window=4)),
+    "distilbert": ("DistilBertConfig", "DistilBertModel", dict(dim=32, n_layers=2, n_heads=4,
+                                                               hidden_dim=64, vocab_size=VOCAB)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_MODELS))
+def test_other_architectures(arch):
+    config_cls, model_cls, options = OTHER_MODELS[arch]
+    config = getattr(transformers, config_cls)(**options, attn_implementation="sdpa")
+    model = getattr(transformers, model_cls)(config).eval()
+    ids, mask = batch(left_padding=arch == "mistral_window")
+    ref = hidden(model, ids, mask)
+    assert len(hf.use(model, "softmax")) == 2
+    torch.testing.assert_close(real(hidden(model, ids, mask), mask), real(ref, mask),
+                               atol=TOL, rtol=0)
+    hf.use(model, SoftmaxAttention)  # key padding + causal flag cannot express these
+    if arch == "distilbert":
+        torch.testing.assert_close(real(hidden(model, ids, mask), mask), real(ref, mask),
+                                   atol=TOL, rtol=0)
+    else:
+        with pytest.raises(ValueError, match="key padding"):
+            hidden(model, ids, mask)
+
+
 def test_softmax_kernel_is_the_one_running(monkeypatch):
     calls = []
     original = hf.SoftmaxKernel.attend

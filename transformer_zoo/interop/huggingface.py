@@ -142,16 +142,22 @@ def register(kernel_cls: type[HFKernel]) -> str:
     return name
 
 
+def _first(obj: object, names: tuple[str, ...]) -> int | None:
+    values = [getattr(obj, name, None) for name in names]
+    return next((v for v in values if isinstance(v, int) and not isinstance(v, bool)), None)
+
+
 def _heads(module: nn.Module) -> tuple[int, int] | None:
-    """(heads, head_dim) of an HF attention module: a config, ``is_causal``, a head width."""
+    """(heads, head_dim) of an HF attention module: a config, a causal/decoder flag, widths."""
     config = getattr(module, "config", None)
     if not isinstance(config, PreTrainedConfig) or isinstance(module, PreTrainedModel):
         return None
-    head_dim = getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if not hasattr(module, "is_causal") or not isinstance(head_dim, int):
+    if not (hasattr(module, "is_causal") or hasattr(module, "is_decoder")):
         return None
-    return (heads, head_dim) if isinstance(heads, int) else None
+    head_dim = _first(module, ("head_dim", "attention_head_size", "key_value_proj_dim"))
+    heads = _first(module, ("num_heads", "num_attention_heads", "n_heads"))
+    heads = heads or _first(config, ("num_attention_heads",))
+    return None if heads is None or head_dim is None else (heads, head_dim)
 
 
 def use(
