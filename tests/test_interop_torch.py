@@ -15,6 +15,7 @@ from torch import Tensor, nn
 import transformer_zoo
 from transformer_zoo import MultiHeadAttention, Place, SoftmaxAttention
 from transformer_zoo.interop import MultiheadAttentionCompat, swap_attention
+from transformer_zoo.interop._masks import split_additive
 
 TOL = 1e-5
 D, H, FF = 32, 4, 64
@@ -309,3 +310,18 @@ def test_dtype_device_and_mode_are_kept():
     assert ours.attention.q_proj.weight.dtype == torch.float64 and not ours.training
     x = torch.randn(2, 5, D, dtype=torch.float64)
     torch.testing.assert_close(ours(x, x, x)[0], ref(x, x, x)[0], atol=1e-10, rtol=0)
+
+
+@given(blocked=st.floats(0.0, 0.6), with_bias=st.booleans(), use_min=st.booleans())
+def test_split_additive_is_exact(blocked, with_bias, use_min):
+    """softmax(s + mask) == softmax over allowed entries of (s + bias), for any float mask."""
+    logits = torch.randn(4, 6)
+    low = torch.finfo(torch.float32).min if use_min else float("-inf")
+    mask = torch.randn(4, 6) if with_bias else torch.zeros(4, 6)
+    mask = mask.masked_fill(torch.rand(4, 6) < blocked, low)
+    mask[:, 0] = 0.0  # every row keeps a key
+    allowed, bias = split_additive(mask)
+    assert (bias is None) == (not with_bias)
+    ours = torch.softmax((logits + (0 if bias is None else bias)).masked_fill(~allowed, -torch.inf),
+                         dim=-1)
+    torch.testing.assert_close(ours, torch.softmax(logits + mask, dim=-1), atol=1e-6, rtol=0)
