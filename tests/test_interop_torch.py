@@ -269,6 +269,15 @@ def test_partial_factory_and_where_filter():
     assert isinstance(model.decoder.layers[0].multihead_attn, nn.MultiheadAttention)
 
 
+def test_shared_attention_stays_shared():
+    shared = nn.MultiheadAttention(D, H, batch_first=True)
+    model = nn.ModuleDict({k: nn.ModuleDict({"attn": shared}) for k in ("a", "b")})
+    report = swap_attention(model, SoftmaxAttention)
+    assert report.replaced == ["a.attn", "b.attn"]
+    assert model["a"]["attn"] is model["b"]["attn"]
+    assert isinstance(model["a"]["attn"], MultiheadAttentionCompat)
+
+
 def test_noncausal_kernel_with_causal_mask_names_the_module():
     model = encoder(batch_first=True)
     swap_attention(model, NonCausalToy)

@@ -262,17 +262,18 @@ def swap_attention(
     """
     report = SwapReport()
     targets = [
-        (path, mod) for path, mod in model.named_modules()
+        (path, mod) for path, mod in model.named_modules(remove_duplicate=False)
         if isinstance(mod, nn.MultiheadAttention) and (where is None or where(path, mod))
     ]
+    built: dict[int, MultiheadAttentionCompat] = {}  # a shared module stays shared
     for path, mha in targets:
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if path else None
-        if parent is None:
+        if not path:
             raise ValueError("swap_attention: model is itself an nn.MultiheadAttention; build a "
                              "MultiheadAttentionCompat.from_torch(model, attention) instead")
-        new = MultiheadAttentionCompat.from_torch(mha, attention, path=path)
-        setattr(parent, name, new)
+        parent_path, _, name = path.rpartition(".")
+        if id(mha) not in built:
+            built[id(mha)] = MultiheadAttentionCompat.from_torch(mha, attention, path=path)
+        setattr(model.get_submodule(parent_path), name, built[id(mha)])
         report.replaced.append(path)
     for path, mod in model.named_modules():
         if isinstance(mod, nn.TransformerEncoder) and any(
