@@ -84,13 +84,14 @@ class ModuleKernel(HFKernel):
     ``qᵀk/√d`` equals ``scaling · qᵀk``. Exact as the wrapped kernel is exact.
     """
 
-    def build(self, heads: int, head_dim: int) -> MultiHeadAttention:
+    def build(self, module: nn.Module, heads: int, head_dim: int) -> MultiHeadAttention:
+        """The kernel module for HF attention ``module`` (``module.layer_idx`` may seed it)."""
         raise NotImplementedError
 
     def setup(self, module, heads, head_dim):
         if isinstance(getattr(module, "tz_attention", None), MultiHeadAttention):
             return
-        inner = self.build(heads, head_dim)
+        inner = self.build(module, heads, head_dim)
         if not isinstance(inner, MultiHeadAttention):
             raise TypeError(f"{type(self).__name__}.build must return a transformer_zoo "
                             f"MultiHeadAttention, got {type(inner).__name__}")
@@ -130,5 +131,5 @@ class AttentionKernel(ModuleKernel):
     name: ClassVar[str] = "module"
     attention: Callable[..., MultiHeadAttention]
 
-    def build(self, heads, head_dim):
+    def build(self, module, heads, head_dim):
         return self.attention(heads * head_dim, heads, head_dim=head_dim)
