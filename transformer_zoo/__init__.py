@@ -1,6 +1,6 @@
 """transformer_zoo: Transformer building blocks that are right, fast and readable."""
 
-from transformer_zoo import functional, regularizers
+from transformer_zoo import functional, interop, regularizers
 from transformer_zoo.attention import MultiHeadAttention, SoftmaxAttention
 from transformer_zoo.compat import check_pair, compatibility_table, supports
 from transformer_zoo.encoder import (
@@ -54,6 +54,7 @@ __all__ = [
     "check_pair",
     "compatibility_table",
     "functional",
+    "interop",
     "regularizers",
     "supports",
     "__version__",
