@@ -31,7 +31,8 @@ class ALiBi(LogitBias):
         causal: the causal form −m_h·(i − j), for causal attention; otherwise the symmetric
             −m_h·|i − j|. Both agree on every key j <= i.
 
-    The slopes are a non-persistent buffer (moved by ``.to``, not saved).
+    The slopes are a non-persistent fp32 buffer: moved by ``.to(device)``, not saved, and kept
+    in fp32 by ``.half()`` / ``.to(dtype)`` (2^−0.5 and friends are not exact in fp16).
 
     Example:
         >>> import torch
@@ -46,6 +47,11 @@ class ALiBi(LogitBias):
         self.n_heads = check_positive_int(n_heads, "n_heads")
         self.causal = bool(causal)
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        self.slopes = alibi_slopes(self.n_heads).to(self.slopes.device)  # exact, fp32
+        return self
 
     def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         check_rank(q, "q", 4, "(batch, heads, seq, head_dim)")
