@@ -124,8 +124,10 @@ def test_validation() -> None:
     w.partial_fit(torch.randn(5, 4))
     with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
         w(torch.randn(3, 5))
+    too_many = Whitening(n_components=8)
     with pytest.raises(ValueError, match="at most dim"):
-        Whitening(n_components=8).fit(torch.randn(20, 4))
+        too_many.fit(torch.randn(20, 4))
+    assert int(too_many.count) == 0  # rejected before any statistic changed
     with pytest.raises(ValueError, match="2-D"):
         w.fit(torch.randn(20))
     with pytest.raises(TypeError, match="floating"):

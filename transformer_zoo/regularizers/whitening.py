@@ -106,6 +106,8 @@ class Whitening(nn.Module):
             raise ValueError(
                 f"x: expected dim {self.running_mean.shape[0]} as in earlier chunks, got {d}"
             )
+        if self.n_components is not None and self.n_components > d:
+            raise ValueError(f"n_components: expected at most dim = {d}, got {self.n_components}")
         x = x.to(device=self.running_mean.device, dtype=torch.float64)
         mean_c = x.mean(0)  # (d,)
         second_c = x.mT @ x / m  # (d, d)  E[x xᵀ] over the chunk
@@ -127,8 +129,6 @@ class Whitening(nn.Module):
         cov = self.running_cov * (n / (n - self.ddof))  # (d, d)
         d = cov.shape[0]
         k = d if self.n_components is None else self.n_components
-        if k > d:
-            raise ValueError(f"n_components: expected at most dim = {d}, got {k}")
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         evals, evecs = evals.flip(-1)[:k], evecs.flip(-1)[:, :k]  # (k,), (d, k) descending
         top = evals[0].clamp_min(torch.finfo(torch.float64).tiny)
