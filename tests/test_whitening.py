@@ -134,6 +134,8 @@ def test_validation() -> None:
         w.fit(torch.ones(20, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="ddof"):
         Whitening(ddof=-1)
+    with pytest.raises(TypeError, match="ddof"):
+        Whitening(ddof=1.0)
     with pytest.raises(ValueError, match="positive"):
         Whitening(n_components=0)
 

@@ -27,7 +27,9 @@ with fewer samples than dimensions keep ``n_components`` below that rank; eigenv
 
 State: buffers ``kernel`` ``(d, k)`` = W[:, :k] and ``bias`` ``(d,)`` = −μ (the paper code's
 names: y = (x + bias) @ kernel), plus the fp64 running statistics ``count``, ``running_mean``,
-``running_cov``; all are in ``state_dict`` (an unfitted module loads any d).
+``running_cov``; all are in ``state_dict`` (an unfitted module loads any d). ``.half()`` or
+``.to(dtype)`` casts the fp64 statistics too: to keep streaming in full precision, cast after
+the last ``partial_fit`` (forward casts kernel and bias to the input dtype anyway).
 
 Shapes: fit/partial_fit ``(N, d)``; forward ``(..., d) -> (..., k)``.
 """
@@ -63,8 +65,10 @@ class Whitening(nn.Module):
         super().__init__()
         if n_components is not None:
             check_positive_int(n_components, "n_components")
-        if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
-            raise ValueError(f"ddof: expected an int >= 0, got {ddof!r}")
+        if isinstance(ddof, bool) or not isinstance(ddof, int):
+            raise TypeError(f"ddof: expected an int, got {type(ddof).__name__}")
+        if ddof < 0:
+            raise ValueError(f"ddof: expected an int >= 0, got {ddof}")
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps: expected a float in (0, 1), got {eps}")
         self.n_components = n_components
