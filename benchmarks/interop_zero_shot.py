@@ -46,11 +46,13 @@ def contenders(seeds: int) -> Iterator[tuple[str, str, object, dict]]:
         for m in (64, 128, 256, 512, 1024):
             for seed in range(seeds):
                 yield "performer", f"m={m}", "performer", {"nb_features": m, "seed": seed}
-    nystrom = getattr(transformer_zoo, "NystromAttention", None)
-    if nystrom is not None:
+    if "nystrom" in hf.KERNELS:
+        for landmarks in (16, 32, 64, 128, 256, 512):  # no convolution: it is not pretrained
+            yield "nystrom", f"landmarks={landmarks}", "nystrom", {"num_landmarks": landmarks}
+    elif hasattr(transformer_zoo, "NystromAttention"):
         for landmarks in (16, 32, 64, 128, 256, 512):
             yield "nystrom", f"landmarks={landmarks}", functools.partial(
-                nystrom, num_landmarks=landmarks), {}
+                transformer_zoo.NystromAttention, num_landmarks=landmarks, conv_kernel=None), {}
 
 
 def embed(model, batch) -> torch.Tensor:
