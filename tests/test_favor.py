@@ -1,5 +1,6 @@
 """FAVOR+ kernels: random matrix, feature maps, linear vs quadratic form, causal prefix sum."""
 
+import functools
 import math
 
 import pytest
@@ -39,7 +40,7 @@ def textbook_features(x: torch.Tensor, w: torch.Tensor, fmap) -> torch.Tensor:
     return (proj - sq).exp() / math.sqrt(w.shape[-2])
 
 
-def quadratic_favor(q, k, v, w, fmap=PositiveFeatures(), causal=False, valid=None):
+def quadratic_favor(q, k, v, w, fmap, causal=False, valid=None):
     """D⁻¹ (Q'K'ᵀ ⊙ M) V with the textbook features, fully materialised."""
     a = textbook_features(q, w, fmap) @ textbook_features(k, w, fmap).transpose(-2, -1)
     n, m = a.shape[-2:]
@@ -53,8 +54,9 @@ def quadratic_favor(q, k, v, w, fmap=PositiveFeatures(), causal=False, valid=Non
 
 
 def rand_qkv(b=2, h=3, n=12, m=12, d=8, dtype=F64, scale=1.0):
-    return (torch.randn(b, h, n, d, dtype=dtype) * scale, torch.randn(b, h, m, d, dtype=dtype) * scale,
-            torch.randn(b, h, m, d, dtype=dtype))
+    q = torch.randn(b, h, n, d, dtype=dtype) * scale
+    k = torch.randn(b, h, m, d, dtype=dtype) * scale
+    return q, k, torch.randn(b, h, m, d, dtype=dtype)
 
 
 # -- random matrix ----------------------------------------------------------------------------
@@ -69,7 +71,8 @@ def test_blocks_are_orthogonal_with_sqrt_d_norms_and_truncated_tail():
 def test_chi_norms_are_independent_of_the_directions():
     w = gaussian_orthogonal_matrix(16, 16, dtype=F64, draws=400)
     u = w / w.norm(dim=-1, keepdim=True)
-    torch.testing.assert_close(u @ u.transpose(-2, -1), torch.eye(16, dtype=F64).expand(400, 16, 16))
+    eye = torch.eye(16, dtype=F64).expand(400, 16, 16)
+    torch.testing.assert_close(u @ u.transpose(-2, -1), eye)
     norms = w.norm(dim=-1)
     assert norms.std() > 0.3  # not all √d
     assert abs(norms.square().mean() - 16) < 0.5  # E[chi²(d)] = d
@@ -134,15 +137,15 @@ def _mse(r: int, orthogonal: bool, draws: int, q, k, v) -> float:
 
 @pytest.mark.slow
 def test_mse_falls_like_one_over_m_and_orthogonal_beats_iid():
-    q, k, v = rand_qkv(1, 2, 64, 64, 16, scale=0.6)
+    q, k, v = rand_qkv(1, 4, 32, 32, 16, scale=0.4)
     ms = [16, 64, 256, 1024]
-    mse = [_mse(r, True, 6, q, k, v) for r in ms]
-    slope = torch.polyfit if hasattr(torch, "polyfit") else None
+    mse = [_mse(r, True, 12, q, k, v) for r in ms]
     x, y = torch.log(torch.tensor(ms, dtype=F64)), torch.log(torch.tensor(mse, dtype=F64))
     slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-    assert -1.3 < slope < -0.75, (mse, slope)
-    for r in (16, 64):
-        assert _mse(r, True, 12, q, k, v) <= _mse(r, False, 12, q, k, v)
+    assert -1.2 < slope < -0.8, (mse, slope)
+    ortho = sum(_mse(r, True, 12, q, k, v) for r in (16, 64, 256))
+    iid = sum(_mse(r, False, 12, q, k, v) for r in (16, 64, 256))
+    assert ortho < iid
 
 
 # -- exact identities for a fixed W -------------------------------------------------------------
@@ -169,7 +172,8 @@ def test_grouped_query_heads_match_expanded():
     k2, v2 = k[:, :2], v[:, :2]
     w = draw_projection(16, 8, seed=1, dtype=F64)
     got = favor_attention(q, k2, v2, w, causal=True)
-    want = favor_attention(q, k2.repeat_interleave(2, 1), v2.repeat_interleave(2, 1), w, causal=True)
+    k4, v4 = k2.repeat_interleave(2, 1), v2.repeat_interleave(2, 1)
+    want = favor_attention(q, k4, v4, w, causal=True)
     torch.testing.assert_close(got, want)
 
 
@@ -190,7 +194,8 @@ def test_causal_scan_gradcheck_across_chunks():
     x = torch.randn(2, 11, 3, dtype=F64)
     g = torch.randn(2, 11, dtype=F64).abs().cumsum(-1)
     args = [t.requires_grad_() for t in (a, b, x)]
-    assert torch.autograd.gradcheck(lambda a, b, x: causal_linear_scan(a, b, x, g, chunk=4), args)
+    fn = functools.partial(causal_linear_scan, g=g, chunk=4)
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -204,7 +209,7 @@ def test_favor_gradcheck(causal, fmap):
         return favor_attention(q, k, v, w, feature_map=fmap, causal=causal, key_padding_mask=valid,
                                chunk_size=3)
 
-    assert torch.autograd.gradcheck(fn, (q, k, v))
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
 def test_causal_memory_is_linear_in_n():
