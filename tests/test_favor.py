@@ -250,3 +250,37 @@ def test_decode_step_rejects_more_than_one_token():
     q, k, v = rand_qkv(n=2, m=2)
     with pytest.raises(ValueError, match="one token"):
         favor_decode_step(q, k, v, draw_projection(8, 8, seed=0, dtype=F64))
+
+
+# -- the fused bidirectional path -----------------------------------------------------------------
+class UnfusedPositive(PositiveFeatures):
+    """Same map; a subclass takes the generic autograd path instead of the fused Function."""
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_path_matches_generic_values_and_gradients(padded):
+    q, k, v = (t.requires_grad_() for t in rand_qkv(2, 3, 10, 13, 8, scale=2.0))
+    valid = torch.rand(2, 13) > 0.3 if padded else None
+    w = draw_projection(24, 8, seed=4, dtype=F64)
+    outs, grads = [], []
+    for fmap in (PositiveFeatures(), UnfusedPositive()):
+        out = favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=valid)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.arange(8.0)).sum(), (q, k, v)))
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("fmap", [PositiveFeatures(), UnfusedPositive(), HyperbolicFeatures()],
+                         ids=repr)
+def test_bidirectional_denominator_never_underflows_at_extreme_norms(fmap):
+    """Per-feature key max + query compensation: the largest denominator term is exactly 1."""
+    q, k, v = rand_qkv(1, 2, 16, 16, 16)
+    q = q / q.norm(dim=-1, keepdim=True) * 40  # |q̂|²/2 = 200, far past fp32 exp range
+    k = k / k.norm(dim=-1, keepdim=True) * 40
+    w = draw_projection(64, 16, seed=0, dtype=F64)
+    want = quadratic_favor(q, k, v, w, fmap)  # fp64 textbook features still representable
+    got = favor_attention(q.float(), k.float(), v.float(), w.float(), feature_map=fmap)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-3, atol=1e-3)

@@ -15,9 +15,11 @@ mask), including every stabilizer below, which only move factors that cancel:
 - features are computed in fp32 (fp64 stays fp64), with autocast disabled;
 - query side: log φ(q̂_i) minus its own max over features; exp(−|q̂|²/2) is dropped (it cancels
   and would underflow to 0/0 at the norms of real pretrained models);
-- key side: log φ(k̂_j) minus the max over *valid* keys (bidirectional), or minus the running
-  max over valid keys ≤ j, re-referenced per (query, key) pair in the prefix sum (causal): no
-  future key can change a past output;
+- key side, bidirectional: log φ(k̂_j)_f minus c_f, the max of feature f over *valid* keys,
+  with c added to log φ(q̂_i) before its per-token max, so the largest term of every
+  denominator is exactly 1 (never 0/0, whatever the norms);
+- key side, causal: log φ(k̂_j) minus the running max over valid keys ≤ j, re-referenced per
+  (query, key) pair in the prefix sum: no future key can change a past output;
 - padded keys get φ = 0, leaving numerator *and* denominator; no ε is added per feature: a
   zero denominator (no key, or all features underflowed) gives output 0, never NaN.
 """
@@ -32,6 +34,7 @@ from torch import Tensor
 
 from transformer_zoo._checks import check_key_padding_mask, check_rank
 from transformer_zoo.functional.causal_linear import causal_linear_scan
+from transformer_zoo.functional.favor_fused import FusedFavor
 from transformer_zoo.functional.feature_maps import FeatureMap, PositiveFeatures
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
 
@@ -54,12 +57,16 @@ def favor_features(
     feature_map: FeatureMap = _DEFAULT_MAP,
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
+    scalar_key_max: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Stabilized features: ``(φ(q) (b,h,n,F), φ(k) (b,h,m,F), g)``.
 
-    φ(q) and φ(k) are the textbook features up to factors that cancel. ``g`` is the key-side
-    stabilizer removed from log φ(k): ``(b, h, 1)`` (bidirectional) or ``(b, h, m)`` running
-    max (causal; the prefix sum re-references it per query). Zeros for non-exponential maps.
+    φ(q) and φ(k) are the textbook features up to factors that cancel. Bidirectional: a
+    per-feature key max c_f (valid keys) leaves log φ(k) and joins log φ(q), whose per-token
+    max is then removed; ``g`` is zeros ``(b, h, 1)``. Causal: ``g`` ``(b, h, m)`` is the
+    running max of log φ(k) over valid keys <= j, removed from key j (the prefix sum
+    re-references it per query). Zeros for non-exponential maps. ``scalar_key_max`` uses one
+    c for all features (it then commutes with rotations of the features: Su's form).
     """
     scale = q.shape[-1] ** -0.25
     w = projection.to(q.dtype)
@@ -72,6 +79,17 @@ def favor_features(
             kz = kz * valid.unsqueeze(-1)
         g = kz.new_zeros(b, h, m if causal else 1)
         return qz, kz, g
+    if not causal:
+        # per-feature key max over valid keys, added back on the query side before the
+        # per-token max: the largest term of every denominator is exactly 1 (exact, no 0/0)
+        if valid is not None:
+            kz = kz.masked_fill(~valid.unsqueeze(-1), float("-inf"))  # exp -> 0, gradient 0
+        c = kz.detach().amax(-2, keepdim=True)  # (b, h, 1, F)
+        c = c.amax(-1, keepdim=True) if scalar_key_max else c
+        c = torch.where(torch.isfinite(c), c, 0.0)
+        qz = qz + c
+        qf = (qz - qz.detach().amax(-1, keepdim=True)).exp()
+        return qf, (kz - c).exp(), kz.new_zeros(b, h, 1)
     qf = (qz - qz.detach().amax(-1, keepdim=True)).exp()  # per-token max: max feature is 1
     rowmax = kz.detach().amax(-1)  # (b, h, m)
     if valid is not None:
@@ -79,7 +97,7 @@ def favor_features(
         lowest = rowmax.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
         lowest = torch.where(torch.isfinite(lowest), lowest, 0.0)
         rowmax = torch.where(valid, rowmax, lowest)
-    g = rowmax.cummax(-1).values if causal else rowmax.amax(-1, keepdim=True)
+    g = rowmax.cummax(-1).values  # running max over keys <= j: no future key leaks
     kz = kz - g.unsqueeze(-1)
     if valid is not None:
         kz = kz.masked_fill(~valid.unsqueeze(-1), float("-inf"))  # exp -> 0, gradient 0
@@ -136,9 +154,12 @@ def favor_attention(
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         k, v = expand_kv_heads(k, v, h)
+        if type(feature_map) is PositiveFeatures and not causal and numerator_transform is None:
+            out = FusedFavor.apply(q, k, v, projection.to(dtype), key_padding_mask)
+            return out.to(out_dtype)  # the same function, fewer passes (favor_fused.py)
         qf, kf, g = favor_features(
             q, k, projection, feature_map=feature_map, key_padding_mask=key_padding_mask,
-            causal=causal,
+            causal=causal, scalar_key_max=numerator_transform is not None,
         )
         qn, kn = (qf, kf) if numerator_transform is None else numerator_transform(qf, kf)
         front = 0
