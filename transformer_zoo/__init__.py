@@ -1,6 +1,6 @@
 """transformer_zoo: Transformer building blocks that are right, fast and readable."""
 
-from transformer_zoo import functional
+from transformer_zoo import functional, interop, regularizers
 from transformer_zoo.attention import (
     MultiHeadAttention,
     PerformerAttention,
@@ -22,18 +22,25 @@ from transformer_zoo.functional.feature_maps import (
 )
 from transformer_zoo.functional.random_features import RowNorms
 from transformer_zoo.positional import (
+    ALiBi,
     InputEncoding,
     LearnedPositionalEncoding,
     LogitBias,
     Place,
     PositionalEncoding,
     QKTransform,
+    RotaryEmbedding,
+    RotaryLayout,
+    ShawRelativePosition,
     SinusoidalPositionalEncoding,
+    T5RelativeBias,
 )
+from transformer_zoo.regularizers import RDropLoss, SimCSELoss, Whitening
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALiBi",
     "Encoder",
     "EncoderConfig",
     "EncoderLayer",
@@ -51,12 +58,21 @@ __all__ = [
     "QKTransform",
     "RotaryMode",
     "RowNorms",
+    "RDropLoss",
+    "RotaryEmbedding",
+    "RotaryLayout",
+    "ShawRelativePosition",
+    "SimCSELoss",
     "SinusoidalPositionalEncoding",
     "SoftmaxAttention",
     "SwiGLUFeedForward",
+    "T5RelativeBias",
+    "Whitening",
     "check_pair",
     "compatibility_table",
     "functional",
+    "interop",
+    "regularizers",
     "supports",
     "__version__",
 ]
