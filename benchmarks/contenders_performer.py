@@ -2,11 +2,12 @@
 
 ``contenders()`` follows ``benchmarks/common.py``: each factory builds a module (or a kernel)
 and inputs for one sequence length and returns ``step``; the harness times
-``step().sum().backward()``. ``errors()`` measures the error of each FAVOR+ implementation
-against exact softmax attention on the same inputs and the same random matrix W.
+``step().sum().backward()``. ``errors(n)`` measures each FAVOR+ implementation against exact
+softmax attention on ``error_inputs(n)`` at equal m (bidirectional and causal).
 
-Run ``python -m benchmarks.contenders_performer`` for a quick side-by-side table (times,
-peak causal memory, errors); the full harness is ``benchmarks/attention.py``.
+``python -m benchmarks.contenders_performer --lengths 1024 8192 --errors 1024`` prints a quick
+round-robin side-by-side; the full harness (time, peak memory, plots) is
+``python -m benchmarks.attention``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import time
 
 import torch
 
-from benchmarks.common import BATCH, D_MODEL, HEAD_DIM, HEADS, ContenderFactory, Step
+from benchmarks.common import (
+    BATCH,
+    D_MODEL,
+    HEAD_DIM,
+    HEADS,
+    ContenderFactory,
+    Step,
+    error_inputs,
+    relative_error,
+)
 from transformer_zoo import PerformerAttention
 from transformer_zoo.functional import draw_projection, favor_attention, softmax_attention
 
@@ -100,62 +110,61 @@ def contenders() -> dict[str, ContenderFactory]:
 
 
 def errors(
-    n: int = 1024, *, nb_features: int = NB_FEATURES, norm: float = 1.0, draws: int = 4,
-    causal: bool = False, seed: int = 0,
+    n: int, *, nb_features: int = NB_FEATURES, draws: int = 2,
+    scales: tuple[float, ...] = (1.0, 0.5),
 ) -> dict[str, float]:
-    """Relative error ‖out − softmax‖ / ‖softmax‖ vs exact attention, same q/k/v and W.
+    """Relative error vs exact softmax on ``error_inputs(n)``, mean over ``draws`` matrices.
 
-    q, k rows have length ``norm · d^(1/4)·√…`` scaled so that q̂ has RMS entry ``norm``/√d
-    (norm 1 ~ unit-variance entries); averaged over ``draws`` random matrices.
+    Equal m for both implementations; performer-pytorch gets our W (so the difference is the
+    stabilizers and its ε). ``scales`` multiply q and k (1.0: the harness's unit-variance
+    inputs, |q̂|² ≈ 8, where FAVOR+ at m = 256 has a huge variance); "mean of V" is uniform
+    attention, the output an estimator collapses to when every φ(k) becomes the same ε.
     """
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(BATCH, HEADS, n, HEAD_DIM, generator=gen) for _ in range(3))
-    q, k = q * norm, k * norm
-    exact = softmax_attention(q, k, v, causal=causal)
+    q0, k0, v = error_inputs(n)
     totals: dict[str, float] = {}
-    for i in range(draws):
-        w = draw_projection(nb_features, HEAD_DIM, seed=seed, step=i)
-        results = {"transformer_zoo": favor_attention(q, k, v, w, causal=causal)}
-        if performer_pytorch is not None:
-            fa = _quiet(lambda: performer_pytorch.FastAttention(HEAD_DIM, nb_features,
-                                                                causal=causal))
-            fa.projection_matrix.copy_(w)
-            results["performer-pytorch (same W)"] = fa(q, k, v)
-            fa.redraw_projection_matrix(q.device)  # their own sampler (no sign fix)
-            results["performer-pytorch (own W)"] = fa(q, k, v)
-        for name, out in results.items():
-            err = float((out - exact).norm() / exact.norm())
-            totals[name] = totals.get(name, 0.0) + err / draws
+    for scale in scales:
+        q, k = q0 * scale, k0 * scale
+        for causal in (False, True):
+            tag = f"{' causal' if causal else ''}, q,k x{scale}"
+            exact = softmax_attention(q.double(), k.double(), v.double(), causal=causal)
+            mean = v.cumsum(-2) / torch.arange(1, n + 1)[:, None] if causal else v.mean(-2, True)
+            totals[f"mean of V{tag}"] = relative_error(mean.expand_as(v), exact)
+            for i in range(draws):
+                w = draw_projection(nb_features, HEAD_DIM, seed=0, step=i)
+                results = {f"favor{tag} (transformer_zoo)": favor_attention(q, k, v, w,
+                                                                             causal=causal)}
+                if performer_pytorch is not None:
+                    fa = _quiet(lambda c=causal: performer_pytorch.FastAttention(
+                        HEAD_DIM, nb_features, causal=c))
+                    fa.projection_matrix.copy_(w)
+                    results[f"FastAttention{tag} (performer-pytorch)"] = fa(q, k, v)
+                for name, out in results.items():
+                    totals[name] = totals.get(name, 0.0) + relative_error(out, exact) / draws
     return totals
-
-
-def _time(step: Step, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step().sum().backward()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:  # pragma: no cover - manual tool
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--only", default="", help="substring filter on contender names")
+    parser.add_argument("--only", nargs="*", default=[], help="exact contender names")
+    parser.add_argument("--errors", type=int, default=0, help="also print errors at this n")
     args = parser.parse_args()
     torch.manual_seed(0)
-    for name, factory in contenders().items():
-        if args.only not in name:
-            continue
-        times = [_time(factory(n), args.repeats) for n in args.lengths]
-        print(f"{name:55s}", "  ".join(f"n={n}: {t * 1e3:8.1f} ms"
-                                       for n, t in zip(args.lengths, times, strict=True)))
-    for causal in (False, True):
-        for norm in (0.5, 1.0, 1.5):
-            errs = errors(1024, norm=norm, causal=causal)
-            print(f"error causal={causal} norm={norm}:",
-                  ", ".join(f"{k} {v:.4f}" for k, v in errs.items()))
+    factories = {k: f for k, f in contenders().items() if not args.only or k in args.only}
+    for n in args.lengths:  # round robin: a burst of load hits every contender alike
+        steps = {name: factory(n) for name, factory in factories.items()}
+        best = dict.fromkeys(steps, float("inf"))
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                step().sum().backward()
+                best[name] = min(best[name], time.perf_counter() - t0)
+        for name, t in best.items():
+            print(f"n={n:6d} {name:55s} {t * 1e3:9.1f} ms")
+    if args.errors:
+        for name, err in errors(args.errors).items():
+            print(f"error n={args.errors} {name:55s} {err:.4f}")
 
 
 if __name__ == "__main__":  # pragma: no cover

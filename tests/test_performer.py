@@ -273,3 +273,20 @@ def test_encoder_with_performer_and_rotary_trains():
     assert torch.isfinite(x.grad).all()
     w = [layer.attention.projection for layer in enc.layers]
     assert not torch.equal(w[0], w[1])  # seed=None: one seed per layer from torch's generator
+
+
+def test_with_the_real_rotary_embedding_both_modes():
+    from transformer_zoo import RotaryEmbedding
+
+    rope = RotaryEmbedding(head_dim=16)
+    x = torch.randn(2, 9, 32, dtype=F64)
+    for mode in RotaryMode:
+        attn = PerformerAttention(32, 2, nb_features=16, causal=True, seed=0, positional=rope,
+                                  rotary=mode).double()
+        want = attn(x)
+        state = None
+        for t in range(9):
+            out, state = attn.step(x[:, t : t + 1], state)
+        torch.testing.assert_close(out, want[:, -1:])
+    shifted = attn(x, positions=torch.arange(9) + 50)  # numerator-only form: relative, exact
+    torch.testing.assert_close(shifted, want)
