@@ -1,7 +1,7 @@
 """transformer_zoo: Transformer building blocks that are right, fast and readable."""
 
 from transformer_zoo import functional
-from transformer_zoo.attention import MultiHeadAttention, SoftmaxAttention
+from transformer_zoo.attention import MultiHeadAttention, NystromAttention, SoftmaxAttention
 from transformer_zoo.compat import check_pair, compatibility_table, supports
 from transformer_zoo.encoder import (
     Encoder,
@@ -31,6 +31,7 @@ __all__ = [
     "LearnedPositionalEncoding",
     "LogitBias",
     "MultiHeadAttention",
+    "NystromAttention",
     "Place",
     "PositionalEncoding",
     "QKTransform",
