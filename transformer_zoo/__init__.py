@@ -1,6 +1,6 @@
 """transformer_zoo: Transformer building blocks that are right, fast and readable."""
 
-from transformer_zoo import functional
+from transformer_zoo import functional, interop, regularizers
 from transformer_zoo.attention import MultiHeadAttention, NystromAttention, SoftmaxAttention
 from transformer_zoo.compat import check_pair, compatibility_table, supports
 from transformer_zoo.encoder import (
@@ -11,18 +11,25 @@ from transformer_zoo.encoder import (
     SwiGLUFeedForward,
 )
 from transformer_zoo.positional import (
+    ALiBi,
     InputEncoding,
     LearnedPositionalEncoding,
     LogitBias,
     Place,
     PositionalEncoding,
     QKTransform,
+    RotaryEmbedding,
+    RotaryLayout,
+    ShawRelativePosition,
     SinusoidalPositionalEncoding,
+    T5RelativeBias,
 )
+from transformer_zoo.regularizers import RDropLoss, SimCSELoss, Whitening
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALiBi",
     "Encoder",
     "EncoderConfig",
     "EncoderLayer",
@@ -35,12 +42,21 @@ __all__ = [
     "Place",
     "PositionalEncoding",
     "QKTransform",
+    "RDropLoss",
+    "RotaryEmbedding",
+    "RotaryLayout",
+    "ShawRelativePosition",
+    "SimCSELoss",
     "SinusoidalPositionalEncoding",
     "SoftmaxAttention",
     "SwiGLUFeedForward",
+    "T5RelativeBias",
+    "Whitening",
     "check_pair",
     "compatibility_table",
     "functional",
+    "interop",
+    "regularizers",
     "supports",
     "__version__",
 ]

@@ -1,19 +1,61 @@
 """Kernels: plain functions over ``(batch, heads, seq, head_dim)`` tensors."""
 
+from transformer_zoo.functional.gaussian import (
+    gaussian_bhattacharyya,
+    gaussian_kl,
+    gaussian_wasserstein2,
+)
 from transformer_zoo.functional.masks import causal_mask, merge_masks, padding_to_attn_mask
 from transformer_zoo.functional.nystrom import NystromFactors, nystrom_attention
 from transformer_zoo.functional.pinv import iterative_pinv
+from transformer_zoo.functional.rdrop import rdrop_mse, symmetric_kl
+from transformer_zoo.functional.relative import (
+    alibi_bias,
+    alibi_slopes,
+    relative_positions,
+    shaw_relative_index,
+    t5_bucket_lookup,
+    t5_relative_bucket,
+)
+from transformer_zoo.functional.rotary import (
+    RotaryLayout,
+    apply_rotary,
+    apply_rotary_angles,
+    permute_rotary_weight,
+    rotary_angles,
+    rotary_frequencies,
+)
+from transformer_zoo.functional.simcse import simcse_logits, simcse_loss
 from transformer_zoo.functional.softmax import explicit_softmax_attention, softmax_attention
 from transformer_zoo.positional.sinusoidal import sinusoidal_encoding
 
 __all__ = [
     "NystromFactors",
+    "RotaryLayout",
+    "alibi_bias",
+    "alibi_slopes",
+    "apply_rotary",
+    "apply_rotary_angles",
     "causal_mask",
     "explicit_softmax_attention",
+    "gaussian_bhattacharyya",
+    "gaussian_kl",
+    "gaussian_wasserstein2",
     "iterative_pinv",
     "merge_masks",
     "nystrom_attention",
     "padding_to_attn_mask",
+    "permute_rotary_weight",
+    "rdrop_mse",
+    "relative_positions",
+    "rotary_angles",
+    "rotary_frequencies",
+    "shaw_relative_index",
+    "simcse_logits",
+    "simcse_loss",
     "sinusoidal_encoding",
     "softmax_attention",
+    "symmetric_kl",
+    "t5_bucket_lookup",
+    "t5_relative_bucket",
 ]
