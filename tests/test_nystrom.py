@@ -15,7 +15,7 @@ from transformer_zoo import (
     EncoderConfig,
     LogitBias,
     NystromAttention,
-    QKTransform,
+    RotaryEmbedding,
     SoftmaxAttention,
 )
 from transformer_zoo.functional import (
@@ -38,24 +38,6 @@ def qkv(b: int, h: int, n: int, d: int, *, scale: float = 1.0, dtype=F64, n_k: i
 
 def lengths_mask(lengths: list[int], n: int) -> Tensor:
     return torch.arange(n)[None, :] < torch.tensor(lengths)[:, None]  # (b, n) right padding
-
-
-class Rotary(QKTransform):
-    """Minimal interleaved RoPE (Su et al. 2021) for the composition tests."""
-
-    def forward(self, q, k, q_positions, k_positions):
-        return self.rotate(q, q_positions), self.rotate(k, k_positions)
-
-    @staticmethod
-    def rotate(x: Tensor, positions: Tensor) -> Tensor:
-        d = x.shape[-1]
-        theta = 10000.0 ** (-torch.arange(0, d, 2, dtype=F64) / d)  # (d/2,)
-        angle = positions.to(F64)[..., None] * theta  # (n, d/2) or (b, n, d/2)
-        if angle.ndim == 3:
-            angle = angle[:, None]  # (b, 1, n, d/2)
-        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
 
 class ZeroBias(LogitBias):
@@ -259,13 +241,13 @@ def test_gradcheck_fp64():
 
 # -- positional encodings and options -------------------------------------------------------
 def test_rope_composes():
-    rope = Rotary()
+    rope = RotaryEmbedding(head_dim=16)
     ny, sm = pair(num_landmarks=24, conv_kernel=None, positional=rope)
     x = torch.randn(2, 20, 32, dtype=F64)
     torch.testing.assert_close(ny(x), sm(x), rtol=1e-12, atol=1e-12)  # m >= n: exact
     approx = NystromAttention(32, 2, num_landmarks=4, positional=rope).to(F64).eval()
-    shifted = torch.arange(20) + 1000
-    torch.testing.assert_close(approx(x), approx(x, positions=shifted), rtol=1e-9, atol=1e-9)
+    shifted = torch.arange(20) + 8  # RoPE is relative, and so is every landmark logit
+    torch.testing.assert_close(approx(x), approx(x, positions=shifted), rtol=1e-5, atol=1e-5)
     assert (approx(x) - NystromAttention(32, 2, num_landmarks=4).to(F64).eval()(x)).abs().max()
 
 
@@ -339,3 +321,33 @@ def test_scale_matches_softmax_convention():
     b, _ = explicit_softmax_attention(q, k, v, scale=0.5)
     torch.testing.assert_close(a, b)
     assert not torch.allclose(a, nystrom_attention(q, k, v, num_landmarks=6))
+
+
+# -- the peers' defects, each caught by a property ours has -----------------------------------
+def test_hf_mixes_batch_elements_off_its_configured_length_ours_does_not():
+    hf_mod = pytest.importorskip("transformers.models.nystromformer.modeling_nystromformer")
+    from transformers import NystromformerConfig
+
+    config = NystromformerConfig(
+        hidden_size=16, num_attention_heads=1, num_landmarks=4, segment_means_seq_len=64,
+        conv_kernel_size=1, attention_probs_dropout_prob=0.0, inv_coeff_init_option=False,
+    )
+    hf = hf_mod.NystromformerSelfAttention(config).eval()
+    hf.conv_kernel_size = None
+    ours = NystromAttention(16, 1, num_landmarks=4, conv_kernel=None).eval()
+    x = torch.randn(2, 32, 16)  # n = 32 != segment_means_seq_len = 64
+    other = x.clone()
+    other[1] = torch.randn(32, 16)  # change sample 1 only
+    assert (hf(x)[0][0] - hf(other)[0][0]).abs().max() > 1e-3  # HF's sample 0 moves
+    torch.testing.assert_close(ours(x)[0], ours(other)[0], rtol=0, atol=1e-6)
+
+
+def test_nystrom_attention_is_not_padding_invariant_ours_is():
+    peer = pytest.importorskip("nystrom_attention")
+    theirs = peer.NystromAttention(16, dim_head=8, heads=2, num_landmarks=4, residual=False)
+    ours = NystromAttention(16, 2, num_landmarks=4, conv_kernel=None)
+    x, mask = torch.randn(1, 30, 16), lengths_mask([22], 30)
+    gap_theirs = (theirs.eval()(x, mask=mask)[0, :22] - theirs(x[:, :22])[0]).abs().max()
+    assert gap_theirs > 1e-3  # fixed-position segments: landmarks depend on the padding
+    torch.testing.assert_close(ours.eval()(x, mask=mask)[0, :22], ours(x[:, :22])[0],
+                               rtol=1e-5, atol=1e-6)
