@@ -7,6 +7,7 @@ from transformer_zoo.attention import (
     RotaryMode,
     SoftmaxAttention,
 )
+from transformer_zoo.attention import MultiHeadAttention, NystromAttention, SoftmaxAttention
 from transformer_zoo.compat import check_pair, compatibility_table, supports
 from transformer_zoo.encoder import (
     Encoder,
@@ -51,6 +52,7 @@ __all__ = [
     "LearnedPositionalEncoding",
     "LogitBias",
     "MultiHeadAttention",
+    "NystromAttention",
     "PerformerAttention",
     "Place",
     "PositionalEncoding",

@@ -5,3 +5,5 @@ from transformer_zoo.attention.performer import PerformerAttention, RotaryMode
 from transformer_zoo.attention.softmax import SoftmaxAttention
 
 __all__ = ["MultiHeadAttention", "PerformerAttention", "RotaryMode", "SoftmaxAttention"]
+from transformer_zoo.attention.nystrom import NystromAttention
+__all__ = ["MultiHeadAttention", "NystromAttention", "SoftmaxAttention"]

@@ -20,6 +20,8 @@ from transformer_zoo.functional.random_features import (
     draw_projection,
     gaussian_orthogonal_matrix,
 )
+from transformer_zoo.functional.nystrom import NystromFactors, nystrom_attention
+from transformer_zoo.functional.pinv import iterative_pinv
 from transformer_zoo.functional.rdrop import rdrop_mse, symmetric_kl
 from transformer_zoo.functional.relative import (
     alibi_bias,
@@ -42,18 +44,19 @@ from transformer_zoo.functional.softmax import explicit_softmax_attention, softm
 from transformer_zoo.positional.sinusoidal import sinusoidal_encoding
 
 __all__ = [
-    "FavorState",
-    "FeatureMap",
-    "GeneralizedFeatures",
-    "HyperbolicFeatures",
-    "PositiveFeatures",
-    "RowNorms",
     "causal_linear_scan",
     "draw_projection",
     "favor_attention",
     "favor_decode_step",
     "favor_features",
+    "FavorState",
+    "FeatureMap",
     "gaussian_orthogonal_matrix",
+    "GeneralizedFeatures",
+    "HyperbolicFeatures",
+    "NystromFactors",
+    "PositiveFeatures",
+    "RowNorms",
     "RotaryLayout",
     "alibi_bias",
     "alibi_slopes",
@@ -64,7 +67,9 @@ __all__ = [
     "gaussian_bhattacharyya",
     "gaussian_kl",
     "gaussian_wasserstein2",
+    "iterative_pinv",
     "merge_masks",
+    "nystrom_attention",
     "padding_to_attn_mask",
     "permute_rotary_weight",
     "rdrop_mse",
