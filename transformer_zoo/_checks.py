@@ -70,10 +70,13 @@ def check_positions(positions: Tensor, batch: int, seq: int, name: str = "positi
     check_tensor(positions, name)
     if positions.dtype != torch.int64:
         raise TypeError(f"{name}: expected int64 positions, got dtype {positions.dtype}")
-    if tuple(positions.shape) not in {(seq,), (batch, seq)}:
+    shape = tuple(positions.shape)
+    # Compare element-wise, not via set membership: hashing symbolic sizes under
+    # torch.compile would specialise them and force one recompile per sequence length.
+    if shape != (seq,) and shape != (batch, seq):
         raise ValueError(
             f"{name}: expected shape (seq,) = ({seq},) or (batch, seq) = ({batch}, {seq}), "
-            f"got {tuple(positions.shape)}"
+            f"got {shape}"
         )
 
 
