@@ -24,6 +24,23 @@ def check_rank(x: Tensor, name: str, ndim: int, layout: str) -> None:
         )
 
 
+def check_nonempty(x: Tensor, name: str, layout: str) -> None:
+    """Reject empty batches and zero-length sequences (every dim of ``x`` must be >= 1)."""
+    if x.numel() == 0:
+        raise ValueError(
+            f"{name}: expected a non-empty tensor {layout} (batch and sequence length >= 1), "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def check_same_device(name: str, x: Tensor, other: str, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(
+            f"{name}: expected device {device} (that of {other}), got {x.device}; "
+            "move one to the other"
+        )
+
+
 def check_floating(x: Tensor, name: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")

@@ -29,6 +29,7 @@ from transformer_zoo._checks import (
     check_bool_mask,
     check_broadcastable,
     check_floating,
+    check_nonempty,
     check_probability,
     check_rank,
     check_same_dtype,
@@ -43,6 +44,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_rank(t, name, 4, _LAYOUT)
         check_floating(t, name)
+        check_nonempty(t, name, _LAYOUT)
     check_same_dtype("q", q, "k", k)
     check_same_dtype("q", q, "v", v)
     b, h, n, d = q.shape
