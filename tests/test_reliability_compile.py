@@ -26,6 +26,17 @@ from torch._dynamo.testing import CompileCounter
 
 from transformer_zoo import Encoder, Place, SoftmaxAttention
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (two threads spin against each other on a loaded
+    2-core machine and run these sizes up to 50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 DYNAMIC_LENGTHS = (5, 7, 11)
 
 

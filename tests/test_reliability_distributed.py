@@ -42,7 +42,12 @@ def ranks(tmp_path_factory) -> list[dict[str, dict[str, torch.Tensor]]]:
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, dict[str, torch.Tensor]]:
-    return {name: single_process(name) for name in NAMES}
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # like the workers; tiny tensors
+    try:
+        return {name: single_process(name) for name in NAMES}
+    finally:
+        torch.set_num_threads(before)
 
 
 def _max_diff(a: dict, b: dict) -> float:

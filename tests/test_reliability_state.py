@@ -27,6 +27,17 @@ from reliability_cases import (
 from transformer_zoo import Encoder
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread (two threads spin against each other on a loaded
+    2-core machine and run these sizes up to 50x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+
 def _round_trip(state: dict) -> dict:
     buf = io.BytesIO()
     torch.save(state, buf)

@@ -162,7 +162,12 @@ def explicit_softmax_attention(
     """
     k, v, full = _prepare(q, k, v, mask, bias, causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = torch.matmul(q, k.transpose(-2, -1)) * scale  # (b, h, n, m)
+    # Logits and softmax in fp32 (at least, autocast or not): rounding logits of size
+    # |q||k|/√d ~ 100s to bf16 (ulp 0.5-2) would move the weights by O(1) at the q/k norms
+    # of real pretrained models.
+    acc = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        logits = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale  # (b, h, n, m)
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
     live = None
@@ -172,5 +177,6 @@ def explicit_softmax_attention(
     weights = torch.softmax(logits, dim=-1)
     if live is not None:
         weights = weights * live
+    weights = weights.to(v.dtype)
     dropped = F.dropout(weights, p=dropout_p, training=training) if dropout_p > 0 else weights
     return torch.matmul(dropped, v), weights  # (b, h, n, d_v), (b, h, n, m)
