@@ -11,18 +11,24 @@ from transformer_zoo.encoder import (
     SwiGLUFeedForward,
 )
 from transformer_zoo.positional import (
+    ALiBi,
     InputEncoding,
     LearnedPositionalEncoding,
     LogitBias,
     Place,
     PositionalEncoding,
     QKTransform,
+    RotaryEmbedding,
+    RotaryLayout,
+    ShawRelativePosition,
     SinusoidalPositionalEncoding,
+    T5RelativeBias,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALiBi",
     "Encoder",
     "EncoderConfig",
     "EncoderLayer",
@@ -34,9 +40,13 @@ __all__ = [
     "Place",
     "PositionalEncoding",
     "QKTransform",
+    "RotaryEmbedding",
+    "RotaryLayout",
+    "ShawRelativePosition",
     "SinusoidalPositionalEncoding",
     "SoftmaxAttention",
     "SwiGLUFeedForward",
+    "T5RelativeBias",
     "check_pair",
     "compatibility_table",
     "functional",

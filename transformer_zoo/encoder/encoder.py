@@ -206,6 +206,12 @@ class Encoder(nn.Module):
         if self.input_encoding is not None:
             x = x + self.input_encoding(positions).to(x.dtype)
         x = self.dropout(x)
+        param_dtype = self.layers[0].norm1.weight.dtype
+        if x.dtype != param_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the parameters are {param_dtype}; "
+                "cast one to the other (or use torch.autocast)"
+            )
         for layer in self.layers:
             x = layer(x, mask=mask, positions=positions)
         if self.final_norm is not None:

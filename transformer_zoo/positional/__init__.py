@@ -1,5 +1,7 @@
 """Positional encodings; each declares the place it acts (``Place``)."""
 
+from transformer_zoo.functional.rotary import RotaryLayout
+from transformer_zoo.positional.alibi import ALiBi
 from transformer_zoo.positional.base import (
     InputEncoding,
     LogitBias,
@@ -8,14 +10,22 @@ from transformer_zoo.positional.base import (
     QKTransform,
 )
 from transformer_zoo.positional.learned import LearnedPositionalEncoding
+from transformer_zoo.positional.rotary import RotaryEmbedding
+from transformer_zoo.positional.shaw import ShawRelativePosition
 from transformer_zoo.positional.sinusoidal import SinusoidalPositionalEncoding
+from transformer_zoo.positional.t5 import T5RelativeBias
 
 __all__ = [
+    "ALiBi",
     "InputEncoding",
     "LearnedPositionalEncoding",
     "LogitBias",
     "Place",
     "PositionalEncoding",
     "QKTransform",
+    "RotaryEmbedding",
+    "RotaryLayout",
+    "ShawRelativePosition",
     "SinusoidalPositionalEncoding",
+    "T5RelativeBias",
 ]

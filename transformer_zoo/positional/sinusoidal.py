@@ -5,8 +5,9 @@
 Vaswani et al. 2017, "Attention Is All You Need", arXiv 1706.03762, section 3.5.
 
 For any offset k, PE(p + k) = M_k PE(p) with M_k block-diagonal 2×2 rotations by angles
-k / 10000^(2i/d), independent of p. Computed on the fly in fp32 from int64 positions, so any
-position works (no table, no max length). Exact formula; fp32 rounding of p·ω grows with p.
+k / 10000^(2i/d), independent of p. Computed on the fly from int64 positions (angles in fp64,
+result rounded to fp32), so any position works (no table, no max length) and the result is the
+exact formula to fp32 rounding at every position.
 
 Shapes: positions ``(n,)`` or ``(b, n)`` int64 -> ``(n, d)`` or ``(b, n, d)`` fp32.
 """
@@ -28,11 +29,15 @@ def sinusoidal_encoding(positions: Tensor, d_model: int, *, base: float = 10000.
     check_positive_int(d_model, "d_model")
     if d_model % 2:
         raise ValueError(f"d_model: sinusoidal encoding needs an even size, got {d_model}")
-    exponent = torch.arange(0, d_model, 2, device=positions.device, dtype=torch.float32)
+    # The angle p·ω is formed in fp64 (fp32 would be off by ~p·2^-24 rad: 0.03 at p = 10^6),
+    # then sin/cos are rounded to fp32. MPS has no fp64 and stays in fp32.
+    wide = torch.float32 if positions.device.type == "mps" else torch.float64
+    exponent = torch.arange(0, d_model, 2, device=positions.device, dtype=wide)
     inv_freq = base ** (-exponent / d_model)  # (d/2,)
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., n, d/2)
+    angles = positions.to(wide)[..., None] * inv_freq  # (..., n, d/2)
     # interleave: even columns sin, odd columns cos
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (..., n, d)
+    pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # (..., n, d)
+    return pe.to(torch.float32)
 
 
 class SinusoidalPositionalEncoding(InputEncoding):

@@ -1,0 +1,80 @@
+"""Shaw et al. relative positions inside softmax attention equal the paper's equations,
+written as a slow loop over (i, j) in fp64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transformer_zoo import ShawRelativePosition, SoftmaxAttention
+
+
+def slow_shaw(q, k, v, a_k, a_v, qp, kp, clip, allowed):
+    """e_ij = q_i·(k_j + a^K_r)/√d, o_i = Σ_j α_ij (v_j + a^V_r), r = clip(j − i) + k."""
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    out = torch.zeros(b, h, n, d, dtype=q.dtype)
+    for bi in range(b):
+        for i in range(n):
+            r = [max(-clip, min(clip, int(kp[j] - qp[i]))) + clip for j in range(m)]
+            e = torch.stack([(q[bi, :, i] * (k[bi, :, j] + a_k[r[j]])).sum(-1) / math.sqrt(d)
+                             for j in range(m)], -1)  # (h, m)
+            e = e.masked_fill(~allowed[bi, i], float("-inf"))
+            alpha = torch.softmax(e, -1)
+            for j in range(m):
+                out[bi, :, i] += alpha[:, j, None] * (v[bi, :, j] + a_v[r[j]])
+    return out
+
+
+@given(n=st.integers(1, 6), clip=st.integers(1, 4), causal=st.booleans(),
+       offset=st.integers(0, 50), pad=st.integers(0, 2))
+def test_matches_slow_reference(n, clip, causal, offset, pad):
+    d, h = 4, 2
+    pe = ShawRelativePosition(head_dim=d, max_distance=clip, init_std=0.5).double()
+    attn = SoftmaxAttention(h * d, h, causal=causal, positional=pe).double()
+    x = torch.randn(2, n, h * d, dtype=torch.float64)
+    pos = torch.arange(n) + offset
+    mask = torch.ones(2, n, dtype=torch.bool)
+    n_pad = min(pad, n - 1)  # keep one real key per row
+    if n_pad:
+        mask[1, n - n_pad :] = False
+    got = attn(x, mask=mask, positions=pos)
+    q = attn.q_proj(x).view(2, n, h, d).transpose(1, 2)
+    k, v = attn.kv_proj(x).view(2, n, 2, h, d).permute(2, 0, 3, 1, 4)
+    allowed = mask[:, None, :].expand(2, n, n).clone()
+    if causal:
+        allowed &= torch.ones(n, n, dtype=torch.bool).tril()
+    ref = slow_shaw(q, k, v, pe.key_embedding, pe.value_embedding, pos, pos, clip, allowed)
+    want = attn.out_proj(ref.transpose(1, 2).reshape(2, n, h * d))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_cross_attention_positions_and_shapes():
+    pe = ShawRelativePosition(head_dim=8, max_distance=3)
+    q = torch.randn(2, 4, 5, 8)
+    bias = pe(q, torch.arange(5), torch.arange(7) + 2)
+    assert bias.shape == (2, 4, 5, 7)
+    weights = torch.softmax(torch.randn(2, 4, 5, 7), -1)
+    term = pe.value_term(weights, torch.arange(5), torch.arange(7) + 2)
+    assert term.shape == (2, 4, 5, 8)
+    # far keys share the clipped embedding: a row of weights all at distance >= 3 gives a^V_2k
+    far = torch.zeros(1, 1, 1, 4)
+    far[..., 1] = 1.0
+    out = pe.value_term(far, torch.tensor([0]), torch.tensor([10, 20, 30, 40]))
+    torch.testing.assert_close(out[0, 0, 0], pe.value_embedding[6])
+
+
+def test_gradcheck_and_validation():
+    pe = ShawRelativePosition(head_dim=2, max_distance=2).double()
+    attn = SoftmaxAttention(4, 2, positional=pe).double()
+    x = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: attn(t), (x,))
+    with pytest.raises(ValueError, match="head_dim=2"):
+        SoftmaxAttention(8, 2, positional=ShawRelativePosition(head_dim=2))(torch.randn(1, 3, 8))
+    with pytest.raises(TypeError):
+        ShawRelativePosition(2)  # type: ignore[misc]
+    assert set(pe.state_dict()) == {"key_embedding", "value_embedding"}

@@ -1,0 +1,233 @@
+"""The softmax attention kernel against a slow reference written here, in fp64.
+
+The reference walks every (batch, head, query) row: it collects the keys that row may attend
+(mask AND bottom-right causal), takes the softmax over exactly those logits and returns 0 for
+a row with none. It shares no code with the package.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transformer_zoo.functional import (
+    causal_mask,
+    explicit_softmax_attention,
+    merge_masks,
+    padding_to_attn_mask,
+    softmax_attention,
+)
+from transformer_zoo.functional.softmax import expand_kv_heads
+
+F64 = torch.float64
+
+
+def reference_attention(q, k, v, *, mask=None, bias=None, causal=False, scale=None):
+    """Row by row: softmax over the allowed keys only; a row with none gives 0."""
+    b, h, n, d = q.shape
+    h_kv, m = k.shape[1], k.shape[2]
+    group = h // h_kv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    allowed = torch.ones(b, h, n, m, dtype=torch.bool)
+    if mask is not None:
+        allowed = allowed & mask.expand(b, h, n, m)
+    bias_full = None if bias is None else bias.expand(b, h, n, m)
+    out = torch.zeros(b, h, n, v.shape[-1], dtype=q.dtype)
+    weights = torch.zeros(b, h, n, m, dtype=q.dtype)
+    for bi in range(b):
+        for hi in range(h):
+            kh, vh = k[bi, hi // group], v[bi, hi // group]  # query head hi reads kv head hi//g
+            for i in range(n):
+                keys = [
+                    j for j in range(m)
+                    if allowed[bi, hi, i, j] and (not causal or j - (m - n) <= i)
+                ]
+                if not keys:
+                    continue
+                logits = torch.stack([
+                    (q[bi, hi, i] @ kh[j]) * scale
+                    + (0.0 if bias_full is None else bias_full[bi, hi, i, j])
+                    for j in keys
+                ])
+                w = torch.exp(logits - logits.max())
+                w = w / w.sum()
+                for wj, j in zip(w, keys, strict=True):
+                    out[bi, hi, i] += wj * vh[j]
+                    weights[bi, hi, i, j] = wj
+    return out, weights
+
+
+@st.composite
+def problems(draw, *, with_mask=True, with_bias=True):
+    """A random attention problem: GQA heads, cross lengths, mask/bias shapes, causal."""
+    b = draw(st.integers(1, 2))
+    h_kv = draw(st.integers(1, 2))
+    h = h_kv * draw(st.integers(1, 2))
+    n, m = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    d, d_v = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(b, h, n, d, generator=g, dtype=F64)
+    k = torch.randn(b, h_kv, m, d, generator=g, dtype=F64)
+    v = torch.randn(b, h_kv, m, d_v, generator=g, dtype=F64)
+    mask = bias = None
+    if with_mask:
+        shape = draw(st.sampled_from([None, (b, 1, 1, m), (b, h, n, m), (n, m), (1, h, 1, m)]))
+        if shape is not None:
+            mask = torch.rand(shape, generator=g) < 0.7
+    if with_bias:
+        shape = draw(st.sampled_from([None, (1, h, n, m), (b, 1, n, m), (n, m)]))
+        if shape is not None:
+            bias = 2 * torch.randn(shape, generator=g, dtype=F64)
+    causal = draw(st.booleans())
+    scale = draw(st.sampled_from([None, 0.3, 1.0]))
+    return dict(q=q, k=k, v=v, mask=mask, bias=bias, causal=causal, scale=scale)
+
+
+@given(problems())
+def test_sdpa_path_equals_reference(p):
+    out = softmax_attention(p["q"], p["k"], p["v"], mask=p["mask"], bias=p["bias"],
+                            causal=p["causal"], scale=p["scale"])
+    ref, _ = reference_attention(**p)
+    assert out.shape == ref.shape == (*p["q"].shape[:3], p["v"].shape[-1])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+@given(problems())
+def test_explicit_path_equals_reference(p):
+    out, weights = explicit_softmax_attention(
+        p["q"], p["k"], p["v"], mask=p["mask"], bias=p["bias"], causal=p["causal"],
+        scale=p["scale"],
+    )
+    ref, ref_weights = reference_attention(**p)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-12)
+    # every row of weights sums to 1, or to 0 when the row may attend nothing
+    sums = weights.sum(-1)
+    assert torch.all(((sums - 1).abs() < 1e-12) | (sums == 0))
+
+
+@given(problems(with_mask=False, with_bias=False))
+def test_fp32_close_to_fp64_reference(p):
+    ref, _ = reference_attention(**p)
+    q, k, v = (p[x].float() for x in "qkv")
+    out = softmax_attention(q, k, v, causal=p["causal"], scale=p["scale"])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_mask_is_bottom_right_aligned():
+    for n, m in [(1, 1), (3, 3), (2, 5), (5, 2), (1, 4)]:
+        want = torch.tensor([[j <= i + (m - n) for j in range(m)] for i in range(n)])
+        assert torch.equal(causal_mask(n, m), want)
+
+
+@given(st.integers(1, 6), st.integers(0, 5), st.integers(0, 2**31 - 1))
+def test_causal_cross_lengths_equal_last_rows_of_full_causal(n, extra, seed):
+    """Queries that are the last n of m tokens see what those rows see in full self-attention."""
+    m = n + extra
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, m, 4, generator=g, dtype=F64) for _ in range(3))
+    full = softmax_attention(q, k, v, causal=True)
+    tail = softmax_attention(q[:, :, m - n:], k, v, causal=True)
+    torch.testing.assert_close(tail, full[:, :, m - n:], rtol=1e-12, atol=1e-12)
+
+
+def test_causal_more_queries_than_keys_zeroes_leading_rows():
+    q = torch.randn(1, 1, 5, 4, dtype=F64)
+    k, v = torch.randn(1, 1, 2, 4, dtype=F64), torch.randn(1, 1, 2, 3, dtype=F64)
+    out = softmax_attention(q, k, v, causal=True)
+    assert torch.equal(out[:, :, :3], torch.zeros(1, 1, 3, 3, dtype=F64))
+    assert out[:, :, 3:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
+def test_fully_masked_rows_are_zero_with_finite_gradients(with_bias, kernel):
+    q = torch.randn(2, 2, 4, 8, dtype=F64, requires_grad=True)
+    k = torch.randn(2, 2, 6, 8, dtype=F64, requires_grad=True)
+    v = torch.randn(2, 2, 6, 5, dtype=F64, requires_grad=True)
+    bias = torch.randn(1, 2, 4, 6, dtype=F64, requires_grad=True) if with_bias else None
+    mask = torch.rand(2, 2, 4, 6) < 0.6
+    mask[0, 1, 2] = False  # one dead row
+    mask[1] = False  # a whole sample with nothing to attend
+    if kernel == "sdpa":
+        out = softmax_attention(q, k, v, mask=mask, bias=bias)
+    else:
+        out, _ = explicit_softmax_attention(q, k, v, mask=mask, bias=bias)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0, 1, 2], torch.zeros(5, dtype=F64))
+    assert torch.equal(out[1], torch.zeros(2, 4, 5, dtype=F64))
+    out.square().sum().backward()
+    for t in (q, k, v) + ((bias,) if with_bias else ()):
+        assert torch.isfinite(t.grad).all()
+    assert torch.equal(q.grad[0, 1, 2], torch.zeros(8, dtype=F64))  # dead row: no gradient
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+
+
+def test_gradcheck_kernel_mask_bias_causal_gqa():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 3, 4, generator=g, dtype=F64, requires_grad=True)
+    k = torch.randn(1, 2, 5, 4, generator=g, dtype=F64, requires_grad=True)
+    v = torch.randn(1, 2, 5, 3, generator=g, dtype=F64, requires_grad=True)
+    bias = torch.randn(1, 4, 3, 5, generator=g, dtype=F64, requires_grad=True)
+    mask = torch.rand(1, 1, 3, 5, generator=g) < 0.7
+    mask[0, 0, 0] = False  # a fully masked row, gradient must stay finite (0)
+
+    def sdpa(q, k, v, bias):
+        return softmax_attention(q, k, v, mask=mask, bias=bias, causal=True)
+
+    def explicit(q, k, v, bias):
+        return explicit_softmax_attention(q, k, v, mask=mask, bias=bias, causal=True)[0]
+
+    assert torch.autograd.gradcheck(sdpa, (q, k, v, bias))
+    assert torch.autograd.gradcheck(explicit, (q, k, v, bias))
+
+
+def test_gqa_equals_repeated_heads():
+    q = torch.randn(2, 6, 4, 8, dtype=F64)
+    k, v = torch.randn(2, 2, 7, 8, dtype=F64), torch.randn(2, 2, 7, 8, dtype=F64)
+    k_full, v_full = expand_kv_heads(k, v, 6)
+    assert k_full.shape == (2, 6, 7, 8)
+    assert torch.equal(k_full[:, 0], k[:, 0]) and torch.equal(k_full[:, 2], k[:, 0])
+    assert torch.equal(k_full[:, 3], k[:, 1])
+    torch.testing.assert_close(softmax_attention(q, k, v), softmax_attention(q, k_full, v_full))
+
+
+def test_seq_one_attends_to_itself():
+    q, k, v = (torch.randn(3, 2, 1, 4, dtype=F64) for _ in range(3))
+    torch.testing.assert_close(softmax_attention(q, k, v, causal=True), v)
+
+
+def test_dropout_only_changes_output_when_asked():
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    plain = softmax_attention(q, k, v)
+    assert not torch.allclose(softmax_attention(q, k, v, dropout_p=0.5), plain)
+    out, weights = explicit_softmax_attention(q, k, v, dropout_p=0.5, training=False)
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-6)
+    dropped, weights2 = explicit_softmax_attention(q, k, v, dropout_p=0.5, training=True)
+    assert not torch.allclose(dropped, plain)
+    torch.testing.assert_close(weights2, weights)  # weights are returned before dropout
+
+
+def test_mask_helpers():
+    kpm = torch.tensor([[True, False, True]])
+    assert padding_to_attn_mask(kpm).shape == (1, 1, 1, 3)
+    a = torch.tensor([[True, True], [False, True]])
+    b = torch.tensor([[True, False], [True, True]])
+    assert merge_masks() is None and merge_masks(None, None) is None
+    assert merge_masks(None, a) is a
+    assert torch.equal(merge_masks(a, None, b), a & b)
+
+
+def test_mask_equals_minus_infinity_bias():
+    """A boolean mask is the same as a -inf additive bias on the masked logits."""
+    q, k, v = (torch.randn(2, 2, 4, 4, dtype=F64) for _ in range(3))
+    mask = torch.rand(2, 2, 4, 4) < 0.6
+    mask[..., 0] = True  # no dead rows here
+    as_bias = torch.zeros(2, 2, 4, 4, dtype=F64).masked_fill(~mask, float("-inf"))
+    torch.testing.assert_close(softmax_attention(q, k, v, mask=mask),
+                               softmax_attention(q, k, v, bias=as_bias))

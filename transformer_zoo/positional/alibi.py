@@ -1,0 +1,59 @@
+"""ALiBi: attention with linear biases, a fixed per-head logit bias.
+
+    symmetric (bidirectional):  B_h(i, j) = −m_h·|i − j|
+    causal:                     B_h(i, j) = −m_h·(i − j)   (keys j > i are masked)
+    m_h = 2^(−8h/H) for H a power of 2 (8 heads: 2^−1 … 2^−8), interleaved extension otherwise
+
+Press, Smith & Lewis 2022, "Train Short, Test Long: Attention with Linear Biases Enables
+Input Length Extrapolation", arXiv 2108.12409. Exact; no parameters. The distance uses the
+given positions (offsets, packed sequences). The paper's code adds m_h·j per key, which
+equals the causal form only after softmax under a causal mask; we build −m_h·(i − j), which
+keeps the values near the diagonal small (precise in bf16).
+
+Shapes: b batch, h heads, n query length, m key length. positions int64 ``(n,)``/``(b, n)``
+and ``(m,)``/``(b, m)``; bias fp32 ``(1|b, h, n, m)``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from transformer_zoo._checks import check_positive_int, check_rank
+from transformer_zoo.functional.relative import alibi_bias, alibi_slopes
+from transformer_zoo.positional.base import LogitBias
+
+
+class ALiBi(LogitBias):
+    """Linear distance penalty per head.
+
+    Args:
+        n_heads: number of heads h (slopes from ``alibi_slopes``).
+        causal: the causal form −m_h·(i − j), for causal attention; otherwise the symmetric
+            −m_h·|i − j|. Both agree on every key j <= i.
+
+    The slopes are a non-persistent buffer (moved by ``.to``, not saved).
+
+    Example:
+        >>> import torch
+        >>> from transformer_zoo import ALiBi, SoftmaxAttention
+        >>> attn = SoftmaxAttention(32, 4, causal=True, positional=ALiBi(n_heads=4, causal=True))
+        >>> attn(torch.randn(2, 5, 32)).shape
+        torch.Size([2, 5, 32])
+    """
+
+    def __init__(self, *, n_heads: int, causal: bool = False) -> None:
+        super().__init__()
+        self.n_heads = check_positive_int(n_heads, "n_heads")
+        self.causal = bool(causal)
+        self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+
+    def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        check_rank(q, "q", 4, "(batch, heads, seq, head_dim)")
+        if q.shape[1] != self.n_heads:
+            raise ValueError(
+                f"q: expected n_heads={self.n_heads} heads, got shape {tuple(q.shape)}"
+            )
+        return alibi_bias(self.slopes, q_positions, k_positions, causal=self.causal)
+
+    def extra_repr(self) -> str:
+        return f"n_heads={self.n_heads}, causal={self.causal}"

@@ -1,0 +1,163 @@
+"""Rotary position embedding (RoPE), a q/k transform.
+
+    q_m ← R_m q_m,   k_n ← R_n k_n,   R_p = ⊕_i [[cos pθ_i, −sin pθ_i], [sin pθ_i, cos pθ_i]]
+    θ_i = base^(−2i/r),  so  (R_m q)ᵀ(R_n k) = qᵀ R_(n−m) k  depends only on n − m
+
+Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding",
+arXiv 2104.09864 (eq. 13-16; eq. 19 for linear attention). Exact rotation; the angles are
+fp32 (see ``transformer_zoo.functional.rotary`` for the precision bound).
+
+Options: both channel layouts (``RotaryLayout``), partial rotary (only the first
+``rotary_dim`` channels rotate), base θ, linear position interpolation (positions / s; Chen et
+al. 2023, arXiv 2306.15595) and NTK-aware base rescaling (base·s^(r/(r−2))).
+
+Shapes: b batch, h heads, n/m lengths, d head dim, w channels. q ``(b, h, n, d)``, k
+``(b, h_kv, m, d)``, positions int64 ``(n,)`` or ``(b, n)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from transformer_zoo._checks import check_positive_int
+from transformer_zoo.functional.rotary import (
+    RotaryLayout,
+    _check_even_dim,
+    _check_factor,
+    _check_layout,
+    apply_rotary_angles,
+    check_rotary_input,
+    ntk_scaled_base,
+    rotary_angles,
+    rotary_frequencies,
+)
+from transformer_zoo.positional.base import QKTransform
+
+
+class RotaryEmbedding(QKTransform):
+    """RoPE on queries and keys; no parameters.
+
+    Args:
+        head_dim: channels per head d.
+        rotary_dim: rotated channels r (even, <= head_dim; default head_dim); the other
+            d − r channels pass through unchanged.
+        base: the θ base (10000 in RoFormer; 500000 in Llama 3).
+        layout: ``RotaryLayout.INTERLEAVED`` (pairs (2i, 2i+1), the paper's) or
+            ``RotaryLayout.HALF_SPLIT`` (pairs (i, i + r/2), GPT-NeoX/Llama).
+        interpolation_factor: s >= 1; positions are divided by s (linear interpolation).
+        ntk_factor: s >= 1; base becomes base·s^(r/(r−2)) (NTK-aware scaling).
+
+    Nothing is stored in the state dict; the fp32 frequencies are cached per (device, width)
+    in a plain dict (the options are read-only, so the cache is never stale).
+
+    Example:
+        >>> import torch
+        >>> from transformer_zoo import RotaryEmbedding, RotaryLayout
+        >>> rope = RotaryEmbedding(head_dim=16, layout=RotaryLayout.HALF_SPLIT)
+        >>> q = k = torch.randn(2, 4, 10, 16)
+        >>> pos = torch.arange(10)
+        >>> rq, rk = rope(q, k, pos, pos)
+        >>> rq.shape
+        torch.Size([2, 4, 10, 16])
+    """
+
+    def __init__(
+        self,
+        *,
+        head_dim: int,
+        rotary_dim: int | None = None,
+        base: float = 10000.0,
+        layout: RotaryLayout = RotaryLayout.INTERLEAVED,
+        interpolation_factor: float = 1.0,
+        ntk_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        check_positive_int(head_dim, "head_dim")
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        _check_even_dim(rotary_dim, "rotary_dim")
+        if rotary_dim > head_dim:
+            raise ValueError(f"rotary_dim: expected at most head_dim={head_dim}, got {rotary_dim}")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
+            raise ValueError(f"base: expected a number > 1, got {base!r}")
+        self._head_dim = head_dim
+        self._rotary_dim = rotary_dim
+        self._base = float(base)
+        self._layout = _check_layout(layout)
+        self._interpolation_factor = _check_factor(interpolation_factor, "interpolation_factor")
+        self._ntk_factor = _check_factor(ntk_factor, "ntk_factor")
+        # base' after NTK rescaling; every width (rotary_dim or a Performer's dim) uses it.
+        self._scaled_base = ntk_scaled_base(self._base, rotary_dim, self._ntk_factor)
+        self._freq_cache: dict[tuple[torch.device, int], Tensor] = {}
+
+    # read-only options: changing one would leave cached frequencies stale
+    head_dim = property(lambda self: self._head_dim)
+    rotary_dim = property(lambda self: self._rotary_dim)
+    base = property(lambda self: self._base)
+    layout = property(lambda self: self._layout)
+    interpolation_factor = property(lambda self: self._interpolation_factor)
+    ntk_factor = property(lambda self: self._ntk_factor)
+
+    def frequencies(self, dim: int, device: torch.device) -> Tensor:
+        """θ_i = base'^(−2i/dim) as fp32 ``(dim/2,)`` on ``device`` (cached outside compile)."""
+        if torch.compiler.is_compiling():
+            return rotary_frequencies(dim, base=self._scaled_base, device=device)
+        key = (device, dim)
+        freq = self._freq_cache.get(key)
+        if freq is None:
+            freq = rotary_frequencies(dim, base=self._scaled_base, device=device)
+            self._freq_cache[key] = freq
+        return freq
+
+    def angles(self, positions: Tensor, dim: int | None = None) -> Tensor:
+        """fp32 angles p·θ_i ``(n, dim/2)`` or ``(b, 1, n, dim/2)`` after interpolation."""
+        dim = self._rotary_dim if dim is None else _check_even_dim(dim)
+        return rotary_angles(
+            positions,
+            self.frequencies(dim, positions.device),
+            interpolation_factor=self._interpolation_factor,
+        )
+
+    def rotate(self, x: Tensor, positions: Tensor, *, dim: int | None = None) -> Tensor:
+        """Rotate x ``(b, h, n, w)`` by int64 positions ``(n,)`` or ``(b, n)``.
+
+        ``dim=None``: the first ``rotary_dim`` channels with this module's frequencies (w must
+        be ``head_dim``). ``dim`` given (even, <= w): the first ``dim`` channels with
+        θ_i = base'^(−2i/dim) — used to rotate Performer random features φ(q), φ(k) in the
+        numerator only (RoFormer eq. 19).
+        """
+        width = self._rotary_dim if dim is None else _check_even_dim(dim)
+        check_rotary_input(x, positions, width)
+        if dim is None and x.shape[-1] != self._head_dim:
+            raise ValueError(
+                f"x: expected head_dim={self._head_dim} channels, got shape {tuple(x.shape)}"
+            )
+        return apply_rotary_angles(x, self.angles(positions, dim), layout=self._layout)
+
+    def forward(
+        self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(rotate(q, q_positions), rotate(k, k_positions))``; angles shared when the two
+        position tensors are the same object (self-attention)."""
+        if k_positions is not q_positions:
+            return self.rotate(q, q_positions), self.rotate(k, k_positions)
+        check_rotary_input(q, q_positions, self._rotary_dim)
+        check_rotary_input(k, k_positions, self._rotary_dim)
+        for name, t in (("q", q), ("k", k)):
+            if t.shape[-1] != self._head_dim:
+                raise ValueError(
+                    f"{name}: expected head_dim={self._head_dim} channels, got shape "
+                    f"{tuple(t.shape)}"
+                )
+        angles = self.angles(q_positions)
+        return (
+            apply_rotary_angles(q, angles, layout=self._layout),
+            apply_rotary_angles(k, angles, layout=self._layout),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self._head_dim}, rotary_dim={self._rotary_dim}, base={self._base:g}, "
+            f"layout={self._layout.name}, interpolation_factor={self._interpolation_factor:g}, "
+            f"ntk_factor={self._ntk_factor:g}"
+        )
