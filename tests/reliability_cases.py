@@ -47,7 +47,7 @@ class Sizes:
 
 
 SMALL = Sizes()
-OTHER = Sizes(d_model=24, n_heads=3, head_dim=8, max_len=32)  # "differently configured"
+OTHER = Sizes(d_model=24, n_heads=4, head_dim=6, max_len=32)  # "differently configured"
 
 # Sub-packages scanned besides the top level. Interop bridges wrap foreign models (torch's
 # nn.MultiheadAttention, HF) and have their own test files.
@@ -349,6 +349,35 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
         lambda: ((padding_mask(2, 6, _gen(2))[:, None, None, :], torch.ones(6, 6).bool()), {})
     ),
     "sinusoidal_encoding": KernelCase(lambda: ((torch.arange(7), 16), {})),
+    "RotaryLayout": "an enum naming the rotary layouts",
+    "alibi_slopes": KernelCase(lambda: ((6,), {})),
+    "alibi_bias": KernelCase(
+        lambda: ((tz.functional.alibi_slopes(2), torch.arange(5) + 3, torch.arange(7)),
+                 dict(causal=True))
+    ),
+    "relative_positions": KernelCase(lambda: ((torch.arange(5), torch.arange(7) + 2), {})),
+    "shaw_relative_index": KernelCase(lambda: ((torch.arange(5), torch.arange(7), 3), {})),
+    "t5_relative_bucket": KernelCase(
+        lambda: ((torch.arange(-200, 200, 7),), dict(causal=False, num_buckets=32))
+    ),
+    "rotary_frequencies": KernelCase(lambda: ((8,), dict(base=500.0))),
+    "rotary_angles": KernelCase(
+        lambda: ((torch.arange(6) + 4090, tz.functional.rotary_frequencies(8)),
+                 dict(interpolation_factor=2.0))
+    ),
+    "apply_rotary": KernelCase(
+        lambda: ((_qkv()[0], torch.arange(6) + 4090), dict(dim=6, ntk_factor=2.0))
+    ),
+    "apply_rotary_angles": KernelCase(
+        lambda: ((_qkv()[0], tz.functional.rotary_angles(torch.arange(6),
+                                                         tz.functional.rotary_frequencies(8))),
+                 dict(layout=tz.functional.RotaryLayout.HALF_SPLIT))
+    ),
+    "permute_rotary_weight": KernelCase(
+        lambda: ((torch.randn(16, 16),), dict(
+            n_heads=2, head_dim=8, source=tz.functional.RotaryLayout.INTERLEAVED,
+            target=tz.functional.RotaryLayout.HALF_SPLIT))
+    ),
 }
 
 

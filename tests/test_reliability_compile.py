@@ -75,7 +75,7 @@ def test_kernel_compiles_fullgraph_and_matches_eager(name):
     for _ in range(2):  # same shapes twice: one frame
         got = compiled(*args, **kwargs)
     assert counter.frame_count == 1
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", attention_kernels())

@@ -189,13 +189,7 @@ class Encoder(nn.Module):
             raise ValueError(
                 f"x: expected last dim d_model={self.config.d_model}, got {tuple(x.shape)}"
             )
-        weight = self.layers[0].norm1.weight
-        check_same_device("x", x, "the parameters", weight.device)
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"x has dtype {x.dtype} but the parameters are {weight.dtype}; "
-                "cast one to the other (or use torch.autocast)"
-            )
+        check_same_device("x", x, "the parameters", self.layers[0].norm1.weight.device)
         if mask is not None:
             check_key_padding_mask(mask, b, n)
             check_same_device("mask", mask, "x", x.device)
