@@ -382,7 +382,9 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
 
 
 def kernel_names() -> list[str]:
-    return sorted(tz.functional.__all__)
+    """Exported functional names, minus those the table marks as not tensor kernels (a str);
+    names missing from the table stay in, so their test fails loudly."""
+    return sorted(n for n in tz.functional.__all__ if not isinstance(KERNEL_TABLE.get(n), str))
 
 
 def kernel_case(name: str) -> KernelCase | str:

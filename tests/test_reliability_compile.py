@@ -65,8 +65,6 @@ def _first(out):
 @pytest.mark.parametrize("name", kernel_names())
 def test_kernel_compiles_fullgraph_and_matches_eager(name):
     case = kernel_case(name)  # unknown kernels fail here, loudly
-    if isinstance(case, str):
-        pytest.skip(f"functional.{name} is not a tensor kernel: {case}")
     fn = getattr(__import__("transformer_zoo").functional, name)
     args, kwargs = case.example()
     counter = CompileCounter()
