@@ -12,15 +12,9 @@ Time: for each length, every contender is built and warmed up once in this proce
 robin, so a burst of load on a shared machine hits all of them alike). Reported: the best
 of the rounds (least disturbed) and the median.
 
-Peak memory: every (contender, length) runs ONE step in a fresh subprocess, after a warm-up
-on a length-64 instance. Peak = ``VmHWM`` after the step − ``VmRSS`` before it, with the
-kernel's peak counter reset just before the step (write ``5`` to ``/proc/self/clear_refs``,
-Linux >= 4.0): what the forward and backward pass allocate on top of the parameters and
-inputs. The subprocess runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so glibc serves every
-block above 64 KiB with mmap and returns it on free: RSS then tracks live memory instead of
-heap blocks glibc keeps after freeing (without it we measured up to 1.9x more, varying run
-to run). Where ``clear_refs`` is unavailable the worker falls back to a ``ru_maxrss`` delta.
-The threshold is not used for timing: mmap on every large block slows steps down.
+Peak memory: every (contender, length) runs ONE step in a fresh subprocess; peak = VmHWM
+after the step − VmRSS before it, with the peak counter reset, and glibc told to unmap freed
+blocks (``benchmarks/memory.py`` documents and justifies the method).
 
 Error hook: a contenders module may define ``errors(n) -> dict[str, float]`` (relative error
 against exact softmax attention); the harness prints those in a separate table.
@@ -34,10 +28,7 @@ import importlib
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +45,7 @@ from benchmarks.common import (
     ErrorHook,
     Step,
 )
+from benchmarks.memory import fwd_bwd, measure_memory
 
 #: The contender modules, by explicit name; the last two are optional.
 MODULES = (
@@ -64,7 +56,6 @@ MODULES = (
 BASELINE = "nn.MultiheadAttention"
 TARGET = ("SoftmaxAttention", 1.05)  # SoftmaxAttention <= 1.05x the baseline's time
 DEFAULT_OUT = Path("benchmarks/results/attention.json")
-_MARK = "@@RESULT "
 
 
 def load_modules() -> list[ModuleType]:
@@ -91,76 +82,6 @@ def all_contenders(modules: list[ModuleType]) -> dict[str, tuple[str, ContenderF
     return table
 
 
-# -- worker: one (contender, length) in a fresh process ----------------------------------------
-
-
-def _status_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def _fwd_bwd(step: Step) -> None:
-    step().sum().backward()
-
-
-def run_worker(module_name: str, name: str, n: int) -> dict:
-    """Peak memory of one forward+backward at length n (run in a fresh process)."""
-    factory = importlib.import_module(module_name).contenders()[name]
-    _fwd_bwd(factory(64))  # warm-up on a small instance: thread pools, lazy set-up
-    step = factory(n)
-    before = _status_bytes("VmRSS")
-    start = time.perf_counter()
-    if before is not None and _reset_peak():
-        method = "VmHWM - VmRSS, clear_refs reset, MALLOC_MMAP_THRESHOLD_=65536"
-        _fwd_bwd(step)
-        peak = (_status_bytes("VmHWM") or 0) - before
-    else:
-        method = "ru_maxrss delta"
-        before = _maxrss_bytes()
-        _fwd_bwd(step)
-        peak = _maxrss_bytes() - before
-    return {"peak_bytes": max(peak, 0), "memory_method": method,
-            "first_step_s": time.perf_counter() - start}
-
-
-def measure_memory(module_name: str, name: str, n: int, threads: int | None,
-                   timeout: float) -> dict:
-    """Run one worker subprocess; failures (OOM, timeout, exceptions) come back as 'error'."""
-    cmd = [sys.executable, "-m", "benchmarks.attention", "--worker", module_name, name, str(n)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:g} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith(_MARK):
-            return json.loads(line[len(_MARK):])
-    tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-    return {"error": tail[:200]}
-
-
 def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: int,
                      tick: Callable[[], None]) -> dict[str, dict]:
     """Build and warm up every contender at length n, then time ``repeats`` rounds."""
@@ -169,7 +90,7 @@ def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: in
     for name, factory in factories.items():
         try:
             steps[name] = factory(n)
-            _fwd_bwd(steps[name])  # warm-up
+            fwd_bwd(steps[name])  # warm-up
         except Exception as error:  # a contender failing must not stop the others
             steps.pop(name, None)
             out[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
@@ -177,7 +98,7 @@ def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: in
     for _ in range(repeats):
         for name, step in steps.items():
             start = time.perf_counter()
-            _fwd_bwd(step)
+            fwd_bwd(step)
             times[name].append(time.perf_counter() - start)
             tick()
     for name, ts in times.items():
@@ -282,7 +203,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--error-lengths", type=int, nargs="*", default=[1024],
                    help="lengths for the optional error hooks (give none to skip)")
-    p.add_argument("--worker", nargs=3, metavar=("MODULE", "NAME", "N"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -290,10 +210,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.worker:
-        module_name, name, n = args.worker
-        print(_MARK + json.dumps(run_worker(module_name, name, int(n))))
-        return {}
     from tqdm import tqdm
 
     modules = load_modules()
@@ -314,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
             for nm in names:
                 bar.set_postfix_str(f"n={n} memory {nm}")
                 if not args.no_memory:
-                    mem = measure_memory(table[nm][0], nm, n, args.threads, args.timeout)
+                    mem = measure_memory(table[nm][0], nm, n, threads=args.threads,
+                                         timeout=args.timeout)
                     if "error" in mem:
                         results[nm][n]["memory_error"] = mem.pop("error")
                     results[nm][n].update(mem)

@@ -269,3 +269,30 @@ def test_compatibility_table_reads_the_declarations():
 def test_base_class_has_no_kernel():
     with pytest.raises(NotImplementedError):
         MultiHeadAttention(8, 2)(torch.randn(1, 3, 8))
+
+
+class RecordPositions(QKTransform):
+    """Toy transform that records the positions it is given and leaves q, k alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, q, k, q_positions, k_positions):
+        self.seen.append((q_positions, k_positions))
+        return q, k
+
+
+def test_positions_reach_the_encoding():
+    rec = RecordPositions()
+    attn = make(positional=rec)
+    x, c = torch.randn(2, 3, 16, dtype=F64), torch.randn(2, 5, 16, dtype=F64)
+    attn(x)  # self-attention: keys share the query positions, default arange(n)
+    attn(x, positions=torch.tensor([[4, 5, 6], [7, 8, 9]]))
+    attn(x, context=c)  # cross-attention: keys default to arange(m)
+    attn(x, context=c, positions=torch.tensor([1, 2, 3]), context_positions=torch.arange(5) + 9)
+    (q0, k0), (q1, k1), (q2, k2), (q3, k3) = rec.seen
+    assert q0.tolist() == k0.tolist() == [0, 1, 2]
+    assert q1.tolist() == k1.tolist() == [[4, 5, 6], [7, 8, 9]]
+    assert q2.tolist() == [0, 1, 2] and k2.tolist() == [0, 1, 2, 3, 4]
+    assert q3.tolist() == [1, 2, 3] and k3.tolist() == [9, 10, 11, 12, 13]

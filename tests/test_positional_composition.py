@@ -136,3 +136,11 @@ def test_docs_table_matches_the_code():
     encodings = [SinusoidalPositionalEncoding, LearnedPositionalEncoding, RotaryEmbedding,
                  ShawRelativePosition, T5RelativeBias, ALiBi]
     assert table == compatibility_table(attentions, encodings)
+
+
+@pytest.mark.parametrize("name", RELATIVE)
+def test_attention_with_encoding_compiles_without_graph_breaks(name):
+    attn = transformer_zoo.SoftmaxAttention(D_MODEL, HEADS, positional=ENCODINGS[name](False))
+    x, pos = torch.randn(2, 7, D_MODEL), torch.arange(7) + 3
+    compiled = torch.compile(attn, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, positions=pos), attn(x, positions=pos))

@@ -8,15 +8,20 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from transformer_zoo import RotaryEmbedding, RotaryLayout
-from transformer_zoo.functional.relative import relative_positions, t5_relative_bucket
+from transformer_zoo import ALiBi, RotaryEmbedding, RotaryLayout, T5RelativeBias
+from transformer_zoo.functional.relative import (
+    alibi_slopes,
+    relative_positions,
+    t5_relative_bucket,
+)
 from transformer_zoo.functional.rotary import apply_rotary
 
 t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
 roformer = pytest.importorskip("transformers.models.roformer.modeling_roformer")
 llama = pytest.importorskip("transformers.models.llama.modeling_llama")
 rotary_embedding_torch = pytest.importorskip("rotary_embedding_torch")
-from transformers import LlamaConfig  # noqa: E402
+bloom = pytest.importorskip("transformers.models.bloom.modeling_bloom")
+from transformers import LlamaConfig, T5Config  # noqa: E402
 
 
 @given(
@@ -40,6 +45,36 @@ def test_t5_buckets_bit_equal_to_hf_on_a_full_grid(causal):
     r = relative_positions(pos, pos)  # every distance in (−600, 600)
     theirs = t5.T5Attention._relative_position_bucket(r, bidirectional=not causal)
     assert torch.equal(t5_relative_bucket(r, causal=causal), theirs.long())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_t5_bias_equals_hf_compute_bias(causal):
+    """Same table, same bias: HF's encoder (bidirectional) / decoder (causal) compute_bias."""
+    config = T5Config(num_heads=4, is_decoder=causal)
+    hf = t5.T5Attention(config, has_relative_attention_bias=True)
+    ours = T5RelativeBias(n_heads=4, causal=causal)
+    with torch.no_grad():
+        ours.weight.copy_(hf.relative_attention_bias.weight)
+    n, m = 40, 300
+    theirs = hf.compute_bias(n, m)  # queries at 0..n-1, keys at 0..m-1
+    got = ours(torch.randn(1, 4, n, 8), torch.arange(n), torch.arange(m))
+    torch.testing.assert_close(got, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("heads", [8, 12, 16, 5])
+def test_alibi_slopes_and_causal_softmax_match_hf_bloom(heads):
+    """Bloom builds the per-key form m_h·j; our slopes are its slopes, and our causal form
+    gives the same attention weights under a causal mask."""
+    n = 9
+    per_key = bloom.build_alibi_tensor(torch.ones(1, n, dtype=torch.long), heads,
+                                       torch.float32).view(heads, 1, n)  # m_h·j
+    torch.testing.assert_close(per_key[:, 0, 1], alibi_slopes(heads))
+    logits = torch.randn(1, heads, n, n)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    ours = ALiBi(n_heads=heads, causal=True)(logits, torch.arange(n), torch.arange(n))
+    a = torch.softmax((logits + ours).masked_fill(~causal, float("-inf")), -1)
+    b = torch.softmax((logits + per_key).masked_fill(~causal, float("-inf")), -1)
+    torch.testing.assert_close(a, b)
 
 
 def test_roformer_interleaved_application():

@@ -16,6 +16,7 @@ from transformer_zoo.functional.relative import (
     alibi_slopes,
     relative_positions,
     shaw_relative_index,
+    t5_bucket_lookup,
     t5_relative_bucket,
 )
 
@@ -63,6 +64,19 @@ def test_t5_bucket_matches_slow_reference_and_range(rel, causal, num_buckets, ma
     assert ((got >= 0) & (got < num_buckets)).all()
     want = [slow_t5_bucket(r, causal, num_buckets, max_distance) for r in rel]
     assert got.tolist() == want
+
+
+@given(
+    rel=st.lists(st.integers(-(10**12), 10**12) | st.integers(-300, 300), min_size=1,
+                 max_size=40),
+    causal=st.booleans(),
+    num_buckets=st.sampled_from([4, 8, 32, 64]),
+    max_distance=st.sampled_from([33, 128, 1000]),
+)
+def test_t5_table_lookup_is_bit_equal_to_the_formula(rel, causal, num_buckets, max_distance):
+    r = torch.tensor(rel)
+    kw = dict(causal=causal, num_buckets=num_buckets, max_distance=max_distance)
+    assert torch.equal(t5_bucket_lookup(r, **kw), t5_relative_bucket(r, **kw))
 
 
 @pytest.mark.parametrize("causal", [False, True])

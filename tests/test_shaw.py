@@ -78,3 +78,26 @@ def test_gradcheck_and_validation():
     with pytest.raises(TypeError):
         ShawRelativePosition(2)  # type: ignore[misc]
     assert set(pe.state_dict()) == {"key_embedding", "value_embedding"}
+
+
+def test_dropout_hits_values_and_value_term_alike():
+    """With attention dropout the value term uses the same dropped weights as the values
+    (Shaw et al.; tensor2tensor): with v_j = c and every a^V_r = c the head output is
+    2·Σ_j α̃_ij c, i.e. twice the output with a^V = 0 under the same dropout mask."""
+    d, h, n = 4, 2, 6
+    pe = ShawRelativePosition(head_dim=d, max_distance=2)
+    attn = SoftmaxAttention(h * d, h, dropout=0.5, positional=pe).train()
+    q, k = torch.randn(1, h, n, d), torch.randn(1, h, n, d)
+    c = torch.randn(d)
+    v = c.expand(1, h, n, d)
+    pos = torch.arange(n)
+    kw = dict(key_padding_mask=None, attn_mask=None, q_positions=pos, k_positions=pos)
+    with torch.no_grad():
+        pe.value_embedding.copy_(c.expand_as(pe.value_embedding))
+        torch.manual_seed(3)
+        both = attn.attend(q, k, v, **kw)
+        pe.value_embedding.zero_()
+        torch.manual_seed(3)
+        values_only = attn.attend(q, k, v, **kw)
+    assert not torch.allclose(values_only, c.expand_as(values_only))  # dropout did act
+    torch.testing.assert_close(both, 2 * values_only)

@@ -1,6 +1,6 @@
 """transformer_zoo: Transformer building blocks that are right, fast and readable."""
 
-from transformer_zoo import functional
+from transformer_zoo import functional, interop, regularizers
 from transformer_zoo.attention import MultiHeadAttention, SoftmaxAttention
 from transformer_zoo.compat import check_pair, compatibility_table, supports
 from transformer_zoo.encoder import (
@@ -24,6 +24,7 @@ from transformer_zoo.positional import (
     SinusoidalPositionalEncoding,
     T5RelativeBias,
 )
+from transformer_zoo.regularizers import RDropLoss, SimCSELoss, Whitening
 
 __version__ = "0.1.0"
 
@@ -40,16 +41,21 @@ __all__ = [
     "Place",
     "PositionalEncoding",
     "QKTransform",
+    "RDropLoss",
     "RotaryEmbedding",
     "RotaryLayout",
     "ShawRelativePosition",
+    "SimCSELoss",
     "SinusoidalPositionalEncoding",
     "SoftmaxAttention",
     "SwiGLUFeedForward",
     "T5RelativeBias",
+    "Whitening",
     "check_pair",
     "compatibility_table",
     "functional",
+    "interop",
+    "regularizers",
     "supports",
     "__version__",
 ]

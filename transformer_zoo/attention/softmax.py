@@ -12,11 +12,16 @@ Shapes: x ``(b, n, d_model)`` -> ``(b, n, d_model)``; inside, q/k/v ``(b, h, n|m
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.masks import merge_masks, padding_to_attn_mask
-from transformer_zoo.functional.softmax import explicit_softmax_attention, softmax_attention
+from transformer_zoo.functional.softmax import (
+    expand_kv_heads,
+    explicit_softmax_attention,
+    softmax_attention,
+)
 from transformer_zoo.positional.base import LogitBias
 
 
@@ -51,6 +56,11 @@ class SoftmaxAttention(MultiHeadAttention):
         options = dict(mask=mask, bias=bias, causal=self.causal, dropout_p=self.attention_dropout())
         pe = self.positional
         if isinstance(pe, LogitBias) and pe.has_value_term:
+            # The values and the value term must see the same dropped weights (Shaw et al.).
+            p = options.pop("dropout_p")
             out, weights = explicit_softmax_attention(q, k, v, training=self.training, **options)
+            if p > 0:
+                weights = F.dropout(weights, p=p)  # (b, h, n, m), one mask for both terms
+                out = weights @ expand_kv_heads(k, v, q.shape[1])[1]
             return out + pe.value_term(weights, q_positions, k_positions)
         return softmax_attention(q, k, v, **options)

@@ -1,11 +1,18 @@
 """Kernels: plain functions over ``(batch, heads, seq, head_dim)`` tensors."""
 
+from transformer_zoo.functional.gaussian import (
+    gaussian_bhattacharyya,
+    gaussian_kl,
+    gaussian_wasserstein2,
+)
 from transformer_zoo.functional.masks import causal_mask, merge_masks, padding_to_attn_mask
+from transformer_zoo.functional.rdrop import rdrop_mse, symmetric_kl
 from transformer_zoo.functional.relative import (
     alibi_bias,
     alibi_slopes,
     relative_positions,
     shaw_relative_index,
+    t5_bucket_lookup,
     t5_relative_bucket,
 )
 from transformer_zoo.functional.rotary import (
@@ -16,6 +23,7 @@ from transformer_zoo.functional.rotary import (
     rotary_angles,
     rotary_frequencies,
 )
+from transformer_zoo.functional.simcse import simcse_logits, simcse_loss
 from transformer_zoo.functional.softmax import explicit_softmax_attention, softmax_attention
 from transformer_zoo.positional.sinusoidal import sinusoidal_encoding
 
@@ -27,14 +35,22 @@ __all__ = [
     "apply_rotary_angles",
     "causal_mask",
     "explicit_softmax_attention",
+    "gaussian_bhattacharyya",
+    "gaussian_kl",
+    "gaussian_wasserstein2",
     "merge_masks",
     "padding_to_attn_mask",
     "permute_rotary_weight",
+    "rdrop_mse",
     "relative_positions",
     "rotary_angles",
     "rotary_frequencies",
     "shaw_relative_index",
+    "simcse_logits",
+    "simcse_loss",
     "sinusoidal_encoding",
     "softmax_attention",
+    "symmetric_kl",
+    "t5_bucket_lookup",
     "t5_relative_bucket",
 ]

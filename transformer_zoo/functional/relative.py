@@ -74,6 +74,24 @@ def t5_relative_bucket(
     return offset + torch.where(n < max_exact, n, large)
 
 
+def t5_bucket_lookup(
+    relative_position: Tensor,
+    *,
+    causal: bool = False,
+    num_buckets: int = 32,
+    max_distance: int = 128,
+) -> Tensor:
+    """``t5_relative_bucket`` by table lookup: the formula is evaluated once for every
+    r in [−max_distance, max_distance] and r is clamped into that range (every distance at
+    or past max_distance is in the last bucket either way), so the result is bit-equal and
+    no logarithm is taken per (i, j)."""
+    check_positive_int(max_distance, "max_distance")
+    span = torch.arange(-max_distance, max_distance + 1, device=relative_position.device)
+    table = t5_relative_bucket(span, causal=causal, num_buckets=num_buckets,
+                               max_distance=max_distance)  # (2·max_distance + 1,)
+    return table[relative_position.clamp(-max_distance, max_distance) + max_distance]
+
+
 def alibi_slopes(n_heads: int) -> Tensor:
     """ALiBi head slopes m_h, fp32 ``(n_heads,)``.
 

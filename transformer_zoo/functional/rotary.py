@@ -89,8 +89,8 @@ def rotary_frequencies(
     _check_even_dim(dim)
     if not float(base) > 1.0:
         raise ValueError(f"base: expected a number > 1, got {base!r}")
-    exponent = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
-    return (float(base) ** -exponent).to(torch.float32)
+    exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim  # on CPU: MPS has no fp64
+    return (float(base) ** -exponent).to(device=device, dtype=torch.float32)
 
 
 def rotary_angles(
@@ -149,6 +149,35 @@ class _HalfSplitRotation(torch.autograd.Function):
         return _HalfSplitRotation.apply(grad, cos, -sin), None, None
 
 
+def rotary_tables(angles: Tensor, dtype: torch.dtype, layout: RotaryLayout) -> tuple[Tensor, ...]:
+    """What ``apply_rotary_tables`` multiplies by, computed once per set of angles: (cos, sin)
+    in ``dtype`` for half-split, the rotor e^(iθ) (complex, fp32 or fp64) for interleaved."""
+    if layout is RotaryLayout.HALF_SPLIT:
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    angles = angles.to(torch.promote_types(dtype, torch.float32))  # fp32, or fp64 for fp64
+    return (torch.polar(torch.ones_like(angles), angles),)  # e^(iθ), (.., n, r/2)
+
+
+def apply_rotary_tables(x: Tensor, tables: tuple[Tensor, ...], *, layout: RotaryLayout) -> Tensor:
+    """Rotate the first r channels of x ``(b, h, n, w)`` with ``rotary_tables`` output."""
+    if layout is RotaryLayout.HALF_SPLIT:
+        cos, sin = tables
+        return _HalfSplitRotation.apply(x, cos.to(x.dtype), sin.to(x.dtype))
+    (rotor,) = tables
+    half = rotor.shape[-1]
+    r = 2 * half
+    work = torch.promote_types(x.dtype, torch.float32)
+    pairs = x[..., :r].to(work).unflatten(-1, (half, 2))  # (b, h, n, r/2, 2)
+    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(
+        s % 2 for s in pairs.stride()[:-1]
+    ):
+        pairs = pairs.contiguous()
+    product = torch.view_as_complex(pairs) * rotor.to(torch.complex128 if work == torch.float64
+                                                      else torch.complex64)
+    rotated = torch.view_as_real(product).flatten(-2).to(x.dtype)
+    return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
+
+
 def apply_rotary_angles(x: Tensor, angles: Tensor, *, layout: RotaryLayout) -> Tensor:
     """Rotate the first r = 2·angles.shape[-1] channels of ``x`` by fp32 ``angles``.
 
@@ -161,21 +190,7 @@ def apply_rotary_angles(x: Tensor, angles: Tensor, *, layout: RotaryLayout) -> T
     """
     if torch.compiler.is_compiling():
         return rotary_reference(x, angles, layout=layout)
-    half = angles.shape[-1]
-    r = 2 * half
-    if layout is RotaryLayout.HALF_SPLIT:
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        return _HalfSplitRotation.apply(x, cos, sin)
-    work = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 input
-    angles = angles.to(work)
-    rotor = torch.polar(torch.ones_like(angles), angles)  # e^(iθ), complex (.., n, r/2)
-    pairs = x[..., :r].to(work).unflatten(-1, (half, 2))  # (b, h, n, r/2, 2)
-    if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(
-        s % 2 for s in pairs.stride()[:-1]
-    ):
-        pairs = pairs.contiguous()
-    rotated = torch.view_as_real(torch.view_as_complex(pairs) * rotor).flatten(-2).to(x.dtype)
-    return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
+    return apply_rotary_tables(x, rotary_tables(angles, x.dtype, layout), layout=layout)
 
 
 def check_rotary_input(x: Tensor, positions: Tensor, dim: int) -> None:

@@ -27,10 +27,12 @@ from transformer_zoo.functional.rotary import (
     _check_factor,
     _check_layout,
     apply_rotary_angles,
+    apply_rotary_tables,
     check_rotary_input,
     ntk_scaled_base,
     rotary_angles,
     rotary_frequencies,
+    rotary_tables,
 )
 from transformer_zoo.positional.base import QKTransform
 
@@ -150,9 +152,15 @@ class RotaryEmbedding(QKTransform):
                     f"{tuple(t.shape)}"
                 )
         angles = self.angles(q_positions)
+        if torch.compiler.is_compiling() or q.dtype != k.dtype:
+            return (
+                apply_rotary_angles(q, angles, layout=self._layout),
+                apply_rotary_angles(k, angles, layout=self._layout),
+            )
+        tables = rotary_tables(angles, q.dtype, self._layout)  # cos/sin once for q and k
         return (
-            apply_rotary_angles(q, angles, layout=self._layout),
-            apply_rotary_angles(k, angles, layout=self._layout),
+            apply_rotary_tables(q, tables, layout=self._layout),
+            apply_rotary_tables(k, tables, layout=self._layout),
         )
 
     def extra_repr(self) -> str:

@@ -70,9 +70,10 @@ class ShawRelativePosition(LogitBias):
             )
         b, h, n, _ = q.shape
         m = k_positions.shape[-1]
-        scores = q @ self.key_embedding.to(q.dtype).T  # (b, h, n, 2k+1): q_i·a^K_r
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = (q @ self.key_embedding.to(q.dtype).T) * scale  # (b, h, n, 2k+1): q_i·a^K_r/√d
         idx = self._index((b, h, n, m), q_positions, k_positions)
-        return scores.gather(-1, idx) / math.sqrt(self.head_dim)  # (b, h, n, m)
+        return scores.gather(-1, idx)  # (b, h, n, m)
 
     def value_term(self, weights: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         check_rank(weights, "weights", 4, "(batch, heads, q_len, k_len)")

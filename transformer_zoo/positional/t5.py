@@ -22,7 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from transformer_zoo._checks import check_positive_int, check_rank
-from transformer_zoo.functional.relative import relative_positions, t5_relative_bucket
+from transformer_zoo.functional.relative import (
+    relative_positions,
+    t5_bucket_lookup,
+    t5_relative_bucket,
+)
 from transformer_zoo.positional.base import LogitBias
 
 
@@ -71,7 +75,7 @@ class T5RelativeBias(LogitBias):
 
     def buckets(self, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         """Bucket ids ``(n, m)`` or ``(b, n, m)``."""
-        return t5_relative_bucket(
+        return t5_bucket_lookup(
             relative_positions(q_positions, k_positions),
             causal=self.causal,
             num_buckets=self.num_buckets,
@@ -84,10 +88,16 @@ class T5RelativeBias(LogitBias):
             raise ValueError(
                 f"q: expected n_heads={self.n_heads} heads, got shape {tuple(q.shape)}"
             )
-        bucket = self.buckets(q_positions, k_positions)  # (.., n, m)
-        bias = self.weight[bucket]  # (.., n, m, h)
-        bias = bias[None] if bias.ndim == 3 else bias
-        return bias.permute(0, 3, 1, 2)  # (1|b, h, n, m)
+        # Every distance past max_distance shares the last bucket, so look the table up per
+        # clamped distance r ∈ [−D, D] (2D + 1 entries) and gather once per (i, j).
+        d = self.max_distance
+        r = relative_positions(q_positions, k_positions).clamp_(-d, d).add_(d)  # (.., n, m)
+        r = r[None] if r.ndim == 2 else r  # (1|b, n, m)
+        span = torch.arange(-d, d + 1, device=r.device)
+        bucket_of_r = t5_relative_bucket(span, causal=self.causal, num_buckets=self.num_buckets,
+                                         max_distance=d)  # (2D + 1,)
+        per_distance = self.weight.T[:, bucket_of_r]  # (h, 2D + 1)
+        return per_distance[:, r].transpose(0, 1)  # (1|b, h, n, m)
 
     def extra_repr(self) -> str:
         return (

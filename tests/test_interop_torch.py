@@ -1,0 +1,336 @@
+"""transformer_zoo.interop.torch: exact softmax swaps, mask polarity, approximate swaps, errors."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import transformer_zoo
+from transformer_zoo import MultiHeadAttention, Place, SoftmaxAttention
+from transformer_zoo.interop import MultiheadAttentionCompat, swap_attention
+from transformer_zoo.interop._masks import split_additive
+
+TOL = 1e-5
+D, H, FF = 32, 4, 64
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Support for mismatched src_key_padding_mask"),
+    pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors"),
+]
+
+
+class ToyLinearAttention(MultiHeadAttention):
+    """Test-local approximate kernel: φ(x) = elu(x) + 1 linear attention (Katharopoulos 2020).
+
+    o_i = Σ_j φ(q_i)ᵀφ(k_j) v_j / Σ_j φ(q_i)ᵀφ(k_j), j over real keys (and j <= i if causal).
+    """
+
+    accepts = frozenset({Place.INPUT, Place.QK})
+
+    def attend(self, q, k, v, *, key_padding_mask, attn_mask, q_positions, k_positions):
+        if attn_mask is not None:
+            raise ValueError("ToyLinearAttention takes no attn_mask")
+        q, k = F.elu(q) + 1, F.elu(k) + 1  # (b, h, n|m, d)
+        if key_padding_mask is not None:
+            k = k * key_padding_mask[:, None, :, None]
+        if self.causal:
+            kv = torch.einsum("bhmd,bhme->bhmde", k, v).cumsum(2)  # (b, h, m, d, e)
+            num = torch.einsum("bhnd,bhnde->bhne", q, kv)
+            den = torch.einsum("bhnd,bhnd->bhn", q, k.cumsum(2))
+        else:
+            num = torch.einsum("bhnd,bhde->bhne", q, torch.einsum("bhmd,bhme->bhde", k, v))
+            den = torch.einsum("bhnd,bhd->bhn", q, k.sum(2))
+        return num / den.clamp_min(1e-6)[..., None]
+
+
+class NonCausalToy(ToyLinearAttention):
+    supports_causal = False
+
+
+def exported_approximations() -> list[type[MultiHeadAttention]]:
+    """Every MultiHeadAttention subclass transformer_zoo exports, except exact softmax."""
+    found = [getattr(transformer_zoo, name) for name in transformer_zoo.__all__]
+    found = [c for c in found if isinstance(c, type) and issubclass(c, MultiHeadAttention)]
+    return [c for c in found if c not in (MultiHeadAttention, SoftmaxAttention)]
+
+
+def encoder(batch_first: bool, layers: int = 2) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=batch_first)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=batch_first)
+
+
+def padding(b: int, n: int) -> Tensor:
+    pad = torch.zeros(b, n, dtype=torch.bool)  # torch polarity: True = padding
+    pad[1, n - 3:] = True
+    pad[2, n - 1:] = True
+    return pad
+
+
+def ours_grads(model: nn.Module) -> dict[str, Tensor]:
+    """Our parameter gradients under the original nn.MultiheadAttention names."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".attention.q_proj." in name or ".attention.kv_proj." in name:
+            continue
+        out[name.replace(".attention.out_proj.", ".out_proj.")] = p.grad
+    for name, mod in model.named_modules():
+        if isinstance(mod, MultiheadAttentionCompat):
+            inner = mod.attention
+            out[f"{name}.in_proj_weight"] = torch.cat([inner.q_proj.weight.grad,
+                                                      inner.kv_proj.weight.grad])
+            out[f"{name}.in_proj_bias"] = torch.cat([inner.q_proj.bias.grad,
+                                                    inner.kv_proj.bias.grad])
+    return out
+
+
+MASKS = ["none", "padding", "causal", "causal+padding"]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("masks", MASKS)
+def test_softmax_swap_encoder_outputs_and_gradients(batch_first, train, masks):
+    ref = encoder(batch_first)
+    ours = copy.deepcopy(ref)
+    report = swap_attention(ours, SoftmaxAttention)
+    assert report.replaced == ["layers.0.self_attn", "layers.1.self_attn"]
+    ref.train(train), ours.train(train)
+    b, n = 3, 9
+    x = torch.randn(b, n, D) if batch_first else torch.randn(n, b, D)
+    kw = {}
+    if "padding" in masks:
+        kw["src_key_padding_mask"] = padding(b, n)
+    if "causal" in masks:
+        kw.update(mask=nn.Transformer.generate_square_subsequent_mask(n), is_causal=True)
+    x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_ours = ref(x_ref, **kw), ours(x_ours, **kw)
+    torch.testing.assert_close(out_ours, out_ref, atol=TOL, rtol=0)
+    weight = torch.randn_like(out_ref)
+    (out_ref * weight).sum().backward()
+    (out_ours * weight).sum().backward()
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=TOL, rtol=0)
+    grads = ours_grads(ours)
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=TOL, rtol=0, msg=name)
+
+
+def test_eval_no_grad_padding_runs_our_attention():
+    """nn.TransformerEncoder's nested-tensor path would skip us; swap_attention turns it off."""
+    ref = encoder(batch_first=True).eval()
+    ours = copy.deepcopy(ref)
+    calls = []
+
+    class Spy(SoftmaxAttention):
+        def attend(self, *args, **kwargs):
+            calls.append(1)
+            return super().attend(*args, **kwargs)
+
+    report = swap_attention(ours, Spy)
+    assert report.nested_tensor_disabled == ["<model>"] and not ours.use_nested_tensor
+    x, pad = torch.randn(3, 9, D), padding(3, 9)
+    with torch.no_grad():
+        out_ref, out_ours = ref(x, src_key_padding_mask=pad), ours(x, src_key_padding_mask=pad)
+    assert len(calls) == 2
+    real = ~pad  # the nested path zeroes padded rows; compare real tokens
+    torch.testing.assert_close(out_ours[real], out_ref[real], atol=TOL, rtol=0)
+
+
+def test_full_transformer_with_cross_attention():
+    ref = nn.Transformer(D, H, 2, 2, FF, dropout=0.0, batch_first=True)
+    ours = copy.deepcopy(ref)
+    report = swap_attention(ours, SoftmaxAttention)
+    assert len(report.replaced) == 6 and "decoder.layers.0.multihead_attn" in report.replaced
+    src, tgt = torch.randn(3, 9, D), torch.randn(3, 6, D)
+    kw = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(6), tgt_is_causal=True,
+              src_key_padding_mask=padding(3, 9), memory_key_padding_mask=padding(3, 9))
+    torch.testing.assert_close(ours(src, tgt, **kw), ref(src, tgt, **kw), atol=TOL, rtol=0)
+
+
+@given(
+    batch_first=st.booleans(),
+    float_masks=st.booleans(),
+    per_head=st.booleans(),
+    average=st.booleans(),
+    cross=st.booleans(),
+    unbatched=st.booleans(),
+)
+def test_direct_call_matches_multihead_attention(batch_first, float_masks, per_head, average,
+                                                 cross, unbatched):
+    kdim = 24 if cross else None
+    ref = nn.MultiheadAttention(D, H, kdim=kdim, vdim=kdim, batch_first=batch_first)
+    ours = MultiheadAttentionCompat.from_torch(ref, SoftmaxAttention)
+    b, n, m = 3, 5, 7 if cross else 5
+    e_kv = kdim or D
+
+    def seq(length, width):
+        if unbatched:
+            return torch.randn(length, width)
+        return torch.randn(b, length, width) if batch_first else torch.randn(length, b, width)
+
+    q, k, v = seq(n, D), seq(m, e_kv), seq(m, e_kv)  # keys and values are different tensors
+    kpm = padding(b, m)
+    am = torch.rand((b * H if per_head else 1), n, m) < 0.3
+    am[..., 0] = False  # every query keeps key 0
+    am = am if per_head else am[0]
+    if unbatched:
+        kpm, am = kpm[1], (am[:H] if per_head else am)
+    if float_masks:
+        kpm = torch.zeros(kpm.shape).masked_fill(kpm, float("-inf"))
+        am = torch.zeros(am.shape).masked_fill(am, float("-inf"))
+    kw = dict(key_padding_mask=kpm, attn_mask=am, average_attn_weights=average)
+    out_ref, w_ref = ref(q, k, v, **kw)
+    out_ours, w_ours = ours(q, k, v, **kw)
+    torch.testing.assert_close(out_ours, out_ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(w_ours, w_ref, atol=TOL, rtol=0)
+
+
+def test_general_float_mask_goes_in_as_bias():
+    ref = nn.MultiheadAttention(D, H, batch_first=True)
+    ours = MultiheadAttentionCompat.from_torch(ref, SoftmaxAttention)
+    x = torch.randn(2, 6, D)
+    bias = torch.randn(6, 6)
+    bias[0, 3] = float("-inf")
+    kpm = torch.randn(2, 6)  # float key padding masks are added too
+    out_ref, _ = ref(x, x, x, attn_mask=bias, key_padding_mask=kpm, need_weights=False)
+    out_ours, w = ours(x, x, x, attn_mask=bias, key_padding_mask=kpm, need_weights=False)
+    assert w is None
+    torch.testing.assert_close(out_ours, out_ref, atol=TOL, rtol=0)
+    assert ours.attention.positional is None  # the per-call bias is removed again
+
+
+def test_is_causal_without_mask_applies_causal():
+    ref = nn.MultiheadAttention(D, H, batch_first=True)
+    ours = MultiheadAttentionCompat.from_torch(ref, SoftmaxAttention)
+    x = torch.randn(2, 6, D)
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    out_ref, _ = ref(x, x, x, attn_mask=causal, need_weights=False)
+    out_ours, _ = ours(x, x, x, is_causal=True, need_weights=False)
+    torch.testing.assert_close(out_ours, out_ref, atol=TOL, rtol=0)
+    assert not ours.attention.causal
+
+
+# -- approximate kernels ----------------------------------------------------------------------
+APPROX = [*exported_approximations(), ToyLinearAttention]
+
+
+@pytest.mark.parametrize("attention", APPROX, ids=lambda c: c.__name__)
+def test_approximate_swap_trains(attention):
+    model = encoder(batch_first=True)
+    report = swap_attention(model, attention)
+    assert len(report.replaced) == 2
+    assert all(type(layer.self_attn.attention) is attention for layer in model.layers)
+    x, pad = torch.randn(3, 16, D), padding(3, 16)
+    kw: dict = {"src_key_padding_mask": pad}
+    if attention.supports_causal:
+        kw.update(mask=nn.Transformer.generate_square_subsequent_mask(16), is_causal=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    target = torch.randn(3, 16, D)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = ((model(x, **kw) - target)[~pad] ** 2).mean()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    model.eval()
+    with torch.no_grad():
+        out = model(x, **kw)
+        # padded keys are ignored: changing padded inputs leaves real outputs unchanged
+        x2 = x.masked_fill(pad[..., None], 5.0)
+        out2 = model(x2, **kw)
+    torch.testing.assert_close(out[~pad], out2[~pad], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attention", APPROX, ids=lambda c: c.__name__)
+def test_approximate_swap_rejects_masks_it_cannot_honour(attention):
+    model = encoder(batch_first=True)
+    swap_attention(model, attention)
+    x = torch.randn(2, 8, D)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn.*float additive mask"):
+        model(x, mask=torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn.*non-causal attn_mask"):
+        model(x, mask=torch.rand(8, 8) < 0.3)
+
+
+def test_partial_factory_and_where_filter():
+    model = nn.Transformer(D, H, 1, 1, FF, dropout=0.0, batch_first=True)
+    factory = functools.partial(ToyLinearAttention, head_dim=D // H)
+    report = swap_attention(model, factory, where=lambda path, mod: "self_attn" in path)
+    assert report.replaced == ["encoder.layers.0.self_attn", "decoder.layers.0.self_attn"]
+    assert isinstance(model.decoder.layers[0].multihead_attn, nn.MultiheadAttention)
+
+
+def test_shared_attention_stays_shared():
+    shared = nn.MultiheadAttention(D, H, batch_first=True)
+    model = nn.ModuleDict({k: nn.ModuleDict({"attn": shared}) for k in ("a", "b")})
+    report = swap_attention(model, SoftmaxAttention)
+    assert report.replaced == ["a.attn", "b.attn"]
+    assert model["a"]["attn"] is model["b"]["attn"]
+    assert isinstance(model["a"]["attn"], MultiheadAttentionCompat)
+
+
+def test_noncausal_kernel_with_causal_mask_names_the_module():
+    model = encoder(batch_first=True)
+    swap_attention(model, NonCausalToy)
+    causal = nn.Transformer.generate_square_subsequent_mask(8)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn: NonCausalToy does not support"):
+        model(torch.randn(2, 8, D), mask=causal, is_causal=True)
+
+
+def test_bad_targets_raise_naming_the_path():
+    model = nn.Module()
+    model.block = nn.Module()
+    model.block.attn = nn.MultiheadAttention(D, H, kdim=16, vdim=24)
+    with pytest.raises(ValueError, match=r"block\.attn: kdim=16 and vdim=24 differ"):
+        swap_attention(model, SoftmaxAttention)
+    model.block.attn = nn.MultiheadAttention(D, H, add_bias_kv=True)
+    with pytest.raises(ValueError, match=r"block\.attn: add_bias_kv"):
+        swap_attention(model, SoftmaxAttention)
+    ours = MultiheadAttentionCompat(SoftmaxAttention, D, H, batch_first=True, path="m.attn")
+    x = torch.randn(2, 5, D)
+    with pytest.raises(ValueError, match=r"m\.attn: is_causal=True but attn_mask is not"):
+        ours(x, x, x, attn_mask=torch.zeros(5, 5, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match=r"m\.attn: key_padding_mask: expected"):
+        ours(x, x, x, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="MultiHeadAttention"):
+        MultiheadAttentionCompat(lambda *a, **k: nn.Identity(), D, H)
+
+
+def test_fast_path_attributes():
+    ours = MultiheadAttentionCompat(SoftmaxAttention, D, H, batch_first=True)
+    assert ours._qkv_same_embed_dim is False
+    assert (ours.embed_dim, ours.num_heads, ours.batch_first) == (D, H, True)
+    assert ours.in_proj_bias.shape == (3 * D,)
+    assert MultiheadAttentionCompat(SoftmaxAttention, D, H, bias=False).in_proj_bias is None
+
+
+def test_dtype_device_and_mode_are_kept():
+    ref = nn.MultiheadAttention(D, H, batch_first=True).double().eval()
+    ours = MultiheadAttentionCompat.from_torch(ref, SoftmaxAttention)
+    assert ours.attention.q_proj.weight.dtype == torch.float64 and not ours.training
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    torch.testing.assert_close(ours(x, x, x)[0], ref(x, x, x)[0], atol=1e-10, rtol=0)
+
+
+@given(blocked=st.floats(0.0, 0.6), with_bias=st.booleans(), use_min=st.booleans())
+def test_split_additive_is_exact(blocked, with_bias, use_min):
+    """softmax(s + mask) == softmax over allowed entries of (s + bias), for any float mask."""
+    logits = torch.randn(4, 6)
+    low = torch.finfo(torch.float32).min if use_min else float("-inf")
+    mask = torch.randn(4, 6) if with_bias else torch.zeros(4, 6)
+    mask = mask.masked_fill(torch.rand(4, 6) < blocked, low)
+    mask[:, 0] = 0.0  # every row keeps a key
+    allowed, bias = split_additive(mask)
+    assert (bias is None) == (not with_bias)
+    ours = torch.softmax((logits + (0 if bias is None else bias)).masked_fill(~allowed, -torch.inf),
+                         dim=-1)
+    torch.testing.assert_close(ours, torch.softmax(logits + mask, dim=-1), atol=1e-6, rtol=0)

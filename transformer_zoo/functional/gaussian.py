@@ -1,0 +1,118 @@
+"""Divergences between multivariate Gaussians p = N(μp, Σp), q = N(μq, Σq) in closed form.
+
+    KL(p‖q)  = ½ [ Δμᵀ Σq⁻¹ Δμ + tr(Σq⁻¹ Σp) − n + log det Σq − log det Σp ]
+    B(p, q)  = ⅛ Δμᵀ Σ⁻¹ Δμ + ½ log[ det Σ / √(det Σp · det Σq) ],    Σ = (Σp + Σq)/2
+    W₂²(p, q) = ‖Δμ‖² + tr Σp + tr Σq − 2 tr[(Σp^½ Σq Σp^½)^½]
+
+with Δμ = μq − μp and n the dimension. Kullback and Leibler 1951; Bhattacharyya 1943;
+the W₂ formula is Dowson and Landau 1982 / Givens and Shortt 1984 (the Fréchet distance
+behind FID, Heusel et al. 2017, arXiv 1706.08500). Collected in the seed post on KL,
+Bhattacharyya and Wasserstein distances between Gaussians.
+
+How it is computed (all differentiable, batched, no explicit inverse):
+- Cholesky factors Σ = L Lᵀ give log det Σ = 2 Σ log diag L; Mahalanobis terms and
+  tr(Σq⁻¹ Σp) = ‖Lq⁻¹ Lp‖_F² come from triangular solves.
+- The W₂ cross term uses the symmetric eigenvalues of C = Lpᵀ Σq Lp. Since Lp = Σp^½ R with R
+  orthogonal, C = Rᵀ (Σp^½ Σq Σp^½) R has exactly the spectrum of Σp^½ Σq Σp^½, so
+  tr[(Σp^½ Σq Σp^½)^½] = Σ √λ_i(C) without forming a matrix square root. Only eigenvalues are
+  differentiated (``eigvalsh``), so repeated eigenvalues (e.g. Σ = I) give finite gradients.
+  Eigenvalues are clamped at 0 before the square root.
+- Each result is clamped at 0 (all three are ≥ 0; rounding can give −1e−16 for p = q).
+
+Exact up to float rounding. Covariances must be symmetric positive definite (a ValueError
+names the one whose Cholesky fails; for W₂ only Σp is factored, Σq may be singular); use fp64
+for ill-conditioned ones.
+
+Shapes: μ ``(..., n)``, Σ ``(..., n, n)``; the batch dims ``...`` of the four inputs
+broadcast; the result has the broadcast batch shape ``(...)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from transformer_zoo._checks import check_floating, check_same_dtype, check_tensor
+
+
+def _check_gaussians(mu_p: Tensor, cov_p: Tensor, mu_q: Tensor, cov_q: Tensor) -> None:
+    names = ("mu_p", "cov_p", "mu_q", "cov_q")
+    for name, t in zip(names, (mu_p, cov_p, mu_q, cov_q), strict=True):
+        check_tensor(t, name)
+        check_floating(t, name)
+        check_same_dtype("mu_p", mu_p, name, t)
+    if mu_p.ndim < 1:
+        raise ValueError(f"mu_p: expected a mean of shape (..., n), got {tuple(mu_p.shape)}")
+    n = mu_p.shape[-1]
+    for name, mu, cov in (("p", mu_p, cov_p), ("q", mu_q, cov_q)):
+        if mu.ndim < 1 or mu.shape[-1] != n:
+            raise ValueError(f"mu_{name}: expected shape (..., {n}), got {tuple(mu.shape)}")
+        if cov.ndim < 2 or tuple(cov.shape[-2:]) != (n, n):
+            raise ValueError(
+                f"cov_{name}: expected shape (..., {n}, {n}) to match mu_{name}, "
+                f"got {tuple(cov.shape)}"
+            )
+    try:
+        torch.broadcast_shapes(mu_p.shape[:-1], cov_p.shape[:-2], mu_q.shape[:-1], cov_q.shape[:-2])
+    except RuntimeError as err:
+        raise ValueError(
+            "batch dims of mu_p, cov_p, mu_q, cov_q do not broadcast: "
+            f"{tuple(mu_p.shape)}, {tuple(cov_p.shape)}, {tuple(mu_q.shape)}, {tuple(cov_q.shape)}"
+        ) from err
+
+
+def _cholesky(cov: Tensor, name: str) -> Tensor:
+    factor, info = torch.linalg.cholesky_ex(cov)
+    if bool((info != 0).any()):
+        raise ValueError(f"{name}: expected symmetric positive definite covariances")
+    return factor  # (..., n, n) lower triangular
+
+
+def _logdet(factor: Tensor) -> Tensor:
+    return 2.0 * factor.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (...)
+
+
+def _mahalanobis_sq(factor: Tensor, diff: Tensor) -> Tensor:
+    """‖L⁻¹ Δ‖² = Δᵀ Σ⁻¹ Δ for Σ = L Lᵀ; factor ``(..., n, n)``, diff ``(..., n)``."""
+    z = torch.linalg.solve_triangular(factor, diff.unsqueeze(-1), upper=False)  # (..., n, 1)
+    return z.squeeze(-1).square().sum(-1)
+
+
+def gaussian_kl(mu_p: Tensor, cov_p: Tensor, mu_q: Tensor, cov_q: Tensor) -> Tensor:
+    """KL(p‖q) for p = N(mu_p, cov_p), q = N(mu_q, cov_q); not symmetric. ``-> (...)``."""
+    _check_gaussians(mu_p, cov_p, mu_q, cov_q)
+    l_p, l_q = _cholesky(cov_p, "cov_p"), _cholesky(cov_q, "cov_q")
+    l_p, l_q = torch.broadcast_tensors(l_p, l_q)
+    trace = torch.linalg.solve_triangular(l_q, l_p, upper=False).square().sum((-2, -1))
+    maha = _mahalanobis_sq(l_q, mu_q - mu_p)
+    kl = 0.5 * (maha + trace - mu_p.shape[-1] + _logdet(l_q) - _logdet(l_p))
+    return kl.clamp_min(0.0)
+
+
+def gaussian_bhattacharyya(mu_p: Tensor, cov_p: Tensor, mu_q: Tensor, cov_q: Tensor) -> Tensor:
+    """Bhattacharyya distance −log ∫ √(p q) between two Gaussians; symmetric. ``-> (...)``."""
+    _check_gaussians(mu_p, cov_p, mu_q, cov_q)
+    l_mid = _cholesky(0.5 * (cov_p + cov_q), "(cov_p + cov_q) / 2")
+    logdet_p = _logdet(_cholesky(cov_p, "cov_p"))
+    logdet_q = _logdet(_cholesky(cov_q, "cov_q"))
+    maha = _mahalanobis_sq(l_mid, mu_q - mu_p)
+    dist = maha / 8.0 + 0.5 * (_logdet(l_mid) - 0.5 * (logdet_p + logdet_q))
+    return dist.clamp_min(0.0)
+
+
+def gaussian_wasserstein2(
+    mu_p: Tensor, cov_p: Tensor, mu_q: Tensor, cov_q: Tensor, *, squared: bool = True
+) -> Tensor:
+    """2-Wasserstein distance between two Gaussians; symmetric. ``-> (...)``.
+
+    Returns W₂² (default) or W₂ with ``squared=False`` (whose gradient is infinite at p = q).
+    """
+    _check_gaussians(mu_p, cov_p, mu_q, cov_q)
+    l_p = _cholesky(cov_p, "cov_p")
+    c = l_p.mT @ cov_q @ l_p  # (..., n, n), same spectrum as Σp^½ Σq Σp^½
+    c = 0.5 * (c + c.mT)
+    cross = torch.linalg.eigvalsh(c).clamp_min(0.0).sqrt().sum(-1)  # tr[(Σp^½ Σq Σp^½)^½]
+    trace_p = cov_p.diagonal(dim1=-2, dim2=-1).sum(-1)
+    trace_q = cov_q.diagonal(dim1=-2, dim2=-1).sum(-1)
+    w2_sq = ((mu_p - mu_q).square().sum(-1) + trace_p + trace_q - 2.0 * cross).clamp_min(0.0)
+    return w2_sq if squared else w2_sq.sqrt()

@@ -1,0 +1,135 @@
+"""Kernel adapters for ``transformer_zoo.interop.huggingface`` (no transformers import here).
+
+An adapter sits between HF's attention call and one kernel. HF has already projected (and, for
+rotary models, rotated) q, k, v; the adapter receives them in our layout and convention:
+
+- q ``(b, h, n, d)``, k/v ``(b, h|h_kv, m, d)`` (h_kv < h only when ``grouped_kv``);
+- ``key_padding_mask`` ``(b, m)`` True = real token (kernels without ``dense_mask``), or
+  ``attn_mask`` boolean True = may attend and ``bias`` additive, both broadcastable to
+  ``(b, h, n, m)`` (kernels with ``dense_mask``);
+- ``causal`` (bottom-right aligned), HF's ``dropout`` and ``scaling``;
+
+and returns ``((b, h, n, d), weights or None)``. Per-module state (a Performer's random matrix)
+is created by ``setup`` on the HF attention module, so it is in the model's ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from transformer_zoo.attention.multihead import MultiHeadAttention
+from transformer_zoo.functional.softmax import explicit_softmax_attention, softmax_attention
+
+
+class HFKernel:
+    """Adapter protocol. Subclasses are dataclasses: fields are the kernel's options."""
+
+    #: Short kernel name; HF sees it as ``"tz_" + name``.
+    name: ClassVar[str]
+    #: True: receive HF's dense ``(b, 1, n, m)`` masks (any pattern: causal, sliding window,
+    #: packed sequences). False: receive only key padding and the causal flag.
+    dense_mask: ClassVar[bool] = False
+    #: True: ``attend`` takes k/v with h_kv < h heads; otherwise they are repeated first.
+    grouped_kv: ClassVar[bool] = False
+
+    @classmethod
+    def hf_name(cls) -> str:
+        return f"tz_{cls.name}"
+
+    def setup(self, module: nn.Module, heads: int, head_dim: int) -> None:
+        """Attach per-module state to an HF attention module (idempotent). Default: none."""
+
+    def attend(
+        self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, *,
+        key_padding_mask: Tensor | None, attn_mask: Tensor | None, bias: Tensor | None,
+        causal: bool, dropout: float, scaling: float | None, need_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """See the module docstring for shapes and conventions."""
+        raise NotImplementedError
+
+
+@dataclass
+class SoftmaxKernel(HFKernel):
+    """Exact softmax attention (Vaswani et al. 2017, arXiv 1706.03762) on SDPA.
+
+    Takes every mask HF builds, float biases (``position_bias``) and grouped k/v; returns the
+    weights (before dropout) when the model asks for ``output_attentions``.
+    """
+
+    name: ClassVar[str] = "softmax"
+    dense_mask: ClassVar[bool] = True
+    grouped_kv: ClassVar[bool] = True
+
+    def attend(self, module, q, k, v, *, key_padding_mask, attn_mask, bias, causal, dropout,
+               scaling, need_weights):
+        options = dict(mask=attn_mask, bias=bias, causal=causal, dropout_p=dropout, scale=scaling)
+        if need_weights:
+            return explicit_softmax_attention(q, k, v, training=dropout > 0, **options)
+        return softmax_attention(q, k, v, **options), None
+
+
+class ModuleKernel(HFKernel):
+    """Base of adapters that run a ``MultiHeadAttention`` subclass's ``attend``.
+
+    ``setup`` builds the module (``build``) once per HF attention module and keeps only its
+    kernel state (buffers such as a random matrix) as ``module.tz_attention``; its own
+    projections are dropped, since HF's are used. Per call it sets the module's causal flag and
+    dropout rate, and folds HF's ``scaling`` into q: ``q ← q · scaling · √d``, so the kernel's
+    ``qᵀk/√d`` equals ``scaling · qᵀk``. Exact as the wrapped kernel is exact.
+    """
+
+    def build(self, module: nn.Module, heads: int, head_dim: int) -> MultiHeadAttention:
+        """The kernel module for HF attention ``module`` (``module.layer_idx`` may seed it)."""
+        raise NotImplementedError
+
+    def setup(self, module, heads, head_dim):
+        if isinstance(getattr(module, "tz_attention", None), MultiHeadAttention):
+            return
+        inner = self.build(module, heads, head_dim)
+        if not isinstance(inner, MultiHeadAttention):
+            raise TypeError(f"{type(self).__name__}.build must return a transformer_zoo "
+                            f"MultiHeadAttention, got {type(inner).__name__}")
+        inner.q_proj = inner.kv_proj = inner.out_proj = None  # HF's projections are used
+        weight = next(module.parameters(), None)
+        if weight is not None:
+            inner = inner.to(weight.device)
+        module.tz_attention = inner.train(module.training)
+
+    def attend(self, module, q, k, v, *, key_padding_mask, attn_mask, bias, causal, dropout,
+               scaling, need_weights):
+        inner: MultiHeadAttention = module.tz_attention
+        if causal and not inner.supports_causal:
+            raise ValueError(f"{type(inner).__name__} does not support causal attention, which "
+                             f"{type(module).__name__} uses")
+        d, n, m = q.shape[-1], q.shape[-2], k.shape[-2]
+        if scaling is not None and not math.isclose(scaling, d ** -0.5):
+            q = q * (scaling * math.sqrt(d))
+        saved = inner.causal, inner.dropout
+        inner.causal, inner.dropout = causal, dropout
+        try:
+            out = inner.attend(
+                q, k, v, key_padding_mask=key_padding_mask, attn_mask=None,
+                q_positions=torch.arange(m - n, m, device=q.device),
+                k_positions=torch.arange(m, device=q.device),
+            )
+        finally:
+            inner.causal, inner.dropout = saved
+        return out, None
+
+
+@dataclass
+class AttentionKernel(ModuleKernel):
+    """Any ``MultiHeadAttention`` subclass or factory, e.g. ``functools.partial(
+    PerformerAttention, nb_features=256)``; called as ``attention(h·d, h, head_dim=d)``."""
+
+    name: ClassVar[str] = "module"
+    attention: Callable[..., MultiHeadAttention]
+
+    def build(self, module, heads, head_dim):
+        return self.attention(heads * head_dim, heads, head_dim=head_dim)

@@ -1,0 +1,284 @@
+"""Swap any transformer_zoo attention into a model built from ``nn.MultiheadAttention``.
+
+    MultiHead(Q, K, V) = Concat(head_1, …, head_h) W^O,   head_i = Kernel(Q W_i^Q, K W_i^K, V W_i^V)
+
+Vaswani et al. 2017, "Attention Is All You Need", arXiv 1706.03762, section 3.2.2 — the same
+equation ``nn.MultiheadAttention`` computes; only ``Kernel`` changes.
+
+``MultiheadAttentionCompat`` takes ``nn.MultiheadAttention``'s call exactly — ``(query, key,
+value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)`` ->
+``(output, weights or None)`` — and runs the projections of the ``MultiHeadAttention`` it
+wraps plus that module's ``attend``. ``swap_attention`` replaces every ``nn.MultiheadAttention``
+in a model with one, copying the weights. With ``SoftmaxAttention`` the swap is exact (tests:
+outputs and gradients of an ``nn.TransformerEncoder`` agree to 1e-5); other kernels are as
+exact as their ``attend``.
+
+Mask conversion (torch: True = masked out; ours: True = may attend): boolean masks are
+inverted; float masks split into blocked entries (-inf or the dtype's lowest value) and a
+residual bias, which only kernels accepting ``Place.BIAS`` can take. A mask equal to the causal
+pattern becomes the kernel's causal flag, so causal-capable kernels (Performer) run their own
+causal algorithm. Shapes: N batch, L query length, S key length, E embed_dim, h heads, d head
+dim; inside, q/k/v are ``(N, h, L|S, d)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from transformer_zoo.attention.multihead import MultiHeadAttention
+from transformer_zoo.attention.softmax import SoftmaxAttention
+from transformer_zoo.functional.masks import merge_masks, padding_to_attn_mask
+from transformer_zoo.functional.softmax import explicit_softmax_attention
+from transformer_zoo.interop._masks import torch_masks
+from transformer_zoo.positional.base import LogitBias, Place
+
+AttentionFactory = Callable[..., MultiHeadAttention]
+
+
+class _CallBias(LogitBias):
+    """Carries one call's additive float mask into ``attend`` through the LogitBias hook."""
+
+    def __init__(self, bias: Tensor) -> None:
+        super().__init__()
+        self.bias = bias
+
+    def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        return self.bias  # (N|1, h|1, L, S)
+
+
+@contextmanager
+def _per_call(attention: MultiHeadAttention, causal: bool, bias: Tensor | None) -> Iterator[None]:
+    """Set the kernel's causal flag and logit bias for one call, then restore them."""
+    old_causal, old_positional = attention.causal, attention.positional
+    attention.causal = old_causal or causal
+    if bias is not None:
+        attention.positional = _CallBias(bias)
+    try:
+        yield
+    finally:
+        attention.causal, attention.positional = old_causal, old_positional
+
+
+class MultiheadAttentionCompat(nn.Module):
+    """A drop-in for ``nn.MultiheadAttention`` running a transformer_zoo attention kernel.
+
+    Args:
+        attention: a ``MultiHeadAttention`` subclass or factory, called as
+            ``attention(embed_dim, num_heads, dropout=..., bias=..., kv_dim=kdim)`` (use
+            ``functools.partial`` for kernel options).
+        embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``.
+            ``kdim`` must equal ``vdim`` (our modules project keys and values from one width).
+        path: where this module sits in its model; named in every error message.
+
+    ``need_weights=True`` returns the weights (before dropout) for plain ``SoftmaxAttention``
+    and ``None`` for other kernels, which never form them. ``is_causal=True`` without
+    ``attn_mask`` applies the causal mask (torch raises there).
+    """
+
+    def __init__(
+        self,
+        attention: AttentionFactory,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        dropout: float = 0.0,
+        bias: bool = True,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        path: str = "",
+    ) -> None:
+        super().__init__()
+        kdim = embed_dim if kdim is None else kdim
+        vdim = embed_dim if vdim is None else vdim
+        self.path = path or type(self).__name__
+        if kdim != vdim:
+            raise ValueError(
+                f"{self.path}: kdim={kdim} and vdim={vdim} differ; transformer_zoo attention "
+                "projects keys and values from one width (kv_dim), so it cannot replace this module"
+            )
+        inner = attention(embed_dim, num_heads, dropout=dropout, bias=bias, kv_dim=kdim)
+        if not isinstance(inner, MultiHeadAttention):
+            raise TypeError(
+                f"{self.path}: attention must build a transformer_zoo MultiHeadAttention, "
+                f"got {type(inner).__name__}"
+            )
+        self.attention = inner
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, inner.head_dim
+        self.kdim, self.vdim, self.dropout = kdim, vdim, inner.dropout
+        self.batch_first = batch_first
+        # nn.TransformerEncoderLayer's fused path checks this before touching any weight.
+        self._qkv_same_embed_dim = False
+
+    @property
+    def in_proj_bias(self) -> Tensor | None:
+        """Read by nn.TransformerEncoderLayer's fast-path check (before _qkv_same_embed_dim)."""
+        q, kv = self.attention.q_proj.bias, self.attention.kv_proj.bias
+        return None if q is None else torch.cat([q, kv])
+
+    @classmethod
+    def from_torch(
+        cls, mha: nn.MultiheadAttention, attention: AttentionFactory, *, path: str = ""
+    ) -> MultiheadAttentionCompat:
+        """Build the replacement for ``mha`` with its weights, device and dtype."""
+        name = path or "nn.MultiheadAttention"
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError(f"{name}: add_bias_kv / add_zero_attn are not supported")
+        weight = mha.in_proj_weight if mha._qkv_same_embed_dim else mha.q_proj_weight
+        new = cls(
+            attention, mha.embed_dim, mha.num_heads, dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None, kdim=mha.kdim, vdim=mha.vdim,
+            batch_first=mha.batch_first, path=name,
+        ).to(device=weight.device, dtype=weight.dtype)
+        e, inner = mha.embed_dim, new.attention
+        if inner.n_heads * inner.head_dim != e:
+            raise ValueError(f"{name}: the attention factory changed the head layout")
+        with torch.no_grad():
+            if mha._qkv_same_embed_dim:
+                w_q, w_k, w_v = mha.in_proj_weight.split(e)
+            else:
+                w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            inner.q_proj.weight.copy_(w_q)
+            inner.kv_proj.weight.copy_(torch.cat([w_k, w_v]))
+            inner.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.in_proj_bias is not None:
+                b_q, b_k, b_v = mha.in_proj_bias.split(e)
+                inner.q_proj.bias.copy_(b_q)
+                inner.kv_proj.bias.copy_(torch.cat([b_k, b_v]))
+                inner.out_proj.bias.copy_(mha.out_proj.bias)
+        return new.train(mha.training)
+
+    def _check_kernel(self, allowed: Tensor | None, bias: Tensor | None, causal: bool) -> None:
+        cls = type(self.attention).__name__
+        if causal and not self.attention.supports_causal:
+            raise ValueError(f"{self.path}: {cls} does not support causal attention (a causal "
+                             "attn_mask or is_causal=True was passed)")
+        general = "a float additive mask" if bias is not None else "a non-causal attn_mask"
+        if (allowed is not None or bias is not None) and Place.BIAS not in self.attention.accepts:
+            raise ValueError(f"{self.path}: {cls} got {general}; it supports only key padding "
+                             "masks and the causal mask")
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        batched = query.dim() == 3
+        if not batched:  # (L, E) -> (1, L, E)
+            query, key, value = query[None], key[None], value[None]
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
+        elif not self.batch_first:  # (L, N, E) -> (N, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        b, n, e = query.shape
+        m = key.shape[1]
+        if e != self.embed_dim or key.shape[:2] != value.shape[:2] or key.shape[0] != b:
+            raise ValueError(f"{self.path}: expected query (N, L, {self.embed_dim}) and key/value "
+                             f"(N, S, {self.kdim}); got {tuple(query.shape)}, "
+                             f"{tuple(key.shape)}, {tuple(value.shape)} (batch first)")
+        kpm, allowed, bias, causal = torch_masks(key_padding_mask, attn_mask, is_causal,
+                                                 b, self.num_heads, n, m, where=self.path)
+        self._check_kernel(allowed, bias, causal)
+
+        inner, h = self.attention, self.num_heads
+        inner_dim = h * self.head_dim
+        w_k, w_v = inner.kv_proj.weight.split(inner_dim)
+        b_k, b_v = (None, None) if inner.kv_proj.bias is None else inner.kv_proj.bias.split(
+            inner_dim)
+        q = rearrange(inner.q_proj(query), "b n (h d) -> b h n d", h=h)
+        k = rearrange(F.linear(key, w_k, b_k), "b m (h d) -> b h m d", h=h)
+        v = rearrange(F.linear(value, w_v, b_v), "b m (h d) -> b h m d", h=h)
+        weights = None
+        if need_weights and type(inner).attend is SoftmaxAttention.attend and (
+                inner.positional is None):
+            mask = merge_masks(None if kpm is None else padding_to_attn_mask(kpm), allowed)
+            out, weights = explicit_softmax_attention(
+                q, k, v, mask=mask, bias=bias, causal=causal or inner.causal,
+                dropout_p=inner.attention_dropout(), training=self.training)
+            weights = weights.mean(dim=1) if average_attn_weights else weights
+            weights = weights if batched else weights[0]
+        else:
+            positions = torch.arange(n, device=query.device)
+            k_positions = positions if m == n else torch.arange(m, device=query.device)
+            with _per_call(inner, causal, bias):
+                out = inner.attend(q, k, v, key_padding_mask=kpm, attn_mask=allowed,
+                                   q_positions=positions, k_positions=k_positions)
+        out = inner.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (N, L, E)
+        if not batched:
+            return out[0], weights
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, batch_first={self.batch_first}"
+
+
+@dataclass
+class SwapReport:
+    """What ``swap_attention`` did: replaced module paths and encoders taken off nested tensors."""
+
+    replaced: list[str] = field(default_factory=list)
+    nested_tensor_disabled: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"replaced {len(self.replaced)} nn.MultiheadAttention module(s):"]
+        lines += [f"  {p}" for p in self.replaced]
+        lines += [f"  nested-tensor fast path disabled on {p}" for p in self.nested_tensor_disabled]
+        return "\n".join(lines)
+
+
+def swap_attention(
+    model: nn.Module,
+    attention: AttentionFactory,
+    *,
+    where: Callable[[str, nn.MultiheadAttention], bool] | None = None,
+) -> SwapReport:
+    """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by a compat module.
+
+    Args:
+        model: any module; self- and cross-attention are both replaced.
+        attention: the ``MultiHeadAttention`` subclass or factory (see
+            ``MultiheadAttentionCompat``), e.g. ``SoftmaxAttention`` or
+            ``functools.partial(PerformerAttention, nb_features=256)``.
+        where: optional filter ``where(path, module) -> bool``; only modules it accepts are
+            replaced.
+
+    Each replacement keeps the weights, device, dtype and train/eval mode. Every
+    ``nn.TransformerEncoder`` that contains a replaced module gets ``use_nested_tensor = False``:
+    its eval-mode nested-tensor path reads ``in_proj_weight`` and would bypass our attention.
+    Raises ValueError naming the module path for targets that cannot be swapped.
+    """
+    report = SwapReport()
+    targets = [
+        (path, mod) for path, mod in model.named_modules(remove_duplicate=False)
+        if isinstance(mod, nn.MultiheadAttention) and (where is None or where(path, mod))
+    ]
+    built: dict[int, MultiheadAttentionCompat] = {}  # a shared module stays shared
+    for path, mha in targets:
+        if not path:
+            raise ValueError("swap_attention: model is itself an nn.MultiheadAttention; build a "
+                             "MultiheadAttentionCompat.from_torch(model, attention) instead")
+        parent_path, _, name = path.rpartition(".")
+        if id(mha) not in built:
+            built[id(mha)] = MultiheadAttentionCompat.from_torch(mha, attention, path=path)
+        setattr(model.get_submodule(parent_path), name, built[id(mha)])
+        report.replaced.append(path)
+    for path, mod in model.named_modules():
+        if isinstance(mod, nn.TransformerEncoder) and any(
+            isinstance(sub, MultiheadAttentionCompat) for sub in mod.modules()
+        ):
+            mod.use_nested_tensor = False
+            report.nested_tensor_disabled.append(path or "<model>")
+    return report

@@ -1,0 +1,170 @@
+"""BERT-whitening: map embeddings to zero mean and identity covariance, optionally truncated.
+
+    μ = mean(X),  Σ = cov(X) = U Λ Uᵀ,  W = U Λ^(−½),  y = (x − μ) W[:, :k]
+
+Su, Cao, Liu and Ou 2021, "Whitening Sentence Representations for Better Semantics and Faster
+Retrieval", arXiv 2103.15316 (seeded by Su's post "You may not need BERT-flow"). Sentence
+embeddings of pretrained encoders are anisotropic (all pairwise cosines high); whitening makes
+cosine similarity meaningful again, and keeping the k leading directions shrinks the vectors.
+
+Streaming: ``partial_fit`` folds each chunk of m rows into the running mean and covariance
+with the post's recurrence, generalised from one row to m rows (n rows seen so far):
+
+    μ' = (n μ + m μ_c) / (n + m)
+    Σ' = [n (Σ + μ μᵀ) + m (Σ_c + μ_c μ_cᵀ)] / (n + m) − μ' μ'ᵀ
+
+(Σ, Σ_c population covariances), accumulated in fp64, so ``partial_fit`` over chunks equals
+``fit`` on their concatenation and corpora larger than memory work.
+
+ddof: Σ is divided by n − ddof; the default ddof = 1 matches the paper's code (``np.cov``) and
+``torch.cov``, so on the fitted set ``torch.cov(y)`` is exactly I_k. ddof only rescales y by
+√((n − ddof)/n); cosine similarities do not depend on it.
+
+Exact up to fp64 rounding when the kept eigenvalues are well above 0. Σ has rank ≤ n − 1:
+with fewer samples than dimensions keep ``n_components`` below that rank; eigenvalues under
+``eps · λ_max`` are clamped there (those directions are noise). Eigenvector signs are fixed
+(largest-magnitude entry positive) so refits give the same kernel.
+
+State: buffers ``kernel`` ``(d, k)`` = W[:, :k] and ``bias`` ``(d,)`` = −μ (the paper code's
+names: y = (x + bias) @ kernel), plus the fp64 running statistics ``count``, ``running_mean``,
+``running_cov``; all are in ``state_dict`` (an unfitted module loads any d).
+
+Shapes: fit/partial_fit ``(N, d)``; forward ``(..., d) -> (..., k)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from transformer_zoo._checks import check_floating, check_positive_int, check_rank, check_tensor
+
+_STATE = ("kernel", "bias", "count", "running_mean", "running_cov")
+
+
+class Whitening(nn.Module):
+    """Whitening transform fitted on a set of embeddings; forward applies it.
+
+    Args:
+        n_components: k, the number of leading directions kept (None: all d).
+        ddof: delta degrees of freedom of the covariance (0 or 1 usually; default 1).
+        eps: eigenvalues below ``eps · λ_max`` are clamped to it.
+    """
+
+    kernel: Tensor
+    bias: Tensor
+    count: Tensor
+    running_mean: Tensor
+    running_cov: Tensor
+
+    def __init__(
+        self, *, n_components: int | None = None, ddof: int = 1, eps: float = 1e-12
+    ) -> None:
+        super().__init__()
+        if n_components is not None:
+            check_positive_int(n_components, "n_components")
+        if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
+            raise ValueError(f"ddof: expected an int >= 0, got {ddof!r}")
+        if not 0.0 < eps < 1.0:
+            raise ValueError(f"eps: expected a float in (0, 1), got {eps}")
+        self.n_components = n_components
+        self.ddof = ddof
+        self.eps = float(eps)
+        self.register_buffer("kernel", torch.empty(0, 0))
+        self.register_buffer("bias", torch.empty(0))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("running_mean", torch.empty(0, dtype=torch.float64))
+        self.register_buffer("running_cov", torch.empty(0, 0, dtype=torch.float64))
+
+    @property
+    def fitted(self) -> bool:
+        return self.kernel.numel() > 0
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self.kernel = self.kernel.new_empty(0, 0)
+        self.bias = self.bias.new_empty(0)
+        self.count = torch.zeros_like(self.count)
+        self.running_mean = self.running_mean.new_empty(0).double()
+        self.running_cov = self.running_cov.new_empty(0, 0).double()
+
+    def fit(self, x: Tensor) -> Whitening:
+        """Fit on ``x`` ``(N, d)`` from scratch; returns self."""
+        self.reset()
+        return self.partial_fit(x)
+
+    @torch.no_grad()
+    def partial_fit(self, x: Tensor) -> Whitening:
+        """Fold the rows of ``x`` ``(m, d)`` into the running statistics; returns self."""
+        check_rank(x, "x", 2, "(samples, dim)")
+        check_floating(x, "x")
+        m, d = x.shape
+        if m == 0:
+            raise ValueError("x: expected at least one row, got shape (0, d)")
+        n = int(self.count)
+        if n and d != self.running_mean.shape[0]:
+            raise ValueError(
+                f"x: expected dim {self.running_mean.shape[0]} as in earlier chunks, got {d}"
+            )
+        x = x.to(device=self.running_mean.device, dtype=torch.float64)
+        mean_c = x.mean(0)  # (d,)
+        second_c = x.mT @ x / m  # (d, d)  E[x xᵀ] over the chunk
+        if n == 0:
+            mean, second = mean_c, second_c
+        else:
+            mu, cov = self.running_mean.double(), self.running_cov.double()
+            mean = (n * mu + m * mean_c) / (n + m)
+            second = (n * (cov + torch.outer(mu, mu)) + m * second_c) / (n + m)
+        cov = second - torch.outer(mean, mean)
+        self.running_mean, self.running_cov = mean, 0.5 * (cov + cov.mT)
+        self.count = torch.full_like(self.count, n + m)
+        if n + m > self.ddof:
+            self._update_kernel()
+        return self
+
+    def _update_kernel(self) -> None:
+        n = int(self.count)
+        cov = self.running_cov * (n / (n - self.ddof))  # (d, d)
+        d = cov.shape[0]
+        k = d if self.n_components is None else self.n_components
+        if k > d:
+            raise ValueError(f"n_components: expected at most dim = {d}, got {k}")
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        evals, evecs = evals.flip(-1)[:k], evecs.flip(-1)[:, :k]  # (k,), (d, k) descending
+        top = evals[0].clamp_min(torch.finfo(torch.float64).tiny)
+        evals = evals.clamp_min(self.eps * top)
+        rows = evecs.abs().argmax(0)  # fix signs: largest entry of each column positive
+        evecs = evecs * evecs[rows, torch.arange(k, device=evecs.device)].sign()
+        kernel = evecs * evals.rsqrt()  # (d, k) = U Λ^(-1/2)
+        self.kernel = kernel.to(self.kernel.dtype)
+        self.bias = (-self.running_mean).to(self.bias.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., d) -> (..., k)``: y = (x − μ) W[:, :k], in the dtype of ``x``."""
+        check_tensor(x, "x")
+        check_floating(x, "x")
+        if not self.fitted:
+            raise RuntimeError(
+                f"Whitening: call fit or partial_fit first (needs more than ddof = {self.ddof} "
+                f"samples, has {int(self.count)})"
+            )
+        d = self.kernel.shape[0]
+        if x.ndim < 1 or x.shape[-1] != d:
+            raise ValueError(f"x: expected shape (..., {d}), got {tuple(x.shape)}")
+        return (x + self.bias.to(x.dtype)) @ self.kernel.to(x.dtype)  # (..., k)
+
+    def transform(self, x: Tensor) -> Tensor:
+        """Alias of ``forward`` (the scikit-learn name)."""
+        return self(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # Buffers take the shapes of the saved ones, so an unfitted module loads any d and k.
+        for name in _STATE:
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.shape != getattr(self, name).shape:
+                setattr(self, name, getattr(self, name).new_empty(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        dims = f", dim={self.kernel.shape[0]}, k={self.kernel.shape[1]}" if self.fitted else ""
+        return f"n_components={self.n_components}, ddof={self.ddof}{dims}"
