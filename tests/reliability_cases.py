@@ -244,10 +244,18 @@ def run_encoder(m: Encoder, s: Sizes = SMALL, seed: int = 0) -> Tensor:
 
 @dataclass(frozen=True)
 class ModuleCase:
-    """How to build (in the standard or the ``OTHER`` sizes) and run one exported module."""
+    """How to build (in the standard or the ``OTHER`` sizes) and run one exported module.
+
+    ``meta_build`` (default ``build``) is what runs under ``torch.device("meta")``: modules
+    whose state is fitted to data rather than initialised (Whitening) build unfitted there,
+    and ``initialised=False`` says ``reset_parameters`` is not expected to fill their state
+    (it comes from a checkpoint).
+    """
 
     build: Callable[[Sizes], nn.Module]
     run: Callable[[nn.Module, Sizes], Tensor]
+    meta_build: Callable[[Sizes], nn.Module] | None = None
+    initialised: bool = True
 
 
 def _x(s: Sizes, seed: int = 0) -> Tensor:
@@ -267,6 +275,36 @@ MODULE_TABLE: dict[str, ModuleCase] = {
     "SwiGLUFeedForward": ModuleCase(lambda s: SwiGLUFeedForward(s.d_model, 2 * s.d_model),
                                     lambda m, s: m(_x(s))),
 }
+
+def _fitted_whitening(s: Sizes) -> nn.Module:
+    data = torch.randn(64, s.d_model) @ torch.randn(s.d_model, s.d_model)  # global RNG
+    return tz.Whitening(n_components=s.head_dim).fit(data)
+
+
+def _logits_loss(m: nn.Module, s: Sizes) -> Tensor:
+    g = _gen(0)
+    p, q = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    return m(p, q, torch.randint(0, 5, (4,), generator=g))
+
+
+def _views_loss(m: nn.Module, s: Sizes) -> Tensor:
+    g = _gen(0)
+    return m(torch.randn(4, s.d_model, generator=g), torch.randn(4, s.d_model, generator=g))
+
+
+if hasattr(tz, "Whitening"):
+    MODULE_TABLE["Whitening"] = ModuleCase(
+        _fitted_whitening, lambda m, s: m(_x(s)),
+        meta_build=lambda s: tz.Whitening(n_components=s.head_dim), initialised=False,
+    )
+if hasattr(tz, "RDropLoss"):
+    MODULE_TABLE["RDropLoss"] = ModuleCase(
+        lambda s: tz.RDropLoss(s.head_dim / 8, nn.CrossEntropyLoss()), _logits_loss
+    )
+if hasattr(tz, "SimCSELoss"):
+    MODULE_TABLE["SimCSELoss"] = ModuleCase(
+        lambda s: tz.SimCSELoss(temperature=0.05 * s.head_dim / 8), _views_loss
+    )
 
 ABSTRACT = {"MultiHeadAttention", "PositionalEncoding", "InputEncoding", "QKTransform",
             "LogitBias"}
@@ -316,6 +354,15 @@ def _qkv(b: int = 2, h: int = 2, n: int = 6, m: int = 6, d: int = 8):
     g = _gen(1)
     return (torch.randn(b, h, n, d, generator=g), torch.randn(b, h, m, d, generator=g),
             torch.randn(b, h, m, d, generator=g))
+
+
+def _gaussians():
+    """Two batches of 3-D Gaussians with SPD covariances."""
+    g = _gen(3)
+    a, b = torch.randn(2, 3, 3, generator=g), torch.randn(2, 3, 3, generator=g)
+    eye = torch.eye(3)
+    return (torch.randn(2, 3, generator=g), a @ a.mT + eye, torch.randn(2, 3, generator=g),
+            b @ b.mT + eye), {}
 
 
 def _softmax_attend(fn: Callable, q, k, v, key_padding_mask, causal):
@@ -372,6 +419,24 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
         lambda: ((_qkv()[0], tz.functional.rotary_angles(torch.arange(6),
                                                          tz.functional.rotary_frequencies(8))),
                  dict(layout=tz.functional.RotaryLayout.HALF_SPLIT))
+    ),
+    "t5_bucket_lookup": KernelCase(
+        lambda: ((torch.arange(-200, 200, 7),), dict(causal=True, num_buckets=32))
+    ),
+    "gaussian_kl": KernelCase(lambda: _gaussians()),
+    "gaussian_bhattacharyya": KernelCase(lambda: _gaussians()),
+    "gaussian_wasserstein2": KernelCase(lambda: _gaussians()),
+    "symmetric_kl": KernelCase(
+        lambda: ((torch.randn(2, 6, 7), torch.randn(2, 6, 7)),
+                 dict(mask=padding_mask(2, 6, _gen(2))))
+    ),
+    "rdrop_mse": KernelCase(
+        lambda: ((torch.randn(2, 6), torch.randn(2, 6)),
+                 dict(mask=padding_mask(2, 6, _gen(2))))
+    ),
+    "simcse_logits": KernelCase(lambda: ((torch.randn(4, 8), torch.randn(4, 8)), {})),
+    "simcse_loss": KernelCase(
+        lambda: ((torch.randn(4, 8), torch.randn(4, 8)), dict(symmetric=True))
     ),
     "permute_rotary_weight": KernelCase(
         lambda: ((torch.randn(16, 16),), dict(
