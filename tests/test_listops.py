@@ -23,8 +23,8 @@ from benchmarks.listops.data import (
     encode,
     evaluate,
     generate_expression,
-    make_splits,
     majority_baseline,
+    make_splits,
     tokenize,
 )
 from benchmarks.listops.model import ListOpsClassifier, ModelConfig

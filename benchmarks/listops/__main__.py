@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .data import LRA_CONFIG, ListOpsConfig, Split, make_splits, majority_baseline
+from .data import LRA_CONFIG, ListOpsConfig, Split, majority_baseline, make_splits
 from .model import ModelConfig
 from .report import markdown_report, markdown_table, write_json, write_png
 from .train import TrainConfig, run_isolated, train_variant

@@ -11,9 +11,10 @@ Operators: ``[MAX`` and ``[MIN``; ``[MED`` the median, truncated to an integer l
 the sum modulo 10. The label is the value (10 classes).
 
 The generator follows LRA's ``generate_tree``: above ``max_depth`` a node is an operator with
-probability ``op_p`` (LRA: 0.25) and a digit otherwise; at ``max_depth`` it is always a digit. Whole expressions are drawn until their token count lies
-in ``[min_length, max_length]``; duplicates are dropped, so the three splits are disjoint.
-Everything comes from one ``numpy.random.Generator(seed)``: same config + seed, same data.
+probability ``op_p`` (LRA: 0.25) and a digit otherwise; at ``max_depth`` it is always a digit.
+Whole expressions are drawn until their token count lies in ``[min_length, max_length]``;
+duplicates are dropped, so the three splits are disjoint. Everything comes from one
+``numpy.random.Generator(seed)``: same config + seed, same data.
 """
 
 from __future__ import annotations
