@@ -3,11 +3,11 @@
 from transformer_zoo import functional, interop, regularizers
 from transformer_zoo.attention import (
     MultiHeadAttention,
+    NystromAttention,
     PerformerAttention,
     RotaryMode,
     SoftmaxAttention,
 )
-from transformer_zoo.attention import MultiHeadAttention, NystromAttention, SoftmaxAttention
 from transformer_zoo.compat import check_pair, compatibility_table, supports
 from transformer_zoo.encoder import (
     Encoder,

@@ -15,13 +15,13 @@ from transformer_zoo.functional.gaussian import (
     gaussian_wasserstein2,
 )
 from transformer_zoo.functional.masks import causal_mask, merge_masks, padding_to_attn_mask
+from transformer_zoo.functional.nystrom import NystromFactors, nystrom_attention
+from transformer_zoo.functional.pinv import iterative_pinv
 from transformer_zoo.functional.random_features import (
     RowNorms,
     draw_projection,
     gaussian_orthogonal_matrix,
 )
-from transformer_zoo.functional.nystrom import NystromFactors, nystrom_attention
-from transformer_zoo.functional.pinv import iterative_pinv
 from transformer_zoo.functional.rdrop import rdrop_mse, symmetric_kl
 from transformer_zoo.functional.relative import (
     alibi_bias,

@@ -37,7 +37,13 @@ import math
 import torch
 from torch import Tensor
 
-from transformer_zoo._checks import check_floating, check_positive_int, check_rank, check_tensor
+from transformer_zoo._checks import (
+    check_floating,
+    check_positions,
+    check_positive_int,
+    check_rank,
+    check_tensor,
+)
 
 
 class RotaryLayout(enum.Enum):
@@ -202,15 +208,8 @@ def check_rotary_input(x: Tensor, positions: Tensor, dim: int) -> None:
     """Validate x ``(b, h, n, w)``, positions int64 ``(n,)``/``(b, n)`` and ``dim <= w``."""
     check_rank(x, "x", 4, "(batch, heads, seq, channels)")
     check_floating(x, "x")
-    check_tensor(positions, "positions")
-    if positions.dtype != torch.int64:
-        raise TypeError(f"positions: expected int64 positions, got dtype {positions.dtype}")
     b, _, n, w = x.shape
-    if tuple(positions.shape) not in {(n,), (b, n)}:
-        raise ValueError(
-            f"positions: expected shape (seq,) = ({n},) or (batch, seq) = ({b}, {n}), "
-            f"got {tuple(positions.shape)}"
-        )
+    check_positions(positions, b, n)  # (a set-membership test would specialise under compile)
     if dim > w:
         raise ValueError(f"dim: expected at most the {w} channels of x, got {dim}")
 

@@ -140,7 +140,9 @@ class Whitening(nn.Module):
         rows = evecs.abs().argmax(0)  # fix signs: largest entry of each column positive
         evecs = evecs * evecs[rows, torch.arange(k, device=evecs.device)].sign()
         kernel = evecs * evals.rsqrt()  # (d, k) = U Λ^(-1/2)
-        self.kernel = kernel.to(self.kernel.dtype)
+        # contiguous: eigh returns column-major vectors; a checkpoint loaded into a fresh
+        # module is contiguous, and both must multiply bit-identically
+        self.kernel = kernel.to(self.kernel.dtype).contiguous()
         self.bias = (-self.running_mean).to(self.bias.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,7 +164,20 @@ class Whitening(nn.Module):
         return self(x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        # Buffers take the shapes of the saved ones, so an unfitted module loads any d and k.
+        # Buffers take the shapes of the saved ones, so an unfitted module loads any d and k,
+        # as long as k agrees with this module's n_components.
+        saved = state_dict.get(prefix + "kernel")
+        if (
+            isinstance(saved, Tensor) and saved.numel() and self.n_components is not None
+            and saved.shape[1] != self.n_components
+        ):
+            error_msgs = args[4] if len(args) > 4 else kwargs["error_msgs"]
+            error_msgs.append(
+                f"size mismatch for {prefix}kernel: copying a param with shape "
+                f"{tuple(saved.shape)} from checkpoint, but this module has "
+                f"n_components={self.n_components} (expected (d, {self.n_components}))"
+            )
+            return
         for name in _STATE:
             saved = state_dict.get(prefix + name)
             if isinstance(saved, Tensor) and saved.shape != getattr(self, name).shape:
