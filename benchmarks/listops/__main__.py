@@ -20,7 +20,7 @@ import torch
 from .data import LRA_CONFIG, ListOpsConfig, Split, majority_baseline, make_splits
 from .model import ModelConfig
 from .report import markdown_report, markdown_table, write_json, write_png
-from .train import TrainConfig, run_isolated, train_variant
+from .train import TrainConfig, run_in_processes, train_variant
 from .variants import build_variants
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -59,6 +59,8 @@ def _machine(device: str, threads: int) -> dict[str, Any]:
         "device": device,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        # other load on the machine when the run started (a shared machine inflates wall time)
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -82,14 +84,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="training batch size (preset default)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--rdrop-alpha", type=float, default=1.0, help="R-Drop weight α")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    p.add_argument(
+        "--jobs", type=int, default=2, help="runs at a time, each in its own process (CPU only)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results; smoke: results/tmp)"
     )
     p.add_argument(
-        "--no-isolate", action="store_true", help="run variants in this process (memory column "
-        "then measures the process, not the run)"
+        "--no-isolate",
+        action="store_true",
+        help="run variants one by one in this process (the memory column then measures the "
+        "process, not the run)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
+    machine = _machine(args.device, args.threads)
     begin = time.perf_counter()
     splits = make_splits(data_cfg, seed=args.seed)
     data = _data_summary(data_cfg, splits)
@@ -120,23 +128,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"generated in {time.perf_counter() - begin:.1f} s"
     )
     model_cfg = ModelConfig()
-    runs = []
-    for variant in build_variants(full=args.full, rdrop_alpha=args.rdrop_alpha):
-        call = (variant, splits, model_cfg, train_cfg)
-        kwargs = {"progress": not args.quiet}
-        if args.no_isolate:
-            runs.append(train_variant(*call, **kwargs))
-        else:
-            runs.append(run_isolated(train_variant, *call, **kwargs))
+    variants = build_variants(full=args.full, rdrop_alpha=args.rdrop_alpha)
+    calls = [
+        ((v, splits, model_cfg, train_cfg), {"progress": not args.quiet, "position": i})
+        for i, v in enumerate(variants)
+    ]
+    if args.no_isolate:
+        runs = [train_variant(*a, **kw) for a, kw in calls]
+    else:
+        jobs = 1 if args.device.startswith("cuda") else max(1, args.jobs)
+        # R-Drop runs cost about twice as much: start them first so the workers finish together
+        order = sorted(range(len(calls)), key=lambda i: -variants[i].rdrop_alpha)
+        done = run_in_processes(train_variant, [calls[i] for i in order], jobs=jobs)
+        runs = [run for _, run in sorted(zip(order, done, strict=True))]
     result = {
         "benchmark": "listops",
         "mode": mode,
         "seed": args.seed,
-        "machine": _machine(args.device, args.threads),
+        "machine": machine,
         "data": data,
         "model": model_cfg.__dict__,
         "train": train_cfg.__dict__,
         "runs": runs,
+        "jobs": 1 if args.no_isolate else args.jobs,
         "total_seconds": time.perf_counter() - begin,
     }
     table = markdown_table(result)

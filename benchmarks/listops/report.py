@@ -12,6 +12,7 @@ COLUMNS = (
     ("valid_accuracy", "valid acc", "{:.3f}"),
     ("final_train_loss", "train loss", "{:.3f}"),
     ("steps_per_second", "steps/s", "{:.1f}"),
+    ("train_cpu_seconds", "train CPU s", "{:.0f}"),
     ("peak_memory_mb", "peak MB", "{:.0f}"),
 )
 
@@ -26,9 +27,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells = [fmt.format(run[key]) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     base = result["data"]["majority_baseline"]
-    lines.append(
-        f"| majority class ({base['label']}) | {base['test_accuracy']:.3f} | | | | |"
-    )
+    blanks = " |" * (len(COLUMNS) - 2)
+    lines.append(f"| majority class ({base['label']}) | {base['test_accuracy']:.3f} |{blanks}")
     return "\n".join(lines)
 
 
@@ -45,7 +45,9 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"{cfg['max_depth']}, ≤ {cfg['max_args']} arguments; {train['steps']} steps of "
             f"batch {train['batch_size']}, seed {result['seed']}. "
             f"Machine: {machine['description']}; torch {machine['torch']}, "
-            f"{machine['threads']} threads, {result['total_seconds']:.0f} s in all. "
+            f"{machine['threads']} thread(s) per run, {result['jobs']} run(s) at a time, "
+            f"load average {machine.get('load_average_1min') or 0:.1f} at the start; "
+            f"{result['total_seconds']:.0f} s in all. "
             f"Peak memory: {result['runs'][0]['memory_kind'] if result['runs'] else '-'}.",
             "",
             markdown_table(result),
