@@ -8,6 +8,7 @@ Writes ``listops.json``, ``listops.png`` and ``listops.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -19,7 +20,7 @@ import torch
 
 from .data import LRA_CONFIG, ListOpsConfig, Split, majority_baseline, make_splits
 from .model import ModelConfig
-from .report import markdown_report, markdown_table, write_json, write_png
+from .report import markdown_table, write_all
 from .train import TrainConfig, run_in_processes, train_variant
 from .variants import build_variants
 
@@ -99,11 +100,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "process, not the run)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="JSON",
+        help="train nothing: rewrite the table and plot from a results JSON (into --out, "
+        "default the JSON's folder)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report_only is not None:
+        result = json.loads(args.report_only.read_text())
+        out = args.out or args.report_only.parent
+        out.mkdir(parents=True, exist_ok=True)
+        print(markdown_table(result))
+        write_all(result, out)
+        return result
     mode = "smoke" if args.smoke else "full" if args.full else "default"
     data_cfg, train_cfg = PRESETS[mode]
     train_cfg = replace(
@@ -155,9 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     table = markdown_table(result)
     print(table)
-    write_json(result, out / "listops.json")
-    write_png(result, out / "listops.png")
-    (out / "listops.md").write_text(markdown_report(result))
+    write_all(result, out)
     print(f"{result['total_seconds']:.0f} s in all; wrote listops.json/.png/.md to {out}")
     return result
 
