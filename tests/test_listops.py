@@ -282,3 +282,18 @@ def test_rdrop_uses_library_only_when_it_matches(
     assert got == source
     a, b, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
     torch.testing.assert_close(fn(a, b, y), local_rdrop_loss(0.7)(a, b, y))
+
+
+def test_data_cache_round_trips(tmp_path: Path) -> None:
+    from benchmarks.listops.__main__ import load_or_make_splits
+
+    fresh = make_splits(SMALL, seed=5)
+    first = load_or_make_splits(SMALL, 5, tmp_path)
+    again = load_or_make_splits(SMALL, 5, tmp_path)
+    assert len(list(tmp_path.glob("listops-data-*.pt"))) == 1
+    load_or_make_splits(SMALL, 6, tmp_path)  # another seed, another file
+    assert len(list(tmp_path.glob("listops-data-*.pt"))) == 2
+    for name in fresh:
+        for field in ("tokens", "lengths", "labels"):
+            assert torch.equal(getattr(first[name], field), getattr(fresh[name], field))
+            assert torch.equal(getattr(again[name], field), getattr(fresh[name], field))

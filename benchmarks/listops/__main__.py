@@ -8,6 +8,7 @@ Writes ``listops.json``, ``listops.png`` and ``listops.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -76,6 +77,24 @@ def _data_summary(config: ListOpsConfig, splits: dict[str, Split]) -> dict[str, 
     }
 
 
+DATA_VERSION = 1  # bump when the generator changes, so cached splits are not reused
+
+
+def load_or_make_splits(config: ListOpsConfig, seed: int, cache: Path | None) -> dict[str, Split]:
+    """``make_splits(config, seed=seed)``, cached as a ``.pt`` file in ``cache`` when given."""
+    if cache is None:
+        return make_splits(config, seed=seed)
+    key = json.dumps([DATA_VERSION, config.to_dict(), seed], sort_keys=True)
+    path = cache / f"listops-data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        stored = torch.load(path, weights_only=True)
+        return {name: Split(**tensors) for name, tensors in stored.items()}
+    splits = make_splits(config, seed=seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({name: vars(split) for name, split in splits.items()}, path)
+    return splits
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.listops", description=__doc__)
     mode = p.add_mutually_exclusive_group()
@@ -100,6 +119,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "process, not the run)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="regenerate the data instead of reusing benchmarks/results/tmp/listops-data-*.pt",
+    )
     p.add_argument(
         "--report-only",
         type=Path,
@@ -135,12 +159,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     machine = _machine(args.device, args.threads)
     begin = time.perf_counter()
-    splits = make_splits(data_cfg, seed=args.seed)
+    cache = None if (args.no_cache or args.smoke) else RESULTS / "tmp"
+    splits = load_or_make_splits(data_cfg, args.seed, cache)
     data = _data_summary(data_cfg, splits)
     print(
         f"ListOps {mode}: {len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])} "
         f"expressions, mean test length {data['mean_length']['test']:.0f} tokens, "
-        f"generated in {time.perf_counter() - begin:.1f} s"
+        f"ready in {time.perf_counter() - begin:.1f} s"
     )
     model_cfg = ModelConfig()
     variants = build_variants(full=args.full, rdrop_alpha=args.rdrop_alpha)
