@@ -131,7 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train nothing: rewrite the table and plot from a results JSON (into --out, "
         "default the JSON's folder)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "threads", "jobs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
