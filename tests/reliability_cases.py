@@ -471,6 +471,23 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
     "PositiveFeatures": "feature map; compiled through favor_attention",
     "HyperbolicFeatures": "feature map; compiled through favor_attention",
     "GeneralizedFeatures": "feature map; compiled through favor_attention",
+    # Nyström; 4 landmarks so that n = 6..9 takes the approximate path
+    "nystrom_attention": KernelCase(
+        lambda: (_qkv(), dict(num_landmarks=4, key_padding_mask=padding_mask(2, 6, _gen(2)),
+                              query_padding_mask=padding_mask(2, 6, _gen(2)))),
+        lambda q, k, v, kpm, causal: _f("nystrom_attention")(
+            q, k, v, num_landmarks=4, key_padding_mask=kpm),
+        supports_causal=False,
+    ),
+    "iterative_pinv": KernelCase(lambda: ((torch.randn(2, 2, 4, 4).softmax(-1),), {})),
+    "pinv_init": KernelCase(lambda: ((torch.randn(2, 2, 4, 4).softmax(-1),), {})),
+    "segment_ids": KernelCase(lambda: ((padding_mask(2, 6, _gen(2)), 2, 6, 4,
+                                        torch.device("cpu")), {})),
+    "segment_means": KernelCase(
+        lambda: ((_qkv()[0], *_f("segment_ids")(padding_mask(2, 6, _gen(2)), 2, 6, 4,
+                                               torch.device("cpu"))), {})
+    ),
+    "NystromFactors": "a NamedTuple of the factors nystrom_attention can return",
     "permute_rotary_weight": KernelCase(
         lambda: ((torch.randn(16, 16),), dict(
             n_heads=2, head_dim=8, source=tz.functional.RotaryLayout.INTERLEAVED,
