@@ -365,6 +365,10 @@ def _gaussians():
             b @ b.mT + eye), {}
 
 
+def _projection(d: int = 8, nb_features: int = 16) -> Tensor:
+    return tz.functional.draw_projection(nb_features, d, seed=7)
+
+
 def _softmax_attend(fn: Callable, q, k, v, key_padding_mask, causal):
     mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     out = fn(q, k, v, mask=mask, causal=causal)
@@ -438,6 +442,52 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
     "simcse_loss": KernelCase(
         lambda: ((torch.randn(4, 8), torch.randn(4, 8)), dict(symmetric=True))
     ),
+    # Performer (FAVOR+); W from draw_projection, a fixed seed
+    "favor_attention": KernelCase(
+        lambda: (_qkv() + (_projection(),),
+                 dict(causal=True, key_padding_mask=padding_mask(2, 6, _gen(2)),
+                      chunk_size=4)),
+        lambda q, k, v, kpm, causal: _f("favor_attention")(
+            q, k, v, _projection(q.shape[-1]), causal=causal, key_padding_mask=kpm,
+            chunk_size=4),
+    ),
+    "favor_features": KernelCase(
+        lambda: ((*_qkv()[:2], _projection()),
+                 dict(causal=True, key_padding_mask=padding_mask(2, 6, _gen(2))))
+    ),
+    "favor_decode_step": KernelCase(
+        lambda: (tuple(t[:, :, :1] for t in _qkv()) + (_projection(),), {})
+    ),
+    "causal_linear_scan": KernelCase(
+        lambda: ((torch.rand(2, 2, 6, 5), torch.rand(2, 2, 6, 5), torch.randn(2, 2, 6, 3),
+                  torch.linspace(0, 1, 6).expand(2, 2, 6).contiguous()), dict(chunk=4))
+    ),
+    "draw_projection": "random-matrix constructor (seeded torch.Generator); runs at init and "
+    "redraw, outside forward",
+    "gaussian_orthogonal_matrix": "random-matrix constructor (see draw_projection)",
+    "FavorState": "a dataclass holding the decoding state",
+    "RowNorms": "an enum of row-norm choices",
+    "FeatureMap": "feature-map base class; compiled through favor_attention",
+    "PositiveFeatures": "feature map; compiled through favor_attention",
+    "HyperbolicFeatures": "feature map; compiled through favor_attention",
+    "GeneralizedFeatures": "feature map; compiled through favor_attention",
+    # Nyström; 4 landmarks so that n = 6..9 takes the approximate path
+    "nystrom_attention": KernelCase(
+        lambda: (_qkv(), dict(num_landmarks=4, key_padding_mask=padding_mask(2, 6, _gen(2)),
+                              query_padding_mask=padding_mask(2, 6, _gen(2)))),
+        lambda q, k, v, kpm, causal: _f("nystrom_attention")(
+            q, k, v, num_landmarks=4, key_padding_mask=kpm),
+        supports_causal=False,
+    ),
+    "iterative_pinv": KernelCase(lambda: ((torch.randn(2, 2, 4, 4).softmax(-1),), {})),
+    "pinv_init": KernelCase(lambda: ((torch.randn(2, 2, 4, 4).softmax(-1),), {})),
+    "segment_ids": KernelCase(lambda: ((padding_mask(2, 6, _gen(2)), 2, 6, 4,
+                                        torch.device("cpu")), {})),
+    "segment_means": KernelCase(
+        lambda: ((_qkv()[0], *_f("segment_ids")(padding_mask(2, 6, _gen(2)), 2, 6, 4,
+                                               torch.device("cpu"))), {})
+    ),
+    "NystromFactors": "a NamedTuple of the factors nystrom_attention can return",
     "permute_rotary_weight": KernelCase(
         lambda: ((torch.randn(16, 16),), dict(
             n_heads=2, head_dim=8, source=tz.functional.RotaryLayout.INTERLEAVED,

@@ -85,12 +85,12 @@ ATTENTION_ONLY = [
      [f"({B}, {N}, {D + 1})"]),
     ("context-batch", lambda m: m(x(), context=x(B + 1, N, D)), ValueError,
      [f"({B + 1}, {N}, {D})"]),
-    ("context-empty", lambda m: m(x(), context=x(B, 0, D)), ValueError,
-     [f"({B}, 0, {D})"]),
+    ("context-empty", lambda m: m(x(), context=x(B, 0, D)), ValueError, ["0"]),
+    # kernels without n × m logits (Performer, Nyström) reject attn_mask outright
     ("attn-mask-float", lambda m: m(x(), attn_mask=torch.ones(N, N)), (TypeError, ValueError),
-     ["attn_mask", "float32"]),
+     ["attn_mask"]),
     ("attn-mask-shape", lambda m: m(x(), attn_mask=ones(N, N + 1)), ValueError,
-     ["attn_mask", f"({N}, {N + 1})"]),
+     ["attn_mask"]),
 ]
 
 

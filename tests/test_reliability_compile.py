@@ -9,10 +9,14 @@ the captured graph eagerly, so it is fast and counts compiled frames); backward 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from reliability_cases import (
+    REDRAW_OPTIONS,
     attention_classes,
+    attention_factory,
     attention_kernels,
     encoder_config,
     encoding_classes,
@@ -58,6 +62,17 @@ def _clone_args(args, kwargs, grad=False):
     return tuple(c(a) for a in args), {k: c(v) for k, v in kwargs.items()}
 
 
+def _tensors(out):
+    """Outputs as a flat tuple of tensors (dataclass states such as FavorState included)."""
+    if isinstance(out, torch.Tensor):
+        return (out,)
+    if dataclasses.is_dataclass(out):
+        out = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    if isinstance(out, (tuple, list)):
+        return tuple(t for o in out for t in _tensors(o))
+    return ()
+
+
 def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -73,6 +88,8 @@ def test_kernel_compiles_fullgraph_and_matches_eager(name):
     for _ in range(2):  # same shapes twice: one frame
         got = compiled(*args, **kwargs)
     assert counter.frame_count == 1
+    got, expected = _tensors(got), _tensors(expected)
+    assert len(got) == len(expected) > 0
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -119,6 +136,33 @@ def test_encoder_compiles_fullgraph_without_recompiles(pair):
     compiled = torch.compile(enc, backend=counter, fullgraph=True)
     x, mask = _inputs(7, seed=9)
     torch.testing.assert_close(compiled(x, mask=mask), enc(x, mask=mask), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "cls", [c for c in attention_classes() if c.__name__ in REDRAW_OPTIONS],
+    ids=lambda c: c.__name__,
+)
+def test_random_feature_redraw_under_compile_matches_eager(cls):
+    """A redraw reads a step counter and seeds a torch.Generator, which no graph can hold: it
+    runs eagerly (one graph break per layer, so not fullgraph). Frames stay fixed after the
+    first step (the counter is not guarded on), and W and outputs equal eager training."""
+    def build():
+        torch.manual_seed(0)
+        factory = attention_factory(cls, **REDRAW_OPTIONS[cls.__name__])
+        return Encoder(encoder_config(cls, None, n_layers=2, attention=factory)).train()
+
+    compiled_model, eager = build(), build()
+    counter = CompileCounter()
+    compiled = torch.compile(compiled_model, backend=counter)
+    for step in range(3):
+        x, mask = _inputs(7, seed=step)
+        torch.testing.assert_close(compiled(x, mask=mask), eager(x, mask=mask),
+                                   rtol=1e-6, atol=1e-6)
+        for (name, a), b in zip(compiled_model.named_buffers(), eager.buffers(), strict=True):
+            assert torch.equal(a, b), f"step {step}: {name} differs from eager"
+        if step == 0:
+            frames = counter.frame_count
+    assert counter.frame_count == frames, "recompiled across redraw steps"
 
 
 def _dynamic_cases():

@@ -110,18 +110,28 @@ class PerformerAttention(MultiHeadAttention):
         if redraw_interval is not None:
             check_positive_int(redraw_interval, "redraw_interval")
         if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
+            seed = int(torch.randint(0, 2**62, (), device="cpu").item())  # also under meta
         self.feature_map, self.orthogonal, self.row_norms = feature_map, orthogonal, row_norms
         self.redraw_interval, self.layer, self.rotary = redraw_interval, layer, rotary
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self._init_seed = int(seed)
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
         self.register_buffer("projection", self._draw(0))
 
     # -- random matrix --------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Back to redraw step 0 of this module's seed (e.g. after meta construction and
+        ``to_empty``): seed, call counter and W are rebuilt."""
+        self.seed.fill_(self._init_seed)
+        self.calls.zero_()
+        self.projection.copy_(self._draw(0))
+
     def _draw(self, step: int) -> Tensor:
         return draw_projection(
-            self.nb_features, self.head_dim, seed=int(self.seed), step=step, layer=self.layer,
+            self.nb_features, self.head_dim, step=step, layer=self.layer,
+            seed=self._init_seed if self.seed.is_meta else int(self.seed),
             orthogonal=self.orthogonal, row_norms=self.row_norms,
         )
 
@@ -133,6 +143,10 @@ class PerformerAttention(MultiHeadAttention):
     def _maybe_redraw(self) -> None:
         if not self.training or self.redraw_interval is None:
             return
+        self._count_and_redraw()
+
+    @torch.compiler.disable  # a data-dependent counter and a torch.Generator: runs eagerly
+    def _count_and_redraw(self) -> None:
         calls = int(self.calls)
         if calls > 0 and calls % self.redraw_interval == 0:
             self.redraw_projection(calls // self.redraw_interval)

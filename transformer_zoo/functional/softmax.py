@@ -45,8 +45,9 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]
         check_rank(t, name, 4, _LAYOUT)
         check_floating(t, name)
         check_nonempty(t, name, _LAYOUT)
-    check_same_dtype("q", q, "k", k)
-    check_same_dtype("q", q, "v", v)
+    if not torch.is_autocast_enabled(q.device.type):  # under autocast, mixed dtypes are cast
+        check_same_dtype("q", q, "k", k)
+        check_same_dtype("q", q, "v", v)
     b, h, n, d = q.shape
     bk, h_kv, m, dk = k.shape
     if bk != b or v.shape[0] != b:
