@@ -2,6 +2,13 @@
 
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.attention.nystrom import NystromAttention
+from transformer_zoo.attention.performer import PerformerAttention, RotaryMode
 from transformer_zoo.attention.softmax import SoftmaxAttention
 
-__all__ = ["MultiHeadAttention", "NystromAttention", "SoftmaxAttention"]
+__all__ = [
+    "MultiHeadAttention",
+    "NystromAttention",
+    "PerformerAttention",
+    "RotaryMode",
+    "SoftmaxAttention",
+]

@@ -139,7 +139,10 @@ def nystrom_attention(
 
     key_len = (torch.full((b,), n_k, device=q.device) if key_padding_mask is None
                else key_padding_mask.sum(dim=-1))  # (b,)
-    if not return_factors and (n_k <= m or int(key_len.max()) <= m):
+    # Under torch.compile the data-dependent shortcuts below are not taken (they would break
+    # the graph); the general path handles exact samples and empty landmarks by masking.
+    compiling = torch.compiler.is_compiling()
+    if not return_factors and (n_k <= m or (not compiling and int(key_len.max()) <= m)):
         mask = None if key_padding_mask is None else padding_to_attn_mask(key_padding_mask)
         return softmax_attention(q, k, v, mask=mask, dropout_p=dropout_p, scale=scale)
 
@@ -148,9 +151,9 @@ def nystrom_attention(
     q_live, k_live = q_counts > 0, k_counts > 0  # (b, m) landmarks that hold a token
     q_lm = segment_means(q, q_ids, q_counts)  # (b, h, m, d)  Q̃
     k_lm = segment_means(k, k_ids, k_counts)  # (b, h, m, d)  K̃
-    k_live_cols = None if bool(k_live.all()) else k_live[:, None, None, :]
+    k_live_cols = None if not compiling and bool(k_live.all()) else k_live[:, None, None, :]
     keys = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    q_live_rows = None if bool(q_live.all()) else q_live[:, None, :, None]
+    q_live_rows = None if not compiling and bool(q_live.all()) else q_live[:, None, :, None]
 
     with torch.autocast(q.device.type, enabled=False):
         work = torch.promote_types(q.dtype, torch.float32)
@@ -162,7 +165,7 @@ def nystrom_attention(
              else iterative_pinv(kernel_2, pinv_iterations))  # (b, h, m, m)
 
     exact = key_len <= m  # (b,) samples whose keys are their own landmarks
-    any_exact = bool(exact.any())
+    any_exact = compiling or bool(exact.any())
     if return_factors:
         kernel_3 = _masked_softmax(q_lm * scale @ k.transpose(-2, -1), keys)  # (b, h, m, n_k)
         kv = kernel_3 @ v
