@@ -121,21 +121,15 @@ def test_encoder_compiles_fullgraph_without_recompiles(pair):
     steps (RoPE tables, random-feature redraw steps), and wrong compiled numerics.
     """
     torch.manual_seed(0)
-    enc = Encoder(encoder_config(*pair, n_layers=1))
+    enc = Encoder(encoder_config(*pair, n_layers=1))  # dropout 0: train mode is deterministic
     counter = CompileCounter()
     compiled = torch.compile(enc, backend=counter, fullgraph=True)
     for step in range(3):
         x, mask = _inputs(7, seed=step)
         out = compiled(x, mask=mask)
         out.square().sum().backward()
-        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, enc(x, mask=mask), rtol=1e-6, atol=1e-6)
     assert counter.frame_count == 1, f"{counter.frame_count} frames for one shape"
-    enc.eval()
-    torch._dynamo.reset()
-    counter = CompileCounter()
-    compiled = torch.compile(enc, backend=counter, fullgraph=True)
-    x, mask = _inputs(7, seed=9)
-    torch.testing.assert_close(compiled(x, mask=mask), enc(x, mask=mask), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
