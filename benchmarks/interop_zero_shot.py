@@ -17,7 +17,7 @@ import json
 import os
 import re
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,19 +40,19 @@ def model_card_text() -> str:
     return re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", " ".join(lines))
 
 
-def contenders(seeds: int) -> Iterator[tuple[str, str, Callable]]:
-    """(kernel, setting, MultiHeadAttention factory) for every approximation on this branch."""
-    performer = getattr(transformer_zoo, "PerformerAttention", None)
-    if performer is not None:
+def contenders(seeds: int) -> Iterator[tuple[str, str, object, dict]]:
+    """(kernel, setting, use() kernel argument, use() options) for the approximations here."""
+    if "performer" in hf.KERNELS:
         for m in (64, 128, 256, 512, 1024):
             for seed in range(seeds):
-                yield "performer", f"m={m}", functools.partial(performer, nb_features=m,
-                                                               seed=seed)
-    nystrom = getattr(transformer_zoo, "NystromAttention", None)
-    if nystrom is not None:
+                yield "performer", f"m={m}", "performer", {"nb_features": m, "seed": seed}
+    if "nystrom" in hf.KERNELS:
+        for landmarks in (16, 32, 64, 128, 256, 512):  # no convolution: it is not pretrained
+            yield "nystrom", f"landmarks={landmarks}", "nystrom", {"num_landmarks": landmarks}
+    elif hasattr(transformer_zoo, "NystromAttention"):
         for landmarks in (16, 32, 64, 128, 256, 512):
             yield "nystrom", f"landmarks={landmarks}", functools.partial(
-                nystrom, num_landmarks=landmarks)
+                transformer_zoo.NystromAttention, num_landmarks=landmarks, conv_kernel=None), {}
 
 
 def embed(model, batch) -> torch.Tensor:
@@ -93,8 +93,8 @@ def main() -> None:
     model.set_attn_implementation("tz_no_mask")
     rows.append({"kernel": "softmax, no mask function", "setting": "exact",
                  "cosine": cosine()})
-    for kernel, setting, factory in contenders(args.seeds):
-        hf.use(model, factory)
+    for kernel, setting, target, options in contenders(args.seeds):
+        hf.use(model, target, **options)
         rows.append({"kernel": kernel, "setting": setting, "cosine": cosine()})
     table: dict[tuple[str, str], list[list[float]]] = {}
     for row in rows:

@@ -16,7 +16,8 @@ n = 8192 is 2 GiB): T5 against HF ``T5Attention.compute_bias``; ALiBi and Shaw h
 installed peer that builds the same tensor (HF Bloom's ``build_alibi_tensor`` builds the
 per-key (b·h, 1, m) form, listed for reference).
 
-Timing: contenders alternate within each round; we report the minimum and the median over
+Timing: each comparison group runs in a fresh process (no group inherits another's allocator
+state); its contenders alternate within each round; we report the minimum and the median over
 rounds (ms). Compare ratios within one run only. Results: a table on stdout and
 ``benchmarks/results/positional.json``.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import time
@@ -162,38 +164,47 @@ def time_rounds(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str
             times.items()}
 
 
-def run_rope(n: int, rounds: int) -> list[dict]:
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        for layout, contenders in rope_contenders(n, dtype).items():
-            for mode in ("fwd", "fwd+bwd"):
-                steps = {}
-                for name, make in contenders.items():
-                    grad = mode == "fwd+bwd"
-                    q = torch.randn(1, HEADS, n, HEAD_DIM, dtype=dtype, requires_grad=grad)
-                    k = torch.randn(1, HEADS, n, HEAD_DIM, dtype=dtype, requires_grad=grad)
-                    fn = make(q, k)
-                    if grad:
-                        def step(fn=fn) -> None:
-                            a, b = fn()
-                            (a.sum() + b.sum()).backward()
-                        steps[name] = step
-                    else:
-                        steps[name] = torch.no_grad()(fn)
-                for name, t in time_rounds(steps, rounds).items():
-                    rows.append(dict(block="RoPE", layout=layout, dtype=str(dtype).split(".")[-1],
-                                     mode=mode, contender=name, n=n, **t))
-    return rows
+def run_rope(n: int, rounds: int, dtype_name: str, layout: str, mode: str) -> list[dict]:
+    dtype = getattr(torch, dtype_name)
+    grad = mode == "fwd+bwd"
+    steps = {}
+    for name, make in rope_contenders(n, dtype)[layout].items():
+        q = torch.randn(1, HEADS, n, HEAD_DIM, dtype=dtype, requires_grad=grad)
+        k = torch.randn(1, HEADS, n, HEAD_DIM, dtype=dtype, requires_grad=grad)
+        fn = make(q, k)
+        if grad:
+            def step(fn=fn) -> None:
+                a, b = fn()
+                (a.sum() + b.sum()).backward()
+            steps[name] = step
+        else:
+            steps[name] = torch.no_grad()(fn)
+    return [dict(block="RoPE", layout=layout, dtype=dtype_name, mode=mode, contender=name, n=n,
+                 **t) for name, t in time_rounds(steps, rounds).items()]
 
 
-def run_bias(n: int, rounds: int) -> list[dict]:
-    rows = []
+def run_bias(n: int, rounds: int, block: str) -> list[dict]:
     with torch.no_grad():
-        for block, steps in bias_contenders(n).items():
-            for name, t in time_rounds(steps, rounds).items():
-                rows.append(dict(block=block, layout="", dtype="float32", mode="fwd",
-                                 contender=name, n=n, **t))
-    return rows
+        timed = time_rounds(bias_contenders(n)[block], rounds)
+    return [dict(block=block, layout="", dtype="float32", mode="fwd", contender=name, n=n, **t)
+            for name, t in timed.items()]
+
+
+def run_group(group: tuple, args: argparse.Namespace) -> list[dict]:
+    """One comparison group (all its contenders, alternating), from a fresh state."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if group[0] == "RoPE":
+        return run_rope(args.seq, args.rounds, *group[1:])
+    return run_bias(args.bias_seq, args.rounds, group[1])
+
+
+def groups() -> list[tuple]:
+    rope = [("RoPE", dtype, layout, mode) for dtype in ("float32", "bfloat16")
+            for layout in ("interleaved", "half_split") for mode in ("fwd", "fwd+bwd")]
+    bias = [("bias", block) for block in
+            ("T5 bias", "ALiBi bias", "Shaw logit term", "Shaw value term")]
+    return rope + bias
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -227,12 +238,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="n=1024, bias n=256, 3 rounds")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is steadier on a shared machine)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every group in this process (default: a fresh process each, "
+                        "so no group inherits another's allocator state)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.seq, args.bias_seq, args.rounds = 1024, 256, 3
-    torch.manual_seed(0)
-    rows = run_rope(args.seq, args.rounds) + run_bias(args.bias_seq, args.rounds)
+    rows: list[dict] = []
+    for group in groups():
+        if args.in_process:
+            rows += run_group(group, args)
+        else:
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                rows += pool.apply(run_group, (group, args))
     add_ratios(rows)
     print(table(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)

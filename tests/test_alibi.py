@@ -16,6 +16,9 @@ def test_bias_values_and_no_saved_state():
     assert bias[0, 0, 3, 0].item() == -0.5 * 3 and bias[0, 7, 0, 5].item() == -(2.0**-8) * 5
     assert pe.state_dict() == {}
     torch.testing.assert_close(pe.slopes, alibi_slopes(8))
+    half = ALiBi(n_heads=12).half()
+    assert half.slopes.dtype == torch.float32
+    assert torch.equal(half.slopes, alibi_slopes(12))
 
 
 def test_causal_and_symmetric_agree_under_causal_attention():

@@ -160,9 +160,11 @@ def test_full_transformer_with_cross_attention():
     average=st.booleans(),
     cross=st.booleans(),
     unbatched=st.booleans(),
+    inputs=st.sampled_from(["self", "shared_kv", "separate"]),
+    need_weights=st.booleans(),
 )
 def test_direct_call_matches_multihead_attention(batch_first, float_masks, per_head, average,
-                                                 cross, unbatched):
+                                                 cross, unbatched, inputs, need_weights):
     kdim = 24 if cross else None
     ref = nn.MultiheadAttention(D, H, kdim=kdim, vdim=kdim, batch_first=batch_first)
     ours = MultiheadAttentionCompat.from_torch(ref, SoftmaxAttention)
@@ -174,7 +176,11 @@ def test_direct_call_matches_multihead_attention(batch_first, float_masks, per_h
             return torch.randn(length, width)
         return torch.randn(b, length, width) if batch_first else torch.randn(length, b, width)
 
-    q, k, v = seq(n, D), seq(m, e_kv), seq(m, e_kv)  # keys and values are different tensors
+    if inputs == "self" and not cross:
+        q = k = v = seq(n, D)  # the three code paths: module forward, with context, attend
+    else:
+        q, k = seq(n, D), seq(m, e_kv)
+        v = k if inputs != "separate" else seq(m, e_kv)
     kpm = padding(b, m)
     am = torch.rand((b * H if per_head else 1), n, m) < 0.3
     am[..., 0] = False  # every query keeps key 0
@@ -184,11 +190,15 @@ def test_direct_call_matches_multihead_attention(batch_first, float_masks, per_h
     if float_masks:
         kpm = torch.zeros(kpm.shape).masked_fill(kpm, float("-inf"))
         am = torch.zeros(am.shape).masked_fill(am, float("-inf"))
-    kw = dict(key_padding_mask=kpm, attn_mask=am, average_attn_weights=average)
+    kw = dict(key_padding_mask=kpm, attn_mask=am, average_attn_weights=average,
+              need_weights=need_weights)
     out_ref, w_ref = ref(q, k, v, **kw)
     out_ours, w_ours = ours(q, k, v, **kw)
     torch.testing.assert_close(out_ours, out_ref, atol=TOL, rtol=0)
-    torch.testing.assert_close(w_ours, w_ref, atol=TOL, rtol=0)
+    if need_weights:
+        torch.testing.assert_close(w_ours, w_ref, atol=TOL, rtol=0)
+    else:
+        assert w_ours is None and w_ref is None
 
 
 def test_general_float_mask_goes_in_as_bias():
@@ -247,6 +257,10 @@ def test_approximate_swap_trains(attention):
         # padded keys are ignored: changing padded inputs leaves real outputs unchanged
         x2 = x.masked_fill(pad[..., None], 5.0)
         out2 = model(x2, **kw)
+        if attention.supports_causal:  # and later tokens do not reach earlier outputs
+            x3 = x.clone()
+            x3[:, 10] += 1.0
+            torch.testing.assert_close(model(x3, **kw)[:, :10], out[:, :10], atol=1e-4, rtol=0)
     torch.testing.assert_close(out[~pad], out2[~pad], atol=1e-4, rtol=0)
 
 

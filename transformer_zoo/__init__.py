@@ -1,7 +1,13 @@
 """transformer_zoo: Transformer building blocks that are right, fast and readable."""
 
 from transformer_zoo import functional, interop, regularizers
-from transformer_zoo.attention import MultiHeadAttention, SoftmaxAttention
+from transformer_zoo.attention import (
+    MultiHeadAttention,
+    NystromAttention,
+    PerformerAttention,
+    RotaryMode,
+    SoftmaxAttention,
+)
 from transformer_zoo.compat import check_pair, compatibility_table, supports
 from transformer_zoo.encoder import (
     Encoder,
@@ -10,6 +16,12 @@ from transformer_zoo.encoder import (
     FeedForward,
     SwiGLUFeedForward,
 )
+from transformer_zoo.functional.feature_maps import (
+    GeneralizedFeatures,
+    HyperbolicFeatures,
+    PositiveFeatures,
+)
+from transformer_zoo.functional.random_features import RowNorms
 from transformer_zoo.positional import (
     ALiBi,
     InputEncoding,
@@ -34,13 +46,20 @@ __all__ = [
     "EncoderConfig",
     "EncoderLayer",
     "FeedForward",
+    "GeneralizedFeatures",
+    "HyperbolicFeatures",
     "InputEncoding",
     "LearnedPositionalEncoding",
     "LogitBias",
     "MultiHeadAttention",
+    "NystromAttention",
+    "PerformerAttention",
     "Place",
     "PositionalEncoding",
+    "PositiveFeatures",
     "QKTransform",
+    "RotaryMode",
+    "RowNorms",
     "RDropLoss",
     "RotaryEmbedding",
     "RotaryLayout",

@@ -24,6 +24,23 @@ def check_rank(x: Tensor, name: str, ndim: int, layout: str) -> None:
         )
 
 
+def check_nonempty(x: Tensor, name: str, layout: str) -> None:
+    """Reject empty batches and zero-length sequences (every dim of ``x`` must be >= 1)."""
+    if x.numel() == 0:
+        raise ValueError(
+            f"{name}: expected a non-empty tensor {layout} (batch and sequence length >= 1), "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+def check_same_device(name: str, x: Tensor, other: str, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(
+            f"{name}: expected device {device} (that of {other}), got {x.device}; "
+            "move one to the other"
+        )
+
+
 def check_floating(x: Tensor, name: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
@@ -70,10 +87,13 @@ def check_positions(positions: Tensor, batch: int, seq: int, name: str = "positi
     check_tensor(positions, name)
     if positions.dtype != torch.int64:
         raise TypeError(f"{name}: expected int64 positions, got dtype {positions.dtype}")
-    if tuple(positions.shape) not in {(seq,), (batch, seq)}:
+    shape = tuple(positions.shape)
+    # Compare element-wise, not via set membership: hashing symbolic sizes under
+    # torch.compile would specialise them and force one recompile per sequence length.
+    if shape != (seq,) and shape != (batch, seq):
         raise ValueError(
             f"{name}: expected shape (seq,) = ({seq},) or (batch, seq) = ({batch}, {seq}), "
-            f"got {tuple(positions.shape)}"
+            f"got {shape}"
         )
 
 

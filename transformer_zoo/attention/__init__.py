@@ -1,6 +1,14 @@
 """Attention modules: parameters and plumbing around the kernels in ``functional``."""
 
 from transformer_zoo.attention.multihead import MultiHeadAttention
+from transformer_zoo.attention.nystrom import NystromAttention
+from transformer_zoo.attention.performer import PerformerAttention, RotaryMode
 from transformer_zoo.attention.softmax import SoftmaxAttention
 
-__all__ = ["MultiHeadAttention", "SoftmaxAttention"]
+__all__ = [
+    "MultiHeadAttention",
+    "NystromAttention",
+    "PerformerAttention",
+    "RotaryMode",
+    "SoftmaxAttention",
+]

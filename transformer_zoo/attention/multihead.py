@@ -26,10 +26,12 @@ from transformer_zoo._checks import (
     check_broadcastable,
     check_floating,
     check_key_padding_mask,
+    check_nonempty,
     check_positions,
     check_positive_int,
     check_probability,
     check_rank,
+    check_same_device,
 )
 from transformer_zoo.compat import check_pair
 from transformer_zoo.positional.base import LogitBias, Place, PositionalEncoding, QKTransform
@@ -149,9 +151,11 @@ class MultiHeadAttention(nn.Module):
     ) -> Tensor:
         check_rank(x, "x", 3, "(batch, seq, d_model)")
         check_floating(x, "x")
+        check_nonempty(x, "x", "(batch, seq, d_model)")
         b, n, width = x.shape
         if width != self.d_model:
             raise ValueError(f"x: expected last dim d_model={self.d_model}, got {tuple(x.shape)}")
+        check_same_device("x", x, "the parameters", self.q_proj.weight.device)
         if x.dtype != self.q_proj.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"x has dtype {x.dtype} but the parameters are {self.q_proj.weight.dtype}; "
@@ -162,6 +166,8 @@ class MultiHeadAttention(nn.Module):
             context = x
         else:
             check_rank(context, "context", 3, "(batch, k_len, kv_dim)")
+            check_nonempty(context, "context", "(batch, k_len, kv_dim)")
+            check_same_device("context", context, "x", x.device)
             if context.shape[0] != b or context.shape[-1] != self.kv_dim:
                 raise ValueError(
                     f"context: expected (batch, k_len, kv_dim) = ({b}, *, {self.kv_dim}), "
@@ -170,12 +176,15 @@ class MultiHeadAttention(nn.Module):
         m = context.shape[1]
         if mask is not None:
             check_key_padding_mask(mask, b, m)
+            check_same_device("mask", mask, "x", x.device)
         if attn_mask is not None:
             check_bool_mask(attn_mask, "attn_mask")
+            check_same_device("attn_mask", attn_mask, "x", x.device)
             check_broadcastable(attn_mask, "attn_mask", (b, self.n_heads, n, m), "(b, h, n, m)")
         if positions is None:
             positions = torch.arange(n, device=x.device)
         check_positions(positions, b, n)
+        check_same_device("positions", positions, "x", x.device)
         if context_positions is None:
             context_positions = positions if self_attention else torch.arange(m, device=x.device)
         check_positions(context_positions, b, m, "context_positions")

@@ -25,10 +25,12 @@ from torch import Tensor, nn
 from transformer_zoo._checks import (
     check_floating,
     check_key_padding_mask,
+    check_nonempty,
     check_positions,
     check_positive_int,
     check_probability,
     check_rank,
+    check_same_device,
 )
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.attention.softmax import SoftmaxAttention
@@ -181,16 +183,20 @@ class Encoder(nn.Module):
     ) -> Tensor:
         check_rank(x, "x", 3, "(batch, seq, d_model)")
         check_floating(x, "x")
+        check_nonempty(x, "x", "(batch, seq, d_model)")
         b, n, width = x.shape
         if width != self.config.d_model:
             raise ValueError(
                 f"x: expected last dim d_model={self.config.d_model}, got {tuple(x.shape)}"
             )
+        check_same_device("x", x, "the parameters", self.layers[0].norm1.weight.device)
         if mask is not None:
             check_key_padding_mask(mask, b, n)
+            check_same_device("mask", mask, "x", x.device)
         if positions is None:
             positions = torch.arange(n, device=x.device)
         check_positions(positions, b, n)
+        check_same_device("positions", positions, "x", x.device)
         if self.input_encoding is not None:
             x = x + self.input_encoding(positions).to(x.dtype)
         x = self.dropout(x)

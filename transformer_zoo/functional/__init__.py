@@ -1,11 +1,27 @@
 """Kernels: plain functions over ``(batch, heads, seq, head_dim)`` tensors."""
 
+from transformer_zoo.functional.causal_linear import causal_linear_scan
+from transformer_zoo.functional.favor import favor_attention, favor_features
+from transformer_zoo.functional.favor_decode import FavorState, favor_decode_step
+from transformer_zoo.functional.feature_maps import (
+    FeatureMap,
+    GeneralizedFeatures,
+    HyperbolicFeatures,
+    PositiveFeatures,
+)
 from transformer_zoo.functional.gaussian import (
     gaussian_bhattacharyya,
     gaussian_kl,
     gaussian_wasserstein2,
 )
 from transformer_zoo.functional.masks import causal_mask, merge_masks, padding_to_attn_mask
+from transformer_zoo.functional.nystrom import NystromFactors, nystrom_attention
+from transformer_zoo.functional.pinv import iterative_pinv
+from transformer_zoo.functional.random_features import (
+    RowNorms,
+    draw_projection,
+    gaussian_orthogonal_matrix,
+)
 from transformer_zoo.functional.rdrop import rdrop_mse, symmetric_kl
 from transformer_zoo.functional.relative import (
     alibi_bias,
@@ -28,6 +44,19 @@ from transformer_zoo.functional.softmax import explicit_softmax_attention, softm
 from transformer_zoo.positional.sinusoidal import sinusoidal_encoding
 
 __all__ = [
+    "causal_linear_scan",
+    "draw_projection",
+    "favor_attention",
+    "favor_decode_step",
+    "favor_features",
+    "FavorState",
+    "FeatureMap",
+    "gaussian_orthogonal_matrix",
+    "GeneralizedFeatures",
+    "HyperbolicFeatures",
+    "NystromFactors",
+    "PositiveFeatures",
+    "RowNorms",
     "RotaryLayout",
     "alibi_bias",
     "alibi_slopes",
@@ -38,7 +67,9 @@ __all__ = [
     "gaussian_bhattacharyya",
     "gaussian_kl",
     "gaussian_wasserstein2",
+    "iterative_pinv",
     "merge_masks",
+    "nystrom_attention",
     "padding_to_attn_mask",
     "permute_rotary_weight",
     "rdrop_mse",

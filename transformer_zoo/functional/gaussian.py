@@ -63,7 +63,9 @@ def _check_gaussians(mu_p: Tensor, cov_p: Tensor, mu_q: Tensor, cov_q: Tensor) -
 
 def _cholesky(cov: Tensor, name: str) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(cov)
-    if bool((info != 0).any()):
+    # A data-dependent check: skipped under torch.compile (it would break the graph); there a
+    # non-positive-definite covariance gives NaN instead of this error.
+    if not torch.compiler.is_compiling() and bool((info != 0).any()):
         raise ValueError(f"{name}: expected symmetric positive definite covariances")
     return factor  # (..., n, n) lower triangular
 

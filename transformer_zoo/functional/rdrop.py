@@ -2,7 +2,8 @@
 
     L = CE(P1, y) + CE(P2, y) + α · ½ [KL(P1 ‖ P2) + KL(P2 ‖ P1)]
 
-Liang et al. 2021, "R-Drop: Regularized Dropout for Neural Networks", arXiv 2106.14448, eq. 3.
+Liang et al. 2021, "R-Drop: Regularized Dropout for Neural Networks", arXiv 2106.14448,
+section 2.
 This file holds the α-term: the symmetric KL between the two predictive distributions, taken
 per position from logits,
 
@@ -62,7 +63,7 @@ def _check_pair(a: Tensor, b: Tensor, names: tuple[str, str], min_ndim: int, lay
         )
 
 
-def reduce_masked(values: Tensor, mask: Tensor | None, reduction: Reduction) -> Tensor:
+def _reduce_masked(values: Tensor, mask: Tensor | None, reduction: Reduction) -> Tensor:
     """Zero the positions where ``mask`` is False, then reduce as documented above.
 
     ``values`` ``(b, ...)`` per-position losses; ``mask`` broadcastable to it, True = kept.
@@ -110,7 +111,7 @@ def symmetric_kl(
     log_p = F.log_softmax(logits_p.to(dtype), dim=-1)  # (b, ..., c)
     log_q = F.log_softmax(logits_q.to(dtype), dim=-1)
     per_position = 0.5 * ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)  # (b, ...)
-    return reduce_masked(per_position, mask, reduction)
+    return _reduce_masked(per_position, mask, reduction)
 
 
 def rdrop_mse(
@@ -131,4 +132,4 @@ def rdrop_mse(
     _check_pair(pred_p, pred_q, ("pred_p", "pred_q"), 1, "(batch, ...)")
     dtype = _compute_dtype(pred_p.dtype)
     per_element = (pred_p.to(dtype) - pred_q.to(dtype)).square()  # (b, ...)
-    return reduce_masked(per_element, mask, reduction)
+    return _reduce_masked(per_element, mask, reduction)

@@ -18,11 +18,12 @@ Only the first r = ``dim`` channels rotate (partial rotary); the rest pass throu
 Extensions: linear position interpolation (Chen et al. 2023, arXiv 2306.15595) divides
 positions by s; NTK-aware scaling (bloc97, 2023) replaces base by base·s^(r/(r−2)).
 
-Precision: angles are always computed in fp32 from int64 positions (exact up to 2^24) and the
-cos/sin are cast to the input dtype only when applied. The angle p·θ_i carries one fp32
-rounding, |error| <= |p θ_i|·2^-24 (about 0.006 rad at p = 10^5 for θ_0 = 1), as in HF and
-torchtune; positions are never rounded to bf16 (rotary-embedding-torch builds them in the
-input dtype, so in bf16 positions above 256 collide).
+Precision: angles are formed from int64 positions in fp64 and reduced mod 2π, then rounded to
+fp32 (cos/sin are cast to the input dtype only when applied), so every angle is within ~4e-7
+rad of the exact p·θ_i at any position — fp32 angles (HF, torchtune) are off by up to
+|p θ_i|·2^-24, 0.006 rad at p = 10^5. MPS has no fp64 and stays in fp32. Positions are never
+rounded to the input dtype (rotary-embedding-torch builds them in it: in bf16 positions above
+256 collide).
 
 Shapes: b batch, h heads, n length, w channels (head_dim, or features), r rotated channels.
 x ``(b, h, n, w)``, positions int64 ``(n,)`` or ``(b, n)``.
@@ -31,11 +32,18 @@ x ``(b, h, n, w)``, positions int64 ``(n,)`` or ``(b, n)``.
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 from torch import Tensor
 
-from transformer_zoo._checks import check_floating, check_positive_int, check_rank, check_tensor
+from transformer_zoo._checks import (
+    check_floating,
+    check_positions,
+    check_positive_int,
+    check_rank,
+    check_tensor,
+)
 
 
 class RotaryLayout(enum.Enum):
@@ -76,26 +84,35 @@ def ntk_scaled_base(base: float, dim: int, ntk_factor: float) -> float:
     return float(base) * ntk_factor ** (dim / (dim - 2))
 
 
+def _wide(device: torch.device | str | None) -> torch.dtype:
+    """fp64 where the device has it (everything but MPS)."""
+    return torch.float32 if torch.device(device or "cpu").type == "mps" else torch.float64
+
+
 def rotary_frequencies(
     dim: int, *, base: float = 10000.0, device: torch.device | str | None = None
 ) -> Tensor:
-    """θ_i = base^(−2i/dim), i = 0 … dim/2 − 1, as fp32 ``(dim/2,)`` (computed in fp64)."""
+    """θ_i = base^(−2i/dim), i = 0 … dim/2 − 1, ``(dim/2,)`` in fp64 (fp32 on MPS)."""
     _check_even_dim(dim)
     if not float(base) > 1.0:
         raise ValueError(f"base: expected a number > 1, got {base!r}")
     exponent = torch.arange(0, dim, 2, dtype=torch.float64) / dim  # on CPU: MPS has no fp64
-    return (float(base) ** -exponent).to(device=device, dtype=torch.float32)
+    return (float(base) ** -exponent).to(device=device, dtype=_wide(device))
 
 
 def rotary_angles(
     positions: Tensor, inv_freq: Tensor, *, interpolation_factor: float = 1.0
 ) -> Tensor:
-    """Angles p·θ_i in fp32 from int64 positions: ``(n,) -> (n, r/2)``, ``(b, n) ->
-    (b, 1, n, r/2)`` (the 1 broadcasts over heads)."""
-    p = positions.to(torch.float32)  # exact for |p| < 2^24
+    """Angles p·θ_i mod 2π as fp32, from int64 positions: ``(n,) -> (n, r/2)``,
+    ``(b, n) -> (b, 1, n, r/2)`` (the 1 broadcasts over heads). Formed in fp64 (fp32 on MPS)."""
+    wide = _wide(positions.device)
+    p = positions.to(wide)  # exact for |p| < 2^53
     if interpolation_factor != 1.0:
         p = p / interpolation_factor
-    angles = p[..., None] * inv_freq.to(device=positions.device, dtype=torch.float32)
+    angles = p[..., None] * inv_freq.to(device=positions.device, dtype=wide)
+    if wide == torch.float64:
+        angles = torch.remainder(angles, 2 * math.pi)  # keeps fp32 rounding at ~4e-7 rad
+    angles = angles.to(torch.float32)
     return angles[:, None] if positions.ndim == 2 else angles
 
 
@@ -173,7 +190,7 @@ def apply_rotary_tables(x: Tensor, tables: tuple[Tensor, ...], *, layout: Rotary
 
 
 def apply_rotary_angles(x: Tensor, angles: Tensor, *, layout: RotaryLayout) -> Tensor:
-    """Rotate the first r = 2·angles.shape[-1] channels of ``x`` by fp32 ``angles``.
+    """Rotate the first r = 2·angles.shape[-1] channels of ``x`` by ``angles`` (fp32).
 
     x ``(b, h, n, w)``; angles broadcastable to ``(b, h, n, r/2)``. Same result as
     ``rotary_reference`` (up to rounding), faster in eager mode:
@@ -191,15 +208,8 @@ def check_rotary_input(x: Tensor, positions: Tensor, dim: int) -> None:
     """Validate x ``(b, h, n, w)``, positions int64 ``(n,)``/``(b, n)`` and ``dim <= w``."""
     check_rank(x, "x", 4, "(batch, heads, seq, channels)")
     check_floating(x, "x")
-    check_tensor(positions, "positions")
-    if positions.dtype != torch.int64:
-        raise TypeError(f"positions: expected int64 positions, got dtype {positions.dtype}")
     b, _, n, w = x.shape
-    if tuple(positions.shape) not in {(n,), (b, n)}:
-        raise ValueError(
-            f"positions: expected shape (seq,) = ({n},) or (batch, seq) = ({b}, {n}), "
-            f"got {tuple(positions.shape)}"
-        )
+    check_positions(positions, b, n)  # (a set-membership test would specialise under compile)
     if dim > w:
         raise ValueError(f"dim: expected at most the {w} channels of x, got {dim}")
 

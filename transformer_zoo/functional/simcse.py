@@ -3,8 +3,8 @@
     ℓ_i = −log [ exp(sim(h_i, h_i⁺)/τ) / Σ_{j=1..b} exp(sim(h_i, h_j⁺)/τ) ],   sim = cosine
 
 Gao, Yao and Chen 2021, "SimCSE: Simple Contrastive Learning of Sentence Embeddings",
-arXiv 2104.08821, eq. 1; τ = 0.05. h_i and h_i⁺ are the same sentence encoded twice with
-independent dropout masks; the other sentences of the batch are the negatives. The loss is the
+arXiv 2104.08821 (section 3); τ = 0.05. h_i and h_i⁺ are the same sentence encoded twice
+with independent dropout masks; the other sentences of the batch are the negatives. The loss is the
 cross-entropy of the b×b similarity matrix against labels arange(b), averaged over the batch.
 ``symmetric=True`` also scores each h_i⁺ against all h_j and averages the two directions (the
 CLIP form); the paper uses the one-directional loss.

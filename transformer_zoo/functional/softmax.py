@@ -29,6 +29,7 @@ from transformer_zoo._checks import (
     check_bool_mask,
     check_broadcastable,
     check_floating,
+    check_nonempty,
     check_probability,
     check_rank,
     check_same_dtype,
@@ -43,8 +44,10 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, int, int, int, int]
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_rank(t, name, 4, _LAYOUT)
         check_floating(t, name)
-    check_same_dtype("q", q, "k", k)
-    check_same_dtype("q", q, "v", v)
+        check_nonempty(t, name, _LAYOUT)
+    if not torch.is_autocast_enabled(q.device.type):  # under autocast, mixed dtypes are cast
+        check_same_dtype("q", q, "k", k)
+        check_same_dtype("q", q, "v", v)
     b, h, n, d = q.shape
     bk, h_kv, m, dk = k.shape
     if bk != b or v.shape[0] != b:
@@ -160,7 +163,12 @@ def explicit_softmax_attention(
     """
     k, v, full = _prepare(q, k, v, mask, bias, causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    logits = torch.matmul(q, k.transpose(-2, -1)) * scale  # (b, h, n, m)
+    # Logits and softmax in fp32 (at least, autocast or not): rounding logits of size
+    # |q||k|/√d ~ 100s to bf16 (ulp 0.5-2) would move the weights by O(1) at the q/k norms
+    # of real pretrained models.
+    acc = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        logits = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale  # (b, h, n, m)
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
     live = None
@@ -170,5 +178,6 @@ def explicit_softmax_attention(
     weights = torch.softmax(logits, dim=-1)
     if live is not None:
         weights = weights * live
+    weights = weights.to(v.dtype)
     dropped = F.dropout(weights, p=dropout_p, training=training) if dropout_p > 0 else weights
     return torch.matmul(dropped, v), weights  # (b, h, n, d_v), (b, h, n, m)

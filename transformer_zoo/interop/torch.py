@@ -7,8 +7,9 @@ equation ``nn.MultiheadAttention`` computes; only ``Kernel`` changes.
 
 ``MultiheadAttentionCompat`` takes ``nn.MultiheadAttention``'s call exactly — ``(query, key,
 value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)`` ->
-``(output, weights or None)`` — and runs the projections of the ``MultiHeadAttention`` it
-wraps plus that module's ``attend``. ``swap_attention`` replaces every ``nn.MultiheadAttention``
+``(output, weights or None)`` — and runs the ``MultiHeadAttention`` it wraps (its forward
+when keys and values are one tensor, else its projections and ``attend``).
+``swap_attention`` replaces every ``nn.MultiheadAttention``
 in a model with one, copying the weights. With ``SoftmaxAttention`` the swap is exact (tests:
 outputs and gradients of an ``nn.TransformerEncoder`` agree to 1e-5); other kernels are as
 exact as their ``attend``.
@@ -178,6 +179,7 @@ class MultiheadAttentionCompat(nn.Module):
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         batched = query.dim() == 3
+        self_attention, shared_kv = query is key and key is value, key is value
         if not batched:  # (L, E) -> (1, L, E)
             query, key, value = query[None], key[None], value[None]
             key_padding_mask = None if key_padding_mask is None else key_padding_mask[None]
@@ -193,33 +195,41 @@ class MultiheadAttentionCompat(nn.Module):
                                                  b, self.num_heads, n, m, where=self.path)
         self._check_kernel(allowed, bias, causal)
 
-        inner, h = self.attention, self.num_heads
-        inner_dim = h * self.head_dim
-        w_k, w_v = inner.kv_proj.weight.split(inner_dim)
-        b_k, b_v = (None, None) if inner.kv_proj.bias is None else inner.kv_proj.bias.split(
-            inner_dim)
-        q = rearrange(inner.q_proj(query), "b n (h d) -> b h n d", h=h)
-        k = rearrange(F.linear(key, w_k, b_k), "b m (h d) -> b h m d", h=h)
-        v = rearrange(F.linear(value, w_v, b_v), "b m (h d) -> b h m d", h=h)
-        weights = None
+        inner, weights = self.attention, None
         if need_weights and type(inner).attend is SoftmaxAttention.attend and (
                 inner.positional is None):
+            q, k, v = self._project(query, key, value)
             mask = merge_masks(None if kpm is None else padding_to_attn_mask(kpm), allowed)
             out, weights = explicit_softmax_attention(
                 q, k, v, mask=mask, bias=bias, causal=causal or inner.causal,
                 dropout_p=inner.attention_dropout(), training=self.training)
+            out = inner.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (N, L, E)
             weights = weights.mean(dim=1) if average_attn_weights else weights
             weights = weights if batched else weights[0]
-        else:
-            positions = torch.arange(n, device=query.device)
-            k_positions = positions if m == n else torch.arange(m, device=query.device)
+        elif shared_kv:  # the module's own forward (it may know self- from cross-attention)
+            with _per_call(inner, causal, bias):
+                out = inner(query, context=None if self_attention else key, mask=kpm,
+                            attn_mask=allowed)  # (N, L, E)
+        else:  # keys and values are different tensors: our projections, the module's attend
+            q, k, v = self._project(query, key, value)
             with _per_call(inner, causal, bias):
                 out = inner.attend(q, k, v, key_padding_mask=kpm, attn_mask=allowed,
-                                   q_positions=positions, k_positions=k_positions)
-        out = inner.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (N, L, E)
+                                   q_positions=torch.arange(n, device=query.device),
+                                   k_positions=torch.arange(m, device=query.device))
+            out = inner.out_proj(rearrange(out, "b h n d -> b n (h d)"))  # (N, L, E)
         if not batched:
             return out[0], weights
         return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(N, L|S, E) inputs -> q, k, v ``(N, h, L|S, d)`` with the wrapped module's weights."""
+        inner, h = self.attention, self.num_heads
+        w_k, w_v = inner.kv_proj.weight.chunk(2)
+        b_k, b_v = (None, None) if inner.kv_proj.bias is None else inner.kv_proj.bias.chunk(2)
+        q = rearrange(inner.q_proj(query), "b n (h d) -> b h n d", h=h)
+        k = rearrange(F.linear(key, w_k, b_k), "b m (h d) -> b h m d", h=h)
+        v = rearrange(F.linear(value, w_v, b_v), "b m (h d) -> b h m d", h=h)
+        return q, k, v
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, batch_first={self.batch_first}"

@@ -16,6 +16,7 @@ and ``(m,)``/``(b, m)``; bias fp32 ``(1|b, h, n, m)``.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from transformer_zoo._checks import check_positive_int, check_rank
@@ -31,7 +32,9 @@ class ALiBi(LogitBias):
         causal: the causal form −m_h·(i − j), for causal attention; otherwise the symmetric
             −m_h·|i − j|. Both agree on every key j <= i.
 
-    The slopes are a non-persistent buffer (moved by ``.to``, not saved).
+    The slopes are a non-persistent fp32 buffer: moved by ``.to(device)``, not saved, kept
+    in fp32 by ``.half()`` / ``.to(dtype)`` (2^−0.5 and friends are not exact in fp16), and
+    recomputed after ``to_empty`` (meta-device construction) or ``reset_parameters``.
 
     Example:
         >>> import torch
@@ -46,6 +49,16 @@ class ALiBi(LogitBias):
         self.n_heads = check_positive_int(n_heads, "n_heads")
         self.causal = bool(causal)
         self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        super()._apply(fn, recurse)
+        self.slopes = alibi_slopes(self.n_heads).to(self.slopes.device)  # exact, fp32
+        return self
+
+    def reset_parameters(self) -> None:
+        """Recompute the slopes (e.g. after meta-device construction and ``to_empty``)."""
+        with torch.no_grad():
+            self.slopes.copy_(alibi_slopes(self.n_heads))
 
     def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         check_rank(q, "q", 4, "(batch, heads, seq, head_dim)")

@@ -5,7 +5,8 @@
 
 Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding",
 arXiv 2104.09864 (eq. 13-16; eq. 19 for linear attention). Exact rotation; the angles are
-fp32 (see ``transformer_zoo.functional.rotary`` for the precision bound).
+formed in fp64 from int64 positions, reduced mod 2π and rounded to fp32 (see
+``transformer_zoo.functional.rotary``).
 
 Options: both channel layouts (``RotaryLayout``), partial rotary (only the first
 ``rotary_dim`` channels rotate), base θ, linear position interpolation (positions / s; Chen et
@@ -50,8 +51,10 @@ class RotaryEmbedding(QKTransform):
         interpolation_factor: s >= 1; positions are divided by s (linear interpolation).
         ntk_factor: s >= 1; base becomes base·s^(r/(r−2)) (NTK-aware scaling).
 
-    Nothing is stored in the state dict; the fp32 frequencies are cached per (device, width)
-    in a plain dict (the options are read-only, so the cache is never stale).
+    Nothing is stored in the state dict; the fp64 frequencies are cached per (device, width)
+    in a plain dict (the options are read-only, so the cache is never stale). cos/sin come
+    from the positions at each call (no length-limited table, no host sync), computed once
+    for q and k when they share positions, and are cast to the input dtype when applied.
 
     Example:
         >>> import torch
@@ -101,7 +104,7 @@ class RotaryEmbedding(QKTransform):
     ntk_factor = property(lambda self: self._ntk_factor)
 
     def frequencies(self, dim: int, device: torch.device) -> Tensor:
-        """θ_i = base'^(−2i/dim) as fp32 ``(dim/2,)`` on ``device`` (cached outside compile)."""
+        """θ_i = base'^(−2i/dim), fp64 ``(dim/2,)`` on ``device`` (cached outside compile)."""
         if torch.compiler.is_compiling():
             return rotary_frequencies(dim, base=self._scaled_base, device=device)
         key = (device, dim)
@@ -112,7 +115,8 @@ class RotaryEmbedding(QKTransform):
         return freq
 
     def angles(self, positions: Tensor, dim: int | None = None) -> Tensor:
-        """fp32 angles p·θ_i ``(n, dim/2)`` or ``(b, 1, n, dim/2)`` after interpolation."""
+        """Angles p·θ_i mod 2π (fp32) ``(n, dim/2)`` or ``(b, 1, n, dim/2)``, after
+        interpolation."""
         dim = self._rotary_dim if dim is None else _check_even_dim(dim)
         return rotary_angles(
             positions,

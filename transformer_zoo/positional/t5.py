@@ -96,8 +96,9 @@ class T5RelativeBias(LogitBias):
         span = torch.arange(-d, d + 1, device=r.device)
         bucket_of_r = t5_relative_bucket(span, causal=self.causal, num_buckets=self.num_buckets,
                                          max_distance=d)  # (2D + 1,)
-        per_distance = self.weight.T[:, bucket_of_r]  # (h, 2D + 1)
-        return per_distance[:, r].transpose(0, 1)  # (1|b, h, n, m)
+        per_distance = self.weight.T[:, bucket_of_r]  # (h, 2D + 1), contiguous
+        bias = per_distance.index_select(1, r.flatten())  # (h, b·n·m)
+        return bias.view(self.n_heads, *r.shape).transpose(0, 1)  # (1|b, h, n, m)
 
     def extra_repr(self) -> str:
         return (

@@ -3,8 +3,8 @@
     L = ℓ(P1, y) + ℓ(P2, y) + α · ½ [KL(P1 ‖ P2) + KL(P2 ‖ P1)]
 
 Liang et al. 2021, "R-Drop: Regularized Dropout for Neural Networks", arXiv 2106.14448,
-eq. 3 (ℓ = negative log-likelihood there). For regression heads the KL term is replaced by the
-squared error between the two predictions.
+section 2 (ℓ = negative log-likelihood there). For regression heads the KL term is replaced by
+the squared error between the two predictions.
 
 α used by the paper's official scripts: machine translation 5, abstractive summarization 0.7,
 language modelling 1.0, GLUE fine-tuning about 1 (tuned per task), ViT image classification

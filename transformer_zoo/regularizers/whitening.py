@@ -27,7 +27,9 @@ with fewer samples than dimensions keep ``n_components`` below that rank; eigenv
 
 State: buffers ``kernel`` ``(d, k)`` = W[:, :k] and ``bias`` ``(d,)`` = −μ (the paper code's
 names: y = (x + bias) @ kernel), plus the fp64 running statistics ``count``, ``running_mean``,
-``running_cov``; all are in ``state_dict`` (an unfitted module loads any d).
+``running_cov``; all are in ``state_dict`` (an unfitted module loads any d). ``.half()`` or
+``.to(dtype)`` casts the fp64 statistics too: to keep streaming in full precision, cast after
+the last ``partial_fit`` (forward casts kernel and bias to the input dtype anyway).
 
 Shapes: fit/partial_fit ``(N, d)``; forward ``(..., d) -> (..., k)``.
 """
@@ -63,8 +65,10 @@ class Whitening(nn.Module):
         super().__init__()
         if n_components is not None:
             check_positive_int(n_components, "n_components")
-        if isinstance(ddof, bool) or not isinstance(ddof, int) or ddof < 0:
-            raise ValueError(f"ddof: expected an int >= 0, got {ddof!r}")
+        if isinstance(ddof, bool) or not isinstance(ddof, int):
+            raise TypeError(f"ddof: expected an int, got {type(ddof).__name__}")
+        if ddof < 0:
+            raise ValueError(f"ddof: expected an int >= 0, got {ddof}")
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps: expected a float in (0, 1), got {eps}")
         self.n_components = n_components
@@ -106,6 +110,8 @@ class Whitening(nn.Module):
             raise ValueError(
                 f"x: expected dim {self.running_mean.shape[0]} as in earlier chunks, got {d}"
             )
+        if self.n_components is not None and self.n_components > d:
+            raise ValueError(f"n_components: expected at most dim = {d}, got {self.n_components}")
         x = x.to(device=self.running_mean.device, dtype=torch.float64)
         mean_c = x.mean(0)  # (d,)
         second_c = x.mT @ x / m  # (d, d)  E[x xᵀ] over the chunk
@@ -127,8 +133,6 @@ class Whitening(nn.Module):
         cov = self.running_cov * (n / (n - self.ddof))  # (d, d)
         d = cov.shape[0]
         k = d if self.n_components is None else self.n_components
-        if k > d:
-            raise ValueError(f"n_components: expected at most dim = {d}, got {k}")
         evals, evecs = torch.linalg.eigh(cov)  # ascending
         evals, evecs = evals.flip(-1)[:k], evecs.flip(-1)[:, :k]  # (k,), (d, k) descending
         top = evals[0].clamp_min(torch.finfo(torch.float64).tiny)
@@ -136,7 +140,9 @@ class Whitening(nn.Module):
         rows = evecs.abs().argmax(0)  # fix signs: largest entry of each column positive
         evecs = evecs * evecs[rows, torch.arange(k, device=evecs.device)].sign()
         kernel = evecs * evals.rsqrt()  # (d, k) = U Λ^(-1/2)
-        self.kernel = kernel.to(self.kernel.dtype)
+        # contiguous: eigh returns column-major vectors; a checkpoint loaded into a fresh
+        # module is contiguous, and both must multiply bit-identically
+        self.kernel = kernel.to(self.kernel.dtype).contiguous()
         self.bias = (-self.running_mean).to(self.bias.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -158,7 +164,20 @@ class Whitening(nn.Module):
         return self(x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        # Buffers take the shapes of the saved ones, so an unfitted module loads any d and k.
+        # Buffers take the shapes of the saved ones, so an unfitted module loads any d and k,
+        # as long as k agrees with this module's n_components.
+        saved = state_dict.get(prefix + "kernel")
+        if (
+            isinstance(saved, Tensor) and saved.numel() and self.n_components is not None
+            and saved.shape[1] != self.n_components
+        ):
+            error_msgs = args[4] if len(args) > 4 else kwargs["error_msgs"]
+            error_msgs.append(
+                f"size mismatch for {prefix}kernel: copying a param with shape "
+                f"{tuple(saved.shape)} from checkpoint, but this module has "
+                f"n_components={self.n_components} (expected (d, {self.n_components}))"
+            )
+            return
         for name in _STATE:
             saved = state_dict.get(prefix + name)
             if isinstance(saved, Tensor) and saved.shape != getattr(self, name).shape:

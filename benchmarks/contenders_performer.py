@@ -1,0 +1,171 @@
+"""Performer (FAVOR+) contenders: ours vs performer-pytorch at equal m, plus approximation error.
+
+``contenders()`` follows ``benchmarks/common.py``: each factory builds a module (or a kernel)
+and inputs for one sequence length and returns ``step``; the harness times
+``step().sum().backward()``. ``errors(n)`` measures each FAVOR+ implementation against exact
+softmax attention on ``error_inputs(n)`` at equal m (bidirectional and causal).
+
+``python -m benchmarks.contenders_performer --lengths 1024 8192 --errors 1024`` prints a quick
+round-robin side-by-side; the full harness (time, peak memory, plots) is
+``python -m benchmarks.attention``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import time
+
+import torch
+
+from benchmarks.common import (
+    BATCH,
+    D_MODEL,
+    HEAD_DIM,
+    HEADS,
+    ContenderFactory,
+    Step,
+    error_inputs,
+    relative_error,
+)
+from transformer_zoo import PerformerAttention
+from transformer_zoo.functional import draw_projection, favor_attention, softmax_attention
+
+NB_FEATURES = 256
+
+try:  # peers are optional
+    import performer_pytorch
+except ImportError:  # pragma: no cover
+    performer_pytorch = None
+
+
+def _x(n: int) -> torch.Tensor:
+    return torch.randn(BATCH, n, D_MODEL, requires_grad=True)
+
+
+def _qkv(n: int) -> list[torch.Tensor]:
+    return [torch.randn(BATCH, HEADS, n, HEAD_DIM, requires_grad=True) for _ in range(3)]
+
+
+def ours(causal: bool) -> ContenderFactory:
+    def factory(n: int) -> Step:
+        attn = PerformerAttention(D_MODEL, HEADS, nb_features=NB_FEATURES, causal=causal, seed=0)
+        x = _x(n)
+        return lambda: attn(x)
+
+    return factory
+
+
+def ours_kernel(causal: bool) -> ContenderFactory:
+    def factory(n: int) -> Step:
+        w = draw_projection(NB_FEATURES, HEAD_DIM, seed=0)
+        q, k, v = _qkv(n)
+        return lambda: favor_attention(q, k, v, w, causal=causal)
+
+    return factory
+
+
+def _quiet(fn):
+    with contextlib.redirect_stdout(io.StringIO()):  # their causal path prints a notice
+        return fn()
+
+
+def peer(causal: bool) -> ContenderFactory:
+    def factory(n: int) -> Step:
+        attn = _quiet(lambda: performer_pytorch.SelfAttention(
+            dim=D_MODEL, heads=HEADS, dim_head=HEAD_DIM, nb_features=NB_FEATURES, causal=causal
+        ))
+        x = _x(n)
+        return lambda: attn(x)
+
+    return factory
+
+
+def peer_kernel(causal: bool) -> ContenderFactory:
+    def factory(n: int) -> Step:
+        fa = _quiet(lambda: performer_pytorch.FastAttention(HEAD_DIM, NB_FEATURES, causal=causal))
+        q, k, v = _qkv(n)
+        return lambda: fa(q, k, v)
+
+    return factory
+
+
+def contenders() -> dict[str, ContenderFactory]:
+    """Name -> factory; fwd+bwd timed by the harness. Peers left out when not installed."""
+    out: dict[str, ContenderFactory] = {
+        "performer (transformer_zoo)": ours(False),
+        "performer causal (transformer_zoo)": ours(True),
+        "favor kernel (transformer_zoo)": ours_kernel(False),
+        "favor kernel causal (transformer_zoo)": ours_kernel(True),
+    }
+    if performer_pytorch is not None:
+        out.update({
+            "performer SelfAttention (performer-pytorch)": peer(False),
+            "performer SelfAttention causal (performer-pytorch)": peer(True),
+            "FastAttention (performer-pytorch)": peer_kernel(False),
+            "FastAttention causal (performer-pytorch)": peer_kernel(True),
+        })
+    return out
+
+
+def errors(
+    n: int, *, nb_features: int = NB_FEATURES, draws: int = 2,
+    scales: tuple[float, ...] = (1.0, 0.5),
+) -> dict[str, float]:
+    """Relative error vs exact softmax on ``error_inputs(n)``, mean over ``draws`` matrices.
+
+    Equal m for both implementations; performer-pytorch gets our W (so the difference is the
+    stabilizers and its ε). ``scales`` multiply q and k (1.0: the harness's unit-variance
+    inputs, |q̂|² ≈ 8, where FAVOR+ at m = 256 has a huge variance); "mean of V" is uniform
+    attention, the output an estimator collapses to when every φ(k) becomes the same ε.
+    """
+    q0, k0, v = error_inputs(n)
+    totals: dict[str, float] = {}
+    for scale in scales:
+        q, k = q0 * scale, k0 * scale
+        for causal in (False, True):
+            tag = f"{' causal' if causal else ''}, q,k x{scale}"
+            exact = softmax_attention(q.double(), k.double(), v.double(), causal=causal)
+            mean = v.cumsum(-2) / torch.arange(1, n + 1)[:, None] if causal else v.mean(-2, True)
+            totals[f"mean of V{tag}"] = relative_error(mean.expand_as(v), exact)
+            for i in range(draws):
+                w = draw_projection(nb_features, HEAD_DIM, seed=0, step=i)
+                results = {f"favor{tag} (transformer_zoo)": favor_attention(q, k, v, w,
+                                                                             causal=causal)}
+                if performer_pytorch is not None:
+                    fa = _quiet(lambda c=causal: performer_pytorch.FastAttention(
+                        HEAD_DIM, nb_features, causal=c))
+                    fa.projection_matrix.copy_(w)
+                    results[f"FastAttention{tag} (performer-pytorch)"] = fa(q, k, v)
+                for name, out in results.items():
+                    totals[name] = totals.get(name, 0.0) + relative_error(out, exact) / draws
+    return totals
+
+
+def main() -> None:  # pragma: no cover - manual tool
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="*", default=[], help="exact contender names")
+    parser.add_argument("--errors", type=int, default=0, help="also print errors at this n")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    factories = {k: f for k, f in contenders().items() if not args.only or k in args.only}
+    for n in args.lengths:  # round robin: a burst of load hits every contender alike
+        steps = {name: factory(n) for name, factory in factories.items()}
+        best = dict.fromkeys(steps, float("inf"))
+        for _ in range(args.repeats + 1):  # the first round warms up
+            for name, step in steps.items():
+                t0 = time.perf_counter()
+                step().sum().backward()
+                best[name] = min(best[name], time.perf_counter() - t0)
+        for name, t in best.items():
+            print(f"n={n:6d} {name:55s} {t * 1e3:9.1f} ms")
+    if args.errors:
+        for name, err in errors(args.errors).items():
+            print(f"error n={args.errors} {name:55s} {err:.4f}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,291 @@
+"""FAVOR+ kernels: random matrix, feature maps, linear vs quadratic form, causal prefix sum."""
+
+import functools
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from transformer_zoo.functional import (
+    FavorState,
+    GeneralizedFeatures,
+    HyperbolicFeatures,
+    PositiveFeatures,
+    RowNorms,
+    causal_linear_scan,
+    draw_projection,
+    explicit_softmax_attention,
+    favor_attention,
+    favor_decode_step,
+    gaussian_orthogonal_matrix,
+)
+from transformer_zoo.functional.causal_linear import chunked_scan
+from transformer_zoo.functional.random_features import projection_seed
+
+F64 = torch.float64
+
+
+# -- slow references written here -------------------------------------------------------------
+def textbook_features(x: torch.Tensor, w: torch.Tensor, fmap) -> torch.Tensor:
+    """φ(x̂) exactly as in the paper (no stabilizer), x̂ = d^(-1/4) x."""
+    xh = x * x.shape[-1] ** -0.25
+    proj = xh @ w.transpose(-2, -1)
+    if isinstance(fmap, GeneralizedFeatures):
+        return fmap.fn(proj)
+    sq = (xh * xh).sum(-1, keepdim=True) / 2
+    if isinstance(fmap, HyperbolicFeatures):
+        return torch.cat([(proj - sq).exp(), (-proj - sq).exp()], -1) / math.sqrt(2 * w.shape[-2])
+    return (proj - sq).exp() / math.sqrt(w.shape[-2])
+
+
+def quadratic_favor(q, k, v, w, fmap, causal=False, valid=None):
+    """D⁻¹ (Q'K'ᵀ ⊙ M) V with the textbook features, fully materialised."""
+    a = textbook_features(q, w, fmap) @ textbook_features(k, w, fmap).transpose(-2, -1)
+    n, m = a.shape[-2:]
+    keep = torch.ones(n, m, dtype=torch.bool)
+    if causal:
+        keep = torch.arange(m) <= torch.arange(n)[:, None] + (m - n)
+    keep = keep if valid is None else keep & valid[:, None, None, :]
+    a = a * keep
+    den = a.sum(-1, keepdim=True)
+    return torch.where(den > 0, (a @ v) / den.clamp_min(1e-300), 0.0)
+
+
+def rand_qkv(b=2, h=3, n=12, m=12, d=8, dtype=F64, scale=1.0):
+    q = torch.randn(b, h, n, d, dtype=dtype) * scale
+    k = torch.randn(b, h, m, d, dtype=dtype) * scale
+    return q, k, torch.randn(b, h, m, d, dtype=dtype)
+
+
+# -- random matrix ----------------------------------------------------------------------------
+def test_blocks_are_orthogonal_with_sqrt_d_norms_and_truncated_tail():
+    w = gaussian_orthogonal_matrix(20, 8, row_norms=RowNorms.SQRT_D, dtype=F64)
+    assert w.shape == (20, 8)
+    for blk in (w[:8], w[8:16], w[16:]):
+        gram = blk @ blk.T
+        torch.testing.assert_close(gram, 8 * torch.eye(len(blk), dtype=F64))
+
+
+def test_chi_norms_are_independent_of_the_directions():
+    w = gaussian_orthogonal_matrix(16, 16, dtype=F64, draws=400)
+    u = w / w.norm(dim=-1, keepdim=True)
+    eye = torch.eye(16, dtype=F64).expand(400, 16, 16)
+    torch.testing.assert_close(u @ u.transpose(-2, -1), eye)
+    norms = w.norm(dim=-1)
+    assert norms.std() > 0.3  # not all √d
+    assert abs(norms.square().mean() - 16) < 0.5  # E[chi²(d)] = d
+
+
+def test_sign_fix_makes_rows_isotropic():
+    """Without Q·diag(sign R_ii) LAPACK's QR gives row 0 a first coordinate that is always < 0."""
+    w = gaussian_orthogonal_matrix(8, 8, dtype=F64, draws=2000)
+    frac = (w[:, 0, 0] > 0).double().mean()
+    assert abs(frac - 0.5) < 0.05
+    q, _ = torch.linalg.qr(torch.randn(2000, 8, 8, dtype=F64))  # peers: no sign fix
+    assert abs((q.transpose(-2, -1)[:, 0, 0] > 0).double().mean() - 0.5) > 0.4
+
+
+def _z_score(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor, fmap) -> float:
+    est = (textbook_features(x, w, fmap) * textbook_features(y, w, fmap)).sum(-1).flatten()
+    exact = math.exp(float((x * y).sum()) / math.sqrt(x.shape[-1]))
+    return float((est.mean() - exact) / (est.std() / math.sqrt(len(est))))
+
+
+@pytest.mark.parametrize("fmap", [PositiveFeatures(), HyperbolicFeatures()], ids=repr)
+@pytest.mark.parametrize("aligned", [True, False])
+def test_estimator_is_unbiased_z_test(fmap, aligned):
+    d = 16
+    x = torch.zeros(d, dtype=F64)
+    if aligned:
+        x[0] = 0.7 * d**0.25
+        y = x.clone()
+    else:
+        x, y = torch.randn(2, d, dtype=F64) * 0.2 * d**0.25
+    w = gaussian_orthogonal_matrix(16, d, dtype=F64, draws=20000)  # (s, r, d)
+    assert abs(_z_score(w, x[None], y[None], fmap)) < 3.5
+
+
+def test_z_test_catches_a_matrix_without_the_sign_fix():
+    d = 16
+    x = torch.zeros(d, dtype=F64)
+    x[0] = 0.7 * d**0.25
+    q, _ = torch.linalg.qr(torch.randn(20000, d, d, dtype=F64))  # the peers' recipe
+    w = torch.randn(20000, d, d, dtype=F64).norm(dim=-1, keepdim=True) * q.transpose(-2, -1)
+    assert _z_score(w, x[None], x[None], PositiveFeatures()) < -4
+
+
+def test_draw_is_deterministic_in_seed_step_layer():
+    a = draw_projection(32, 8, seed=3, step=2, layer=1)
+    torch.testing.assert_close(a, draw_projection(32, 8, seed=3, step=2, layer=1), rtol=0, atol=0)
+    for other in ((4, 2, 1), (3, 3, 1), (3, 2, 0)):
+        s, t, layer = other
+        assert not torch.equal(a, draw_projection(32, 8, seed=s, step=t, layer=layer))
+    assert projection_seed(3, 2, 1) == projection_seed(3, 2, 1) < 2**63
+    with pytest.raises(TypeError, match="step"):
+        projection_seed(1, 1.5, 0)
+
+
+# -- approximation quality --------------------------------------------------------------------
+def _mse(r: int, orthogonal: bool, draws: int, q, k, v) -> float:
+    exact, _ = explicit_softmax_attention(q, k, v)
+    w = gaussian_orthogonal_matrix(r, q.shape[-1], orthogonal=orthogonal, dtype=F64, draws=draws)
+    errs = [(favor_attention(q, k, v, w[i]) - exact).square().mean() for i in range(draws)]
+    return float(torch.stack(errs).mean())
+
+
+@pytest.mark.slow
+def test_mse_falls_like_one_over_m_and_orthogonal_beats_iid():
+    q, k, v = rand_qkv(1, 4, 32, 32, 16, scale=0.4)
+    ms = [16, 64, 256, 1024]
+    mse = [_mse(r, True, 12, q, k, v) for r in ms]
+    x, y = torch.log(torch.tensor(ms, dtype=F64)), torch.log(torch.tensor(mse, dtype=F64))
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+    assert -1.2 < slope < -0.8, (mse, slope)
+    ortho = sum(_mse(r, True, 12, q, k, v) for r in (16, 64, 256))
+    iid = sum(_mse(r, False, 12, q, k, v) for r in (16, 64, 256))
+    assert ortho < iid
+
+
+# -- exact identities for a fixed W -------------------------------------------------------------
+FMAPS = [PositiveFeatures(), HyperbolicFeatures(), GeneralizedFeatures()]
+
+
+@pytest.mark.parametrize("fmap", FMAPS, ids=repr)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [(12, 12), (5, 12), (12, 7)])
+def test_linear_form_equals_quadratic_form(fmap, causal, lengths):
+    n, m = lengths
+    q, k, v = rand_qkv(n=n, m=m, scale=1.5)
+    valid = torch.rand(2, m) > 0.3
+    valid[:, 0] = True
+    w = draw_projection(24, 8, seed=0, dtype=F64)
+    got = favor_attention(q, k, v, w, feature_map=fmap, causal=causal, key_padding_mask=valid,
+                          chunk_size=5)
+    want = quadratic_favor(q, k, v, w, fmap, causal, valid)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def test_grouped_query_heads_match_expanded():
+    q, k, v = rand_qkv(h=4)
+    k2, v2 = k[:, :2], v[:, :2]
+    w = draw_projection(16, 8, seed=1, dtype=F64)
+    got = favor_attention(q, k2, v2, w, causal=True)
+    k4, v4 = k2.repeat_interleave(2, 1), v2.repeat_interleave(2, 1)
+    want = favor_attention(q, k4, v4, w, causal=True)
+    torch.testing.assert_close(got, want)
+
+
+@given(n=st.integers(1, 40), chunk=st.integers(1, 16), reverse=st.booleans())
+def test_chunked_scan_matches_masked_quadratic(n, chunk, reverse):
+    a, b = torch.rand(2, 2, n, 5, dtype=F64).unbind(0)
+    x = torch.randn(2, n, 3, dtype=F64)
+    g = torch.randn(2, n, dtype=F64).abs().cumsum(-1)  # non-decreasing
+    diff = g[:, :, None] - g[:, None, :]  # [r, s] = g_r - g_s
+    keep = torch.ones(n, n, dtype=torch.bool)
+    keep, diff = (keep.triu(), diff) if reverse else (keep.tril(), -diff)
+    want = ((a @ b.transpose(-2, -1)) * diff.exp() * keep) @ x
+    torch.testing.assert_close(chunked_scan(a, b, x, g, chunk=chunk, reverse=reverse), want)
+
+
+def test_causal_scan_gradcheck_across_chunks():
+    a, b = torch.rand(2, 2, 11, 4, dtype=F64).unbind(0)
+    x = torch.randn(2, 11, 3, dtype=F64)
+    g = torch.randn(2, 11, dtype=F64).abs().cumsum(-1)
+    args = [t.requires_grad_() for t in (a, b, x)]
+    fn = functools.partial(causal_linear_scan, g=g, chunk=4)
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("fmap", [PositiveFeatures(), HyperbolicFeatures()], ids=repr)
+def test_favor_gradcheck(causal, fmap):
+    q, k, v = (t.requires_grad_() for t in rand_qkv(1, 2, 7, 7, 4))
+    valid = torch.tensor([[True, True, False, True, True, True, False]])
+    w = draw_projection(6, 4, seed=0, dtype=F64)
+
+    def fn(q, k, v):
+        return favor_attention(q, k, v, w, feature_map=fmap, causal=causal, key_padding_mask=valid,
+                               chunk_size=3)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_causal_memory_is_linear_in_n():
+    """Autograd keeps O(n(F + d)) for causal FAVOR+, not a b·h·n·F·d prefix-sum tensor."""
+    n, r, d = 512, 64, 16
+    q, k, v = (t.float().requires_grad_() for t in rand_qkv(1, 2, n, n, d))
+    w = draw_projection(r, d, seed=0)
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        favor_attention(q, k, v, w, causal=True, chunk_size=64).sum().backward()
+    assert sum(saved) < 12 * 2 * n * (r + d)  # a few (b, h, n, F|d) tensors
+    assert max(saved) <= 2 * n * (r + d + 1)  # far below b·h·n·F·d = 2·512·64·16
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# -- decoding ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmap", FMAPS, ids=repr)
+def test_recurrent_steps_equal_parallel_causal(fmap):
+    q, k, v = rand_qkv(n=9, m=9, scale=2.0)
+    k[:, :, 4] *= 6  # a large key mid-sequence moves the running stabilizer
+    w = draw_projection(16, 8, seed=2, dtype=F64)
+    want = favor_attention(q, k, v, w, feature_map=fmap, causal=True, chunk_size=4)
+    state: FavorState | None = None
+    for t in range(9):
+        sl = slice(t, t + 1)
+        out, state = favor_decode_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], w, state,
+                                       feature_map=fmap)
+        torch.testing.assert_close(out, want[:, :, sl], rtol=1e-10, atol=1e-12)
+    assert state.length == 9 and state.numerator.shape == (2, 3, fmap.num_features(16), 8)
+
+
+def test_decode_step_rejects_more_than_one_token():
+    q, k, v = rand_qkv(n=2, m=2)
+    with pytest.raises(ValueError, match="one token"):
+        favor_decode_step(q, k, v, draw_projection(8, 8, seed=0, dtype=F64))
+
+
+# -- the fused bidirectional path -----------------------------------------------------------------
+class UnfusedPositive(PositiveFeatures):
+    """Same map; a subclass takes the generic autograd path instead of the fused Function."""
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_path_matches_generic_values_and_gradients(padded):
+    q, k, v = (t.requires_grad_() for t in rand_qkv(2, 3, 10, 13, 8, scale=2.0))
+    valid = torch.rand(2, 13) > 0.3 if padded else None
+    w = draw_projection(24, 8, seed=4, dtype=F64)
+    outs, grads = [], []
+    for fmap in (PositiveFeatures(), UnfusedPositive()):
+        out = favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=valid)
+        outs.append(out)
+        grads.append(torch.autograd.grad((out * torch.arange(8.0)).sum(), (q, k, v)))
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("fmap", [PositiveFeatures(), UnfusedPositive(), HyperbolicFeatures()],
+                         ids=repr)
+def test_bidirectional_denominator_never_underflows_at_extreme_norms(fmap):
+    """Per-feature key max + query compensation: the largest denominator term is exactly 1.
+
+    Queries along +u, keys along -u, |x̂| = 20: a single key-side max (over all features)
+    leaves every φ(q)ᵀφ(k) below e^-100 (fp32 gives 0/0); ours stays exact.
+    """
+    u = torch.randn(16, dtype=F64)
+    u = u / u.norm()
+    q = 40 * u + 3 * torch.randn(1, 2, 16, 16, dtype=F64)
+    k = -40 * u + 3 * torch.randn(1, 2, 16, 16, dtype=F64)
+    v = torch.randn(1, 2, 16, 16, dtype=F64)
+    w = draw_projection(64, 16, seed=0, dtype=F64)
+    want = quadratic_favor(q, k, v, w, fmap)  # fp64 textbook features still representable
+    got = favor_attention(q.float(), k.float(), v.float(), w.float(), feature_map=fmap)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,299 @@
+"""ListOps data (generator, evaluator, splits), the R-Drop loss, the classifier and --smoke."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from benchmarks.listops.data import (
+    CLOSE,
+    DIGITS,
+    OPERATORS,
+    PAD_ID,
+    VOCAB,
+    ListOpsConfig,
+    encode,
+    evaluate,
+    generate_expression,
+    majority_baseline,
+    make_splits,
+    tokenize,
+)
+from benchmarks.listops.model import ListOpsClassifier, ModelConfig
+from benchmarks.listops.variants import build_variants, local_rdrop_loss, symmetric_kl
+from transformer_zoo import SoftmaxAttention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- a slow, independent reference: recursive descent into a tree, numpy for the median ---
+
+
+def _parse(tokens: list[str], i: int) -> tuple[object, int]:
+    tok = tokens[i]
+    if tok in DIGITS:
+        return int(tok), i + 1
+    assert tok in OPERATORS, tok
+    children, i = [], i + 1
+    while tokens[i] != CLOSE:
+        child, i = _parse(tokens, i)
+        children.append(child)
+    return (tok, children), i + 1
+
+
+def _value(tree: object) -> int:
+    if isinstance(tree, int):
+        return tree
+    op, children = tree
+    values = [_value(c) for c in children]
+    return {
+        "[MAX": lambda v: int(np.max(v)),
+        "[MIN": lambda v: int(np.min(v)),
+        "[MED": lambda v: int(np.median(v)),  # what LRA does
+        "[SM": lambda v: int(np.sum(v)) % 10,
+    }[op](values)
+
+
+def reference_evaluate(tokens: list[str]) -> int:
+    tree, end = _parse(tokens, 0)
+    assert end == len(tokens)
+    return _value(tree)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("7", 7),
+        ("[MAX 2 9 [MIN 4 7 ] 0 ]", 9),
+        ("[MIN 4 7 ]", 4),
+        ("[MED 1 9 4 ]", 4),
+        ("[MED 1 2 ]", 1),  # median 1.5, truncated
+        ("[MED 3 8 9 1 ]", 5),  # sorted 1 3 8 9: median 5.5 -> 5
+        ("[SM 9 8 7 ]", 4),  # 24 mod 10
+        ("[SM [MAX 5 6 ] [MIN 9 8 ] ]", 4),  # 6 + 8 = 14
+        ("[MIN [SM 5 5 ] [MED 9 9 9 ] 3 ]", 0),  # min(0, 9, 3)
+        ("[MAX [MED [SM 1 2 ] [MIN 7 8 ] 0 ] 2 ]", 3),  # med(3, 7, 0) = 3
+    ],
+)
+def test_evaluate_hand_checked(text: str, value: int) -> None:
+    assert evaluate(tokenize(text)) == value
+    assert reference_evaluate(tokenize(text)) == value
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 7), st.integers(2, 6))
+def test_evaluate_matches_reference_on_generated(seed: int, depth: int, args: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(5):
+        tokens = generate_expression(rng, max_depth=depth, max_args=args, op_p=0.4)
+        assert evaluate(tokens) == reference_evaluate(tokens)
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 6), st.integers(2, 6))
+def test_generator_respects_depth_and_arguments(seed: int, depth: int, args: int) -> None:
+    tokens = generate_expression(
+        np.random.default_rng(seed), max_depth=depth, max_args=args, op_p=0.5,
+        root_is_operator=depth > 1,
+    )
+    open_ops: list[int] = [0]  # argument counts of the open operators (0 = the root slot)
+    deepest = 0
+    for tok in tokens:
+        if tok in OPERATORS:
+            open_ops[-1] += 1
+            open_ops.append(0)
+            deepest = max(deepest, len(open_ops) - 1)
+        elif tok == CLOSE:
+            assert 2 <= open_ops.pop() <= args
+        else:
+            open_ops[-1] += 1
+    assert open_ops == [1]
+    assert deepest <= depth - 1  # digits fill depth ``depth``; operators stop above it
+    if depth > 1:
+        assert tokens[0] in OPERATORS
+
+
+@pytest.mark.parametrize(
+    "bad", ["[MAX 1 ]]", "[MAX 1 2", "1 2", "[FOO 1 2 ]", "[MAX ]", "]"]
+)
+def test_evaluate_rejects_malformed(bad: str) -> None:
+    with pytest.raises(ValueError):
+        evaluate(tokenize(bad))
+
+
+SMALL = ListOpsConfig(
+    min_length=6, max_length=40, max_depth=4, max_args=4, n_train=300, n_valid=50, n_test=80
+)
+
+
+def test_splits_are_deterministic_disjoint_and_labelled() -> None:
+    a, b = make_splits(SMALL, seed=3), make_splits(SMALL, seed=3)
+    other = make_splits(SMALL, seed=4)
+    assert not torch.equal(a["train"].tokens, other["train"].tokens)
+    texts = {}
+    for name in ("train", "valid", "test"):
+        assert torch.equal(a[name].tokens, b[name].tokens)
+        assert torch.equal(a[name].labels, b[name].labels)
+        split = a[name]
+        assert len(split) == getattr(SMALL, f"n_{name}")
+        assert split.tokens.dtype == torch.int64
+        assert split.lengths.min() >= SMALL.min_length
+        assert split.lengths.max() <= SMALL.max_length
+        rows = []
+        for row, n, label in zip(split.tokens, split.lengths, split.labels, strict=True):
+            assert (row[n:] == PAD_ID).all() and (row[:n] != PAD_ID).all()
+            tokens = [VOCAB[int(t)] for t in row[:n]]
+            assert reference_evaluate(tokens) == int(label)
+            rows.append(" ".join(tokens))
+        assert len(set(rows)) == len(rows)
+        texts[name] = set(rows)
+    assert not texts["train"] & texts["test"]
+    assert not texts["train"] & texts["valid"]
+    assert not texts["valid"] & texts["test"]
+
+
+def test_majority_baseline_and_vocab() -> None:
+    splits = make_splits(SMALL, seed=0)
+    label, acc = majority_baseline(splits["train"], splits["test"])
+    counts = torch.bincount(splits["train"].labels, minlength=10)
+    assert counts[label] == counts.max()
+    assert acc == pytest.approx(float((splits["test"].labels == label).float().mean()))
+    assert VOCAB[PAD_ID] == "<pad>" and len(set(VOCAB)) == len(VOCAB) == 16
+    assert encode(tokenize("[SM 1 ]")) == [VOCAB.index("[SM"), VOCAB.index("1"), VOCAB.index("]")]
+    with pytest.raises(ValueError, match="unknown token"):
+        encode(["[FOO"])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"min_length": 0}, {"max_args": 1}, {"min_length": 50, "max_length": 10}, {"op_p": 1.0}],
+)
+def test_config_validation(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        ListOpsConfig(**kwargs)
+
+
+def test_symmetric_kl_properties() -> None:
+    a, b = torch.randn(6, 10), torch.randn(6, 10)
+    kl = symmetric_kl(a, b)
+    assert kl > 0
+    torch.testing.assert_close(kl, symmetric_kl(b, a))
+    assert symmetric_kl(a, a + torch.randn(6, 1)) == pytest.approx(0.0, abs=1e-6)
+    pa, pb = a.softmax(-1), b.softmax(-1)
+    slow = 0.5 * ((pa * (pa / pb).log()).sum(-1) + (pb * (pb / pa).log()).sum(-1)).mean()
+    torch.testing.assert_close(kl, slow)
+    y = torch.randint(0, 10, (6,))
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(local_rdrop_loss(2.0)(a, b, y), ce(a, y) + ce(b, y) + 2.0 * slow)
+
+
+def test_classifier_ignores_padding() -> None:
+    model = ListOpsClassifier(SoftmaxAttention, ModelConfig()).eval()
+    tokens = torch.tensor([encode(tokenize("[MAX 2 9 [MIN 4 7 ] 0 ]"))])
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    padded = torch.cat([tokens, torch.zeros(1, 5, dtype=torch.int64)], dim=1)
+    padded_mask = padded != PAD_ID
+    torch.testing.assert_close(model(tokens, mask), model(padded, padded_mask))
+    assert model(tokens, mask).shape == (1, 10)
+
+
+def test_variants_are_objects_with_and_without_rdrop() -> None:
+    variants = build_variants(rdrop_alpha=0.5)
+    assert variants[0].attention is SoftmaxAttention and variants[0].rdrop_alpha == 0
+    assert variants[1].attention is SoftmaxAttention and variants[1].rdrop_alpha == 0.5
+    assert len(variants) % 2 == 0 and all(callable(v.attention) for v in variants)
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_results(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.listops", "--smoke", "--quiet", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "listops.json").read_text())
+    assert (tmp_path / "listops.png").stat().st_size > 0
+    table = (tmp_path / "listops.md").read_text()
+    names = [run["variant"] for run in result["runs"]]
+    assert names[:2] == ["softmax", "softmax+rdrop"]
+    for run in result["runs"]:
+        assert 0.0 <= run["test_accuracy"] <= 1.0
+        assert run["steps_per_second"] > 0
+        assert run["variant"] in table and run["variant"] in proc.stdout
+    assert "majority class" in table
+
+
+class _FakeKernel(SoftmaxAttention):
+    """Stands in for a library attention that is not on this branch yet."""
+
+    def __init__(self, d_model: int, n_heads: int, *, nb_features: int = 0,
+                 num_landmarks: int = 0, **options: object) -> None:
+        super().__init__(d_model, n_heads, **options)
+        self.budget = nb_features or num_landmarks
+
+
+def test_variants_pick_up_performer_and_nystrom(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformer_zoo
+
+    monkeypatch.setattr(transformer_zoo, "PerformerAttention", _FakeKernel, raising=False)
+    monkeypatch.setattr(transformer_zoo, "NystromAttention", _FakeKernel, raising=False)
+    names = [v.name for v in build_variants()]
+    assert names == [
+        "softmax", "softmax+rdrop", "performer-64", "performer-64+rdrop",
+        "nystrom-16", "nystrom-16+rdrop",
+    ]
+    full = build_variants(full=True)
+    for variant, budget in ((full[2], 256), (full[4], 64)):
+        model = ListOpsClassifier(variant.attention, ModelConfig())
+        assert model.encoder.layers[0].attention.budget == budget
+
+
+def _library_rdrop(scale: float) -> type:
+    class RDropLoss(torch.nn.Module):
+        def __init__(self, alpha: float, task_loss: torch.nn.Module) -> None:
+            super().__init__()
+            self.alpha, self.task_loss = alpha, task_loss
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            ce = self.task_loss(a, y) + self.task_loss(b, y)
+            return scale * ce + self.alpha * symmetric_kl(a, b)
+
+    return RDropLoss
+
+
+@pytest.mark.parametrize(("scale", "source"), [(1.0, "transformer_zoo.RDropLoss"), (0.5, "local")])
+def test_rdrop_uses_library_only_when_it_matches(
+    monkeypatch: pytest.MonkeyPatch, scale: float, source: str
+) -> None:
+    import transformer_zoo
+    from benchmarks.listops.variants import rdrop_loss
+
+    monkeypatch.setattr(transformer_zoo, "RDropLoss", _library_rdrop(scale), raising=False)
+    fn, got = rdrop_loss(0.7)
+    assert got == source
+    a, b, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(fn(a, b, y), local_rdrop_loss(0.7)(a, b, y))
+
+
+def test_data_cache_round_trips(tmp_path: Path) -> None:
+    from benchmarks.listops.__main__ import load_or_make_splits
+
+    fresh = make_splits(SMALL, seed=5)
+    first = load_or_make_splits(SMALL, 5, tmp_path)
+    again = load_or_make_splits(SMALL, 5, tmp_path)
+    assert len(list(tmp_path.glob("listops-data-*.pt"))) == 1
+    load_or_make_splits(SMALL, 6, tmp_path)  # another seed, another file
+    assert len(list(tmp_path.glob("listops-data-*.pt"))) == 2
+    for name in fresh:
+        for field in ("tokens", "lengths", "labels"):
+            assert torch.equal(getattr(first[name], field), getattr(fresh[name], field))
+            assert torch.equal(getattr(again[name], field), getattr(fresh[name], field))

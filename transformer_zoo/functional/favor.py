@@ -1,0 +1,180 @@
+"""FAVOR+ attention (Performer): softmax attention through positive random features.
+
+    Att(Q, K, V) ≈ D⁻¹ (Q' (K'ᵀ V)),   D = diag(Q' (K'ᵀ 1)),   Q' = φ(Q̂), K' = φ(K̂),  x̂ = d^(−1/4) x
+    causal:  out_i = Σ_{j≤i} φ(q̂_i)ᵀφ(k̂_j) v_j / Σ_{j≤i} φ(q̂_i)ᵀφ(k̂_j)   (a prefix sum)
+
+Choromanski et al. 2021, "Rethinking Attention with Performers", arXiv 2009.14794.
+Shapes: b batch, h heads (k/v may have fewer heads: grouped-query), n query length, m key
+length, d head dim, r rows of W, F features. q ``(b, h, n, d)``, k/v ``(b, h_kv, m, d)``,
+W ``(r, d)`` -> ``(b, h, n, d)``.
+
+Approximate: an unbiased Monte Carlo estimate of the softmax kernel (MSE ~ 1/r). Exact, for a
+fixed W: the linear form equals the quadratic form D⁻¹ (Q'K'ᵀ ⊙ M) V (M the causal/padding
+mask), including every stabilizer below, which only move factors that cancel:
+
+- features are computed in fp32 (fp64 stays fp64), with autocast disabled;
+- query side: log φ(q̂_i) minus its own max over features; exp(−|q̂|²/2) is dropped (it cancels
+  and would underflow to 0/0 at the norms of real pretrained models);
+- key side, bidirectional: log φ(k̂_j)_f minus c_f, the max of feature f over *valid* keys,
+  with c added to log φ(q̂_i) before its per-token max, so the largest term of every
+  denominator is exactly 1 (never 0/0, whatever the norms);
+- key side, causal: log φ(k̂_j) minus the running max over valid keys ≤ j, re-referenced per
+  (query, key) pair in the prefix sum: no future key can change a past output;
+- padded keys get φ = 0, leaving numerator *and* denominator; no ε is added per feature: a
+  zero denominator (no key, or all features underflowed) gives output 0, never NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from transformer_zoo._checks import check_key_padding_mask, check_rank
+from transformer_zoo.functional.causal_linear import causal_linear_scan
+from transformer_zoo.functional.favor_fused import FusedFavor
+from transformer_zoo.functional.feature_maps import FeatureMap, PositiveFeatures
+from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
+
+#: ``(φ(q), φ(k)) -> (rotated φ(q), rotated φ(k))`` for Su's numerator-only rotary form.
+NumeratorTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+_DEFAULT_MAP = PositiveFeatures()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Features run in fp32 for half/bf16 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def favor_features(
+    q: Tensor,
+    k: Tensor,
+    projection: Tensor,
+    *,
+    feature_map: FeatureMap = _DEFAULT_MAP,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    scalar_key_max: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Stabilized features: ``(φ(q) (b,h,n,F), φ(k) (b,h,m,F), g)``.
+
+    φ(q) and φ(k) are the textbook features up to factors that cancel. Bidirectional: a
+    per-feature key max c_f (valid keys) leaves log φ(k) and joins log φ(q), whose per-token
+    max is then removed; ``g`` is zeros ``(b, h, 1)``. Causal: ``g`` ``(b, h, m)`` is the
+    running max of log φ(k) over valid keys <= j, removed from key j (the prefix sum
+    re-references it per query). Zeros for non-exponential maps. ``scalar_key_max`` uses one
+    c for all features (it then commutes with rotations of the features: Su's form).
+    """
+    scale = q.shape[-1] ** -0.25
+    w = projection.to(q.dtype)
+    qz = feature_map(q * scale, w, query=True)  # (b, h, n, F)
+    kz = feature_map(k * scale, w, query=False)  # (b, h, m, F)
+    b, h, m, _ = kz.shape
+    valid = None if key_padding_mask is None else key_padding_mask[:, None, :]  # (b, 1, m)
+    if not feature_map.exponential:
+        if valid is not None:
+            kz = kz * valid.unsqueeze(-1)
+        g = kz.new_zeros(b, h, m if causal else 1)
+        return qz, kz, g
+    if not causal:
+        # per-feature key max over valid keys, added back on the query side before the
+        # per-token max: the largest term of every denominator is exactly 1 (exact, no 0/0)
+        if valid is not None:
+            kz = kz.masked_fill(~valid.unsqueeze(-1), float("-inf"))  # exp -> 0, gradient 0
+        c = kz.detach().amax(-2, keepdim=True)  # (b, h, 1, F)
+        c = c.amax(-1, keepdim=True) if scalar_key_max else c
+        c = torch.where(torch.isfinite(c), c, 0.0)
+        qz = qz + c
+        qf = (qz - qz.detach().amax(-1, keepdim=True)).exp()
+        return qf, (kz - c).exp(), kz.new_zeros(b, h, 1)
+    qf = (qz - qz.detach().amax(-1, keepdim=True)).exp()  # per-token max: max feature is 1
+    rowmax = kz.detach().amax(-1)  # (b, h, m)
+    if valid is not None:
+        # padded keys must not set the max: give them the lowest valid value (exact, no leak)
+        lowest = rowmax.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
+        lowest = torch.where(torch.isfinite(lowest), lowest, 0.0)
+        rowmax = torch.where(valid, rowmax, lowest)
+    g = rowmax.cummax(-1).values  # running max over keys <= j: no future key leaks
+    kz = kz - g.unsqueeze(-1)
+    if valid is not None:
+        kz = kz.masked_fill(~valid.unsqueeze(-1), float("-inf"))  # exp -> 0, gradient 0
+    return qf, kz.exp(), g
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """num / den with den = 0 -> 0 (no key, or every feature underflowed), never NaN."""
+    live = den > 0
+    return torch.where(live, num / torch.where(live, den, 1.0), 0.0)
+
+
+def _linear(qf: Tensor, kf: Tensor, x: Tensor, g: Tensor, causal: bool, chunk: int) -> Tensor:
+    if causal:
+        return causal_linear_scan(qf, kf, x, g, chunk=chunk)
+    return torch.matmul(qf, torch.matmul(kf.transpose(-2, -1), x))  # (b,h,n,F)(b,h,F,Q)
+
+
+def favor_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor,
+    *,
+    feature_map: FeatureMap = _DEFAULT_MAP,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    numerator_transform: NumeratorTransform | None = None,
+    chunk_size: int = 128,
+) -> Tensor:
+    """FAVOR+ attention; see the module docstring. Returns ``(b, h, n, d)`` in q's dtype.
+
+    Args:
+        projection: W ``(r, d)`` (e.g. ``draw_projection``).
+        feature_map: a ``FeatureMap`` (``PositiveFeatures()`` default).
+        causal: query i sees keys j <= i + (m − n) (bottom-right aligned).
+        key_padding_mask: ``(b, m)`` bool, True = real token.
+        numerator_transform: rotates φ(q), φ(k) in the numerator only (Su et al. 2021,
+            RoFormer eq. 19); the denominator keeps the unrotated features.
+        chunk_size: rows per chunk of the causal prefix sum.
+    """
+    b, h, n, m, _ = check_qkv(q, k, v)
+    check_rank(projection, "projection", 2, "(nb_features, head_dim)")
+    if projection.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"projection: expected (nb_features, head_dim={q.shape[-1]}), "
+            f"got {tuple(projection.shape)}"
+        )
+    if not isinstance(feature_map, FeatureMap):
+        raise TypeError(f"feature_map: expected a FeatureMap, got {type(feature_map).__name__}")
+    if key_padding_mask is not None:
+        check_key_padding_mask(key_padding_mask, b, m, "key_padding_mask")
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        k, v = expand_kv_heads(k, v, h)
+        if type(feature_map) is PositiveFeatures and not causal and numerator_transform is None:
+            out = FusedFavor.apply(q, k, v, projection.to(dtype), key_padding_mask)
+            return out.to(out_dtype)  # the same function, fewer passes (favor_fused.py)
+        qf, kf, g = favor_features(
+            q, k, projection, feature_map=feature_map, key_padding_mask=key_padding_mask,
+            causal=causal, scalar_key_max=numerator_transform is not None,
+        )
+        qn, kn = (qf, kf) if numerator_transform is None else numerator_transform(qf, kf)
+        front = 0
+        if causal and n != m:  # align bottom-right: pad the shorter side at the front
+            front = max(m - n, 0)
+            pad_k = max(n - m, 0)
+            qf, qn = (F.pad(t, (0, 0, front, 0)) for t in (qf, qn))  # zero queries, dropped
+            kf, kn, v = (F.pad(t, (0, 0, pad_k, 0)) for t in (kf, kn, v))  # zero keys
+            g = F.pad(g, (pad_k, 0), mode="replicate") if pad_k else g
+        ones = v.new_ones(*v.shape[:-1], 1)
+        if numerator_transform is None:
+            y = _linear(qf, kf, torch.cat([v, ones], -1), g, causal, chunk_size)
+            num, den = y[..., :-1], y[..., -1:]
+        else:
+            num = _linear(qn, kn, v, g, causal, chunk_size)
+            den = _linear(qf, kf, ones, g, causal, chunk_size)
+        out = _ratio(num, den)[..., front:, :]  # (b, h, n, d)
+    return out.to(out_dtype)

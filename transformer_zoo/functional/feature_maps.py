@@ -1,0 +1,84 @@
+"""Random feature maps φ for FAVOR+ (Performer): positive softmax, hyperbolic, generalized.
+
+With x̂ = d^(−1/4) x and W ``(r, d)`` (rows w_j), the softmax kernel exp(q̂ᵀk̂) = exp(qᵀk/√d)
+is estimated by φ(q̂)ᵀφ(k̂) with
+
+- ``PositiveFeatures``:   φ(x̂) = r^(−1/2) exp(W x̂ − |x̂|²/2)                       (F = r)
+- ``HyperbolicFeatures``: φ(x̂) = (2r)^(−1/2) exp(−|x̂|²/2) [exp(W x̂), exp(−W x̂)]   (F = 2r)
+
+both positive and unbiased (Choromanski et al. 2021, "Rethinking Attention with Performers",
+arXiv 2009.14794, Lemma 1 and eq. 7). ``GeneralizedFeatures(fn)``: φ(x̂) = fn(W x̂) for a
+non-negative ``fn`` (ReLU by default), the paper's generalized attention — a different kernel,
+not an estimate of softmax.
+
+Exponential maps return their *log*-features; the attention kernel subtracts stabilizers and
+exponentiates (in fp32). Constant factors (r^(−1/2)) and, on the query side, any per-token
+factor (exp(−|q̂|²/2)) cancel between numerator and denominator, so ``query=True`` omits them
+— exactly, not approximately. Shapes: x̂ ``(b, h, n, d)``, W ``(r, d)`` -> ``(b, h, n, F)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+
+class FeatureMap:
+    """Base class: ``fm(x_hat, w, query=...)`` -> log-features (exponential maps) or features."""
+
+    #: True when ``__call__`` returns log φ (the kernel stabilizes and exponentiates).
+    exponential: ClassVar[bool] = True
+
+    def num_features(self, rows: int) -> int:
+        """F, the feature count produced from a W with ``rows`` rows."""
+        return rows
+
+    def __call__(self, x_hat: Tensor, w: Tensor, *, query: bool) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _half_sq_norm(x_hat: Tensor) -> Tensor:
+    return x_hat.square().sum(-1, keepdim=True) * 0.5  # (b, h, n, 1)
+
+
+class PositiveFeatures(FeatureMap):
+    """log φ(x̂) = W x̂ − |x̂|²/2 (the FAVOR+ default; query side drops −|x̂|²/2)."""
+
+    def __call__(self, x_hat: Tensor, w: Tensor, *, query: bool) -> Tensor:
+        proj = torch.matmul(x_hat, w.transpose(-2, -1))  # (b, h, n, r)
+        return proj if query else proj - _half_sq_norm(x_hat)
+
+
+class HyperbolicFeatures(FeatureMap):
+    """log φ(x̂) = [W x̂, −W x̂] − |x̂|²/2: F = 2r features, lower variance (paper eq. 7)."""
+
+    def num_features(self, rows: int) -> int:
+        return 2 * rows
+
+    def __call__(self, x_hat: Tensor, w: Tensor, *, query: bool) -> Tensor:
+        proj = torch.matmul(x_hat, w.transpose(-2, -1))  # (b, h, n, r)
+        both = torch.cat([proj, -proj], dim=-1)  # (b, h, n, 2r)
+        return both if query else both - _half_sq_norm(x_hat)
+
+
+class GeneralizedFeatures(FeatureMap):
+    """φ(x̂) = fn(W x̂) with a non-negative ``fn`` (default ReLU): generalized attention."""
+
+    exponential = False
+
+    def __init__(self, fn: Callable[[Tensor], Tensor] = torch.relu) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, x_hat: Tensor, w: Tensor, *, query: bool) -> Tensor:
+        return self.fn(torch.matmul(x_hat, w.transpose(-2, -1)))  # (b, h, n, r)
+
+    def __repr__(self) -> str:
+        return f"GeneralizedFeatures(fn={getattr(self.fn, '__name__', self.fn)!s})"
