@@ -289,3 +289,15 @@ def test_bidirectional_denominator_never_underflows_at_extreme_norms(fmap):
     want = quadratic_favor(q, k, v, w, fmap)  # fp64 textbook features still representable
     got = favor_attention(q.float(), k.float(), v.float(), w.float(), feature_map=fmap)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_scan_groups_of_blocks_agree(monkeypatch):
+    import transformer_zoo.functional.causal_linear as cl
+
+    a, b = torch.rand(2, 2, 37, 5, dtype=F64).unbind(0)
+    x = torch.randn(2, 37, 3, dtype=F64)
+    g = torch.randn(2, 37, dtype=F64).abs().cumsum(-1)
+    want = [chunked_scan(a, b, x, g, chunk=4, reverse=r) for r in (False, True)]
+    monkeypatch.setattr(cl, "_GROUP_ROWS", 8)  # two chunks per batched step
+    for r, w in zip((False, True), want, strict=True):
+        torch.testing.assert_close(chunked_scan(a, b, x, g, chunk=4, reverse=r), w)
