@@ -14,10 +14,10 @@ Shapes: ``(..., n, P)`` a and b, ``(..., n, Q)`` x, ``(..., n)`` g; output ``(..
 ``...`` is (batch, heads). Exact (no approximation): equal to the quadratic form
 ``((a bᵀ) ⊙ exp(g_s − g_r) ⊙ [s ≤ r]) x`` up to rounding.
 
-Memory: chunks of ``chunk`` rows; the forward holds the C × C block of every chunk and one
-P × Q state per chunk (O(n(C + PQ/C)), linear in n); the autograd Function saves only its
-inputs (O(n(P+Q))) and recomputes in backward (a forward scan for ∂a, reverse scans for ∂b
-and ∂x), never an n × P × Q tensor.
+Memory: chunks of ``chunk`` rows; the forward holds one P × Q state per chunk and the C × C
+blocks of 1024 rows at a time (O(n(P + Q + PQ/C)), linear in n); the autograd Function saves
+only its inputs (O(n(P+Q))) and recomputes in backward (a forward scan for ∂a, reverse scans
+for ∂b and ∂x), never an n × P × Q tensor.
 """
 
 from __future__ import annotations
