@@ -8,9 +8,10 @@ Contenders come from ``benchmarks/contenders_softmax.py`` and, when present,
 is in ``benchmarks/common.py``).
 
 Time: for each length, every contender is built and warmed up once in this process, then
-``repeats`` rounds time one ``step().sum().backward()`` of each contender in turn (round
-robin, so a burst of load on a shared machine hits all of them alike). Reported: the best
-of the rounds (least disturbed) and the median.
+rounds time one ``step().sum().backward()`` of each contender in turn (round robin, so a
+burst of load on a shared machine hits all of them alike): at least ``--repeats`` rounds, and
+more while a contender has spent under ``--min-seconds`` timing (short lengths get many
+cheap rounds). Reported: the best round (least disturbed) and the median.
 
 Peak memory: every (contender, length) runs ONE step in a fresh subprocess; peak = VmHWM
 after the step − VmRSS before it, with the peak counter reset, and glibc told to unmap freed
@@ -83,8 +84,12 @@ def all_contenders(modules: list[ModuleType]) -> dict[str, tuple[str, ContenderF
 
 
 def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: int,
-                     tick: Callable[[], None]) -> dict[str, dict]:
-    """Build and warm up every contender at length n, then time ``repeats`` rounds."""
+                     tick: Callable[[], None], min_seconds: float = 0.0) -> dict[str, dict]:
+    """Build and warm up every contender at length n, then time rounds.
+
+    At least ``repeats`` rounds, more (up to 20 · repeats) while the slowest contender has
+    spent less than ``min_seconds`` in timed steps: short lengths get many cheap rounds.
+    """
     steps: dict[str, Step] = {}
     out: dict[str, dict] = {}
     for name, factory in factories.items():
@@ -95,12 +100,17 @@ def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: in
             steps.pop(name, None)
             out[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
+    rounds = 0
+    while steps and (rounds < repeats or (
+        rounds < 20 * repeats and min(sum(ts) for ts in times.values()) < min_seconds
+    )):
         for name, step in steps.items():
             start = time.perf_counter()
             fwd_bwd(step)
             times[name].append(time.perf_counter() - start)
-            tick()
+            if rounds < repeats:
+                tick()  # the progress bar counts the guaranteed rounds
+        rounds += 1
     for name, ts in times.items():
         out[name] = {"times_s": ts}
     return out
@@ -125,6 +135,8 @@ def print_tables(results: Results, lengths: list[int]) -> None:
         ("forward+backward time (best of rounds)", best_time, lambda v: f"{1e3 * v:.1f} ms"),
         ("peak memory of one forward+backward", peak_memory, lambda v: f"{v / 2**20:.0f} MiB"),
     ):
+        if all(key(r) is None for per in results.values() for r in per.values()):
+            continue  # e.g. --no-memory
         print(f"\n{title}; (x) = ratio to {BASELINE}")
         widths = [max(len(nm), 20) for nm in names]
         print("       n | " + " | ".join(nm.ljust(w) for nm, w in zip(names, widths, strict=True)))
@@ -166,18 +178,22 @@ def plot(results: Results, path: Path, threads: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, scale in ((ax_t, best_time, 1e3), (ax_m, peak_memory, 2.0**-20)):
+    panels = [(best_time, 1e3, "forward+backward time (ms)"),
+              (peak_memory, 2.0**-20, "peak memory (MiB)")]
+    panels = [p for p in panels if any(p[0](r) for per in results.values() for r in per.values())]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, scale, label) in zip(axes[0], panels, strict=True):
         for name, per_n in results.items():
             pts = [(n, key(r)) for n, r in sorted(per_n.items()) if key(r)]
             ax.plot([n for n, _ in pts], [v * scale for _, v in pts], marker="o", label=name)
-    for ax, label in ((ax_t, "forward+backward time (ms)"), (ax_m, "peak memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length n")
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(f"batch {BATCH}, d_model {D_MODEL}, {HEADS} heads × {HEAD_DIM}, fp32, "
                  f"CPU, {threads} threads")
     fig.tight_layout()
@@ -192,7 +208,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per length")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per length (minimum)")
+    p.add_argument("--min-seconds", type=float, default=2.0,
+                   help="keep adding rounds (up to 20x repeats) until every contender has "
+                        "spent this long in timed steps at a length")
     p.add_argument("--contenders", nargs="+", metavar="NAME",
                    help="only these contenders (default: all found)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; PNG beside it")
@@ -239,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if "memory_error" not in results[nm][n]:
                     timed[nm] = table[nm][1]
             bar.set_postfix_str(f"n={n} timing")
-            for nm, r in time_round_robin(timed, n, args.repeats, bar.update).items():
+            for nm, r in time_round_robin(timed, n, args.repeats, bar.update,
+                                             args.min_seconds).items():
                 if "error" in r:
                     r["time_error"] = r.pop("error")
                 results[nm][n].update(r)
@@ -261,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "config": {
             "batch": BATCH, "d_model": D_MODEL, "heads": HEADS, "head_dim": HEAD_DIM,
-            "dtype": "float32", "device": "cpu", "rounds": args.repeats, "threads": threads,
+            "dtype": "float32", "device": "cpu", "min_rounds": args.repeats,
+            "min_seconds": args.min_seconds, "threads": threads,
             "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "time_statistic": "min over rounds (median also given)",

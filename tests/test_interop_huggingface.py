@@ -346,6 +346,55 @@ def test_module_kernel_needs_use():
         hidden(bert(attn_implementation="tz_module"), *batch())
 
 
+# -- named approximate kernels -----------------------------------------------------------------
+def test_named_performer_kernel_state_and_accuracy():
+    model = bert()
+    ids, mask = batch()
+    exact = hidden(model, ids, mask)
+    with pytest.raises(TypeError):
+        hf.use(model, "performer", nb_feature=16)
+    paths = hf.use(model, "performer", nb_features=16, seed=0)
+    assert model.config._attn_implementation == "tz_performer"
+    state = model.state_dict()
+    w0, w1 = (state[f"{p}.tz_attention.projection"] for p in paths)
+    assert w0.shape == (16, 8) and not torch.equal(w0, w1)  # one W per layer, saved
+    out = hidden(model, ids, mask)
+    fresh = bert()
+    hf.use(fresh, "performer", nb_features=16, seed=1)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(hidden(fresh, ids, mask), out, atol=0, rtol=0)
+    # many features: close to exact softmax (small random q/k keep FAVOR+'s variance low)
+    hf.use(model, "performer", nb_features=1024, seed=0)
+    cosine = F.cosine_similarity(real(hidden(model, ids, mask), mask), real(exact, mask), dim=-1)
+    assert cosine.min() > 0.9999
+
+
+def test_named_performer_kernel_causal_llama():
+    model = llama()
+    ids, mask = batch(left_padding=True)
+    hf.use(model, "performer", nb_features=64, seed=0)
+    out = hidden(model, ids)
+    changed = ids.clone()
+    changed[:, 7] = (changed[:, 7] + 1) % VOCAB
+    torch.testing.assert_close(hidden(model, changed)[:, :7], out[:, :7], atol=1e-5, rtol=0)
+    assert torch.isfinite(hidden(model, ids, mask)).all()
+
+
+def test_named_nystrom_kernel_is_exact_with_enough_landmarks():
+    model = bert()
+    ids, mask = batch()
+    exact = hidden(model, ids, mask)
+    hf.use(model, "nystrom", num_landmarks=16, pinv_iterations=None)  # 16 >= 10 tokens
+    torch.testing.assert_close(real(hidden(model, ids, mask), mask), real(exact, mask),
+                               atol=TOL, rtol=0)
+    hf.use(model, "nystrom", num_landmarks=4)
+    assert torch.isfinite(hidden(model, ids, mask)).all()
+    with pytest.raises(ValueError, match="does not support causal"):
+        causal = llama()
+        hf.use(causal, "nystrom")
+        hidden(causal, ids, mask)
+
+
 # -- the real model ------------------------------------------------------------------------------
 SENTENCES = [
     "A man is playing a guitar on a small stage.",

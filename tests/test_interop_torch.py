@@ -257,6 +257,10 @@ def test_approximate_swap_trains(attention):
         # padded keys are ignored: changing padded inputs leaves real outputs unchanged
         x2 = x.masked_fill(pad[..., None], 5.0)
         out2 = model(x2, **kw)
+        if attention.supports_causal:  # and later tokens do not reach earlier outputs
+            x3 = x.clone()
+            x3[:, 10] += 1.0
+            torch.testing.assert_close(model(x3, **kw)[:, :10], out[:, :10], atol=1e-4, rtol=0)
     torch.testing.assert_close(out[~pad], out2[~pad], atol=1e-4, rtol=0)
 
 

@@ -230,3 +230,70 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
         assert run["steps_per_second"] > 0
         assert run["variant"] in table and run["variant"] in proc.stdout
     assert "majority class" in table
+
+
+class _FakeKernel(SoftmaxAttention):
+    """Stands in for a library attention that is not on this branch yet."""
+
+    def __init__(self, d_model: int, n_heads: int, *, nb_features: int = 0,
+                 num_landmarks: int = 0, **options: object) -> None:
+        super().__init__(d_model, n_heads, **options)
+        self.budget = nb_features or num_landmarks
+
+
+def test_variants_pick_up_performer_and_nystrom(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformer_zoo
+
+    monkeypatch.setattr(transformer_zoo, "PerformerAttention", _FakeKernel, raising=False)
+    monkeypatch.setattr(transformer_zoo, "NystromAttention", _FakeKernel, raising=False)
+    names = [v.name for v in build_variants()]
+    assert names == [
+        "softmax", "softmax+rdrop", "performer-64", "performer-64+rdrop",
+        "nystrom-16", "nystrom-16+rdrop",
+    ]
+    full = build_variants(full=True)
+    for variant, budget in ((full[2], 256), (full[4], 64)):
+        model = ListOpsClassifier(variant.attention, ModelConfig())
+        assert model.encoder.layers[0].attention.budget == budget
+
+
+def _library_rdrop(scale: float) -> type:
+    class RDropLoss(torch.nn.Module):
+        def __init__(self, alpha: float, task_loss: torch.nn.Module) -> None:
+            super().__init__()
+            self.alpha, self.task_loss = alpha, task_loss
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            ce = self.task_loss(a, y) + self.task_loss(b, y)
+            return scale * ce + self.alpha * symmetric_kl(a, b)
+
+    return RDropLoss
+
+
+@pytest.mark.parametrize(("scale", "source"), [(1.0, "transformer_zoo.RDropLoss"), (0.5, "local")])
+def test_rdrop_uses_library_only_when_it_matches(
+    monkeypatch: pytest.MonkeyPatch, scale: float, source: str
+) -> None:
+    import transformer_zoo
+    from benchmarks.listops.variants import rdrop_loss
+
+    monkeypatch.setattr(transformer_zoo, "RDropLoss", _library_rdrop(scale), raising=False)
+    fn, got = rdrop_loss(0.7)
+    assert got == source
+    a, b, y = torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3])
+    torch.testing.assert_close(fn(a, b, y), local_rdrop_loss(0.7)(a, b, y))
+
+
+def test_data_cache_round_trips(tmp_path: Path) -> None:
+    from benchmarks.listops.__main__ import load_or_make_splits
+
+    fresh = make_splits(SMALL, seed=5)
+    first = load_or_make_splits(SMALL, 5, tmp_path)
+    again = load_or_make_splits(SMALL, 5, tmp_path)
+    assert len(list(tmp_path.glob("listops-data-*.pt"))) == 1
+    load_or_make_splits(SMALL, 6, tmp_path)  # another seed, another file
+    assert len(list(tmp_path.glob("listops-data-*.pt"))) == 2
+    for name in fresh:
+        for field in ("tokens", "lengths", "labels"):
+            assert torch.equal(getattr(first[name], field), getattr(fresh[name], field))
+            assert torch.equal(getattr(again[name], field), getattr(fresh[name], field))

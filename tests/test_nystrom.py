@@ -351,3 +351,14 @@ def test_nystrom_attention_is_not_padding_invariant_ours_is():
     assert gap_theirs > 1e-3  # fixed-position segments: landmarks depend on the padding
     torch.testing.assert_close(ours.eval()(x, mask=mask)[0, :22], ours(x[:, :22])[0],
                                rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_only_in_training():
+    model = NystromAttention(16, 2, num_landmarks=4, dropout=0.5)
+    x = torch.randn(2, 30, 16)
+    model.train()
+    assert not torch.allclose(model(x), model(x))
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pinv_iterations"):
+        iterative_pinv(torch.eye(3), -2)

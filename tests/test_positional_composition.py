@@ -144,3 +144,20 @@ def test_attention_with_encoding_compiles_without_graph_breaks(name):
     x, pos = torch.randn(2, 7, D_MODEL), torch.arange(7) + 3
     compiled = torch.compile(attn, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, positions=pos), attn(x, positions=pos))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", RELATIVE)
+def test_appended_padding_changes_nothing(name, causal):
+    """Outputs at real tokens do not move when padded keys of any content are appended (the
+    bias/rotation and the padding mask compose), with batched per-row position offsets."""
+    enc = build(transformer_zoo.SoftmaxAttention, ENCODINGS[name](causal), causal).eval()
+    x = torch.randn(2, 6, D_MODEL)
+    pos = torch.stack((torch.arange(6), torch.arange(6) + 11))
+    base = enc(x, positions=pos)
+    junk = 100 * torch.randn(2, 3, D_MODEL)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[:, 6:] = False
+    pos_padded = torch.cat((pos, torch.zeros(2, 3, dtype=torch.long)), dim=1)
+    padded = enc(torch.cat((x, junk), dim=1), mask=mask, positions=pos_padded)
+    torch.testing.assert_close(padded[:, :6], base, rtol=1e-4, atol=1e-4)

@@ -68,6 +68,19 @@ def test_cross_attention_positions_and_shapes():
     torch.testing.assert_close(out[0, 0, 0], pe.value_embedding[6])
 
 
+def test_batched_positions_equal_per_row():
+    pe = ShawRelativePosition(head_dim=4, max_distance=2)
+    q = torch.randn(2, 3, 5, 4)
+    qp = torch.stack((torch.arange(5), torch.tensor([0, 1, 2, 0, 1])))  # row 2: packed reset
+    kp = torch.stack((torch.arange(6) + 1, torch.arange(6)))
+    bias = pe(q, qp, kp)
+    weights = torch.softmax(torch.randn(2, 3, 5, 6), -1)
+    term = pe.value_term(weights, qp, kp)
+    for i in range(2):
+        torch.testing.assert_close(bias[i : i + 1], pe(q[i : i + 1], qp[i], kp[i]))
+        torch.testing.assert_close(term[i : i + 1], pe.value_term(weights[i : i + 1], qp[i], kp[i]))
+
+
 def test_gradcheck_and_validation():
     pe = ShawRelativePosition(head_dim=2, max_distance=2).double()
     attn = SoftmaxAttention(4, 2, positional=pe).double()

@@ -1,0 +1,1 @@
+"""ListOps (Long Range Arena) main job: ``python -m benchmarks.listops``."""

@@ -8,6 +8,8 @@ Writes ``listops.json``, ``listops.png`` and ``listops.md`` into ``--out``.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import platform
 import time
@@ -19,8 +21,8 @@ import torch
 
 from .data import LRA_CONFIG, ListOpsConfig, Split, majority_baseline, make_splits
 from .model import ModelConfig
-from .report import markdown_report, markdown_table, write_json, write_png
-from .train import TrainConfig, run_isolated, train_variant
+from .report import markdown_table, write_all
+from .train import TrainConfig, run_in_processes, train_variant
 from .variants import build_variants
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -59,6 +61,8 @@ def _machine(device: str, threads: int) -> dict[str, Any]:
         "device": device,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        # other load on the machine when the run started (a shared machine inflates wall time)
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -73,6 +77,24 @@ def _data_summary(config: ListOpsConfig, splits: dict[str, Split]) -> dict[str, 
     }
 
 
+DATA_VERSION = 1  # bump when the generator changes, so cached splits are not reused
+
+
+def load_or_make_splits(config: ListOpsConfig, seed: int, cache: Path | None) -> dict[str, Split]:
+    """``make_splits(config, seed=seed)``, cached as a ``.pt`` file in ``cache`` when given."""
+    if cache is None:
+        return make_splits(config, seed=seed)
+    key = json.dumps([DATA_VERSION, config.to_dict(), seed], sort_keys=True)
+    path = cache / f"listops-data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        stored = torch.load(path, weights_only=True)
+        return {name: Split(**tensors) for name, tensors in stored.items()}
+    splits = make_splits(config, seed=seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save({name: vars(split) for name, split in splits.items()}, path)
+    return splits
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.listops", description=__doc__)
     mode = p.add_mutually_exclusive_group()
@@ -82,21 +104,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="training batch size (preset default)")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--rdrop-alpha", type=float, default=1.0, help="R-Drop weight α")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads per run")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
+    p.add_argument(
+        "--jobs", type=int, default=2, help="runs at a time, each in its own process (CPU only)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results; smoke: results/tmp)"
     )
     p.add_argument(
-        "--no-isolate", action="store_true", help="run variants in this process (memory column "
-        "then measures the process, not the run)"
+        "--no-isolate",
+        action="store_true",
+        help="run variants one by one in this process (the memory column then measures the "
+        "process, not the run)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="regenerate the data instead of reusing benchmarks/results/tmp/listops-data-*.pt",
+    )
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="JSON",
+        help="train nothing: rewrite the table and plot from a results JSON (into --out, "
+        "default the JSON's folder)",
+    )
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "threads", "jobs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report_only is not None:
+        result = json.loads(args.report_only.read_text())
+        out = args.out or args.report_only.parent
+        out.mkdir(parents=True, exist_ok=True)
+        print(markdown_table(result))
+        write_all(result, out)
+        return result
     mode = "smoke" if args.smoke else "full" if args.full else "default"
     data_cfg, train_cfg = PRESETS[mode]
     train_cfg = replace(
@@ -111,39 +162,45 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
+    machine = _machine(args.device, args.threads)
     begin = time.perf_counter()
-    splits = make_splits(data_cfg, seed=args.seed)
+    cache = None if (args.no_cache or args.smoke) else RESULTS / "tmp"
+    splits = load_or_make_splits(data_cfg, args.seed, cache)
     data = _data_summary(data_cfg, splits)
     print(
         f"ListOps {mode}: {len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])} "
         f"expressions, mean test length {data['mean_length']['test']:.0f} tokens, "
-        f"generated in {time.perf_counter() - begin:.1f} s"
+        f"ready in {time.perf_counter() - begin:.1f} s"
     )
     model_cfg = ModelConfig()
-    runs = []
-    for variant in build_variants(full=args.full, rdrop_alpha=args.rdrop_alpha):
-        call = (variant, splits, model_cfg, train_cfg)
-        kwargs = {"progress": not args.quiet}
-        if args.no_isolate:
-            runs.append(train_variant(*call, **kwargs))
-        else:
-            runs.append(run_isolated(train_variant, *call, **kwargs))
+    variants = build_variants(full=args.full, rdrop_alpha=args.rdrop_alpha)
+    calls = [
+        ((v, splits, model_cfg, train_cfg), {"progress": not args.quiet, "position": i})
+        for i, v in enumerate(variants)
+    ]
+    if args.no_isolate:
+        runs = [train_variant(*a, **kw) for a, kw in calls]
+    else:
+        jobs = 1 if args.device.startswith("cuda") else max(1, args.jobs)
+        # R-Drop runs cost about twice as much: start them first so the workers finish together
+        order = sorted(range(len(calls)), key=lambda i: -variants[i].rdrop_alpha)
+        done = run_in_processes(train_variant, [calls[i] for i in order], jobs=jobs)
+        runs = [run for _, run in sorted(zip(order, done, strict=True))]
     result = {
         "benchmark": "listops",
         "mode": mode,
         "seed": args.seed,
-        "machine": _machine(args.device, args.threads),
+        "machine": machine,
         "data": data,
         "model": model_cfg.__dict__,
         "train": train_cfg.__dict__,
         "runs": runs,
+        "jobs": 1 if args.no_isolate else args.jobs,
         "total_seconds": time.perf_counter() - begin,
     }
     table = markdown_table(result)
     print(table)
-    write_json(result, out / "listops.json")
-    write_png(result, out / "listops.png")
-    (out / "listops.md").write_text(markdown_report(result))
+    write_all(result, out)
     print(f"{result['total_seconds']:.0f} s in all; wrote listops.json/.png/.md to {out}")
     return result
 

@@ -12,6 +12,7 @@ COLUMNS = (
     ("valid_accuracy", "valid acc", "{:.3f}"),
     ("final_train_loss", "train loss", "{:.3f}"),
     ("steps_per_second", "steps/s", "{:.1f}"),
+    ("train_cpu_seconds", "train CPU s", "{:.0f}"),
     ("peak_memory_mb", "peak MB", "{:.0f}"),
 )
 
@@ -26,15 +27,16 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells = [fmt.format(run[key]) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     base = result["data"]["majority_baseline"]
-    lines.append(
-        f"| majority class ({base['label']}) | {base['test_accuracy']:.3f} | | | | |"
-    )
+    blanks = " |" * (len(COLUMNS) - 2)
+    lines.append(f"| majority class ({base['label']}) | {base['test_accuracy']:.3f} |{blanks}")
     return "\n".join(lines)
 
 
 def markdown_report(result: dict[str, Any]) -> str:
     """The whole ``listops.md``: settings, machine and the table (written by the script)."""
     data, machine = result["data"], result["machine"]
+    load = machine.get("load_average_1min")
+    load_text = "load not recorded" if load is None else f"load average {load:.1f} at the start"
     cfg, train = data["config"], result["train"]
     return "\n".join(
         [
@@ -45,7 +47,9 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"{cfg['max_depth']}, ≤ {cfg['max_args']} arguments; {train['steps']} steps of "
             f"batch {train['batch_size']}, seed {result['seed']}. "
             f"Machine: {machine['description']}; torch {machine['torch']}, "
-            f"{machine['threads']} threads, {result['total_seconds']:.0f} s in all. "
+            f"{machine['threads']} thread(s) per run, {result.get('jobs', 1)} run(s) at a time, "
+            f"{load_text}; "
+            f"{result['total_seconds']:.0f} s in all. "
             f"Peak memory: {result['runs'][0]['memory_kind'] if result['runs'] else '-'}.",
             "",
             markdown_table(result),
@@ -56,6 +60,13 @@ def markdown_report(result: dict[str, Any]) -> str:
 
 def write_json(result: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+
+
+def write_all(result: dict[str, Any], out: Path) -> None:
+    """``listops.json``, ``listops.png`` and ``listops.md`` into ``out``."""
+    write_json(result, out / "listops.json")
+    write_png(result, out / "listops.png")
+    (out / "listops.md").write_text(markdown_report(result))
 
 
 def write_png(result: dict[str, Any], path: Path) -> None:
@@ -73,7 +84,7 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     base = result["data"]["majority_baseline"]["test_accuracy"]
     ax_acc.axhline(base, color="black", linestyle="--", label=f"majority class {base:.3f}")
     ax_acc.set_ylabel("test accuracy")
-    ax_acc.set_ylim(0, 1)
+    ax_acc.set_ylim(0, max(0.5, 1.15 * max([r["test_accuracy"] for r in runs] + [base])))
     ax_acc.legend(loc="upper right")
     ax_speed.bar(names, [r["steps_per_second"] for r in runs], color=colors)
     ax_speed.set_ylabel("training steps / s")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformer_zoo._checks import check_positive_int
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.nystrom import nystrom_attention
+from transformer_zoo.functional.pinv import check_pinv_iterations
 from transformer_zoo.positional.base import Place, PositionalEncoding
 
 
@@ -77,15 +78,7 @@ class NystromAttention(MultiHeadAttention):
             positional=positional, kv_dim=kv_dim, head_dim=head_dim,
         )
         self.num_landmarks = check_positive_int(num_landmarks, "num_landmarks")
-        if pinv_iterations is not None and (
-            isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int)
-            or pinv_iterations < 0
-        ):
-            raise ValueError(
-                f"pinv_iterations: expected an int >= 0 or None (exact pinv), "
-                f"got {pinv_iterations!r}"
-            )
-        self.pinv_iterations = pinv_iterations
+        self.pinv_iterations = check_pinv_iterations(pinv_iterations)
         self.conv: nn.Conv2d | None = None
         if conv_kernel is not None:
             check_positive_int(conv_kernel, "conv_kernel")

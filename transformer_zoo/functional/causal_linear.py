@@ -14,10 +14,10 @@ Shapes: ``(..., n, P)`` a and b, ``(..., n, Q)`` x, ``(..., n)`` g; output ``(..
 ``...`` is (batch, heads). Exact (no approximation): equal to the quadratic form
 ``((a bᵀ) ⊙ exp(g_s − g_r) ⊙ [s ≤ r]) x`` up to rounding.
 
-Memory: chunks of ``chunk`` rows; the forward keeps only a P × Q state and one chunk's
-C × C scores; the autograd Function saves its inputs (O(n(P+Q))) and recomputes chunk by
-chunk in backward (a forward scan for ∂a, a reverse scan for ∂b and ∂x), never an n × P × Q
-tensor.
+Memory: chunks of ``chunk`` rows; the forward holds the C × C block of every chunk and one
+P × Q state per chunk (O(n(C + PQ/C)), linear in n); the autograd Function saves only its
+inputs (O(n(P+Q))) and recomputes in backward (a forward scan for ∂a, reverse scans for ∂b
+and ∂x), never an n × P × Q tensor.
 """
 
 from __future__ import annotations
@@ -32,36 +32,38 @@ def chunked_scan(
     """The prefix sum above (no autograd). ``reverse=True`` sums the suffix instead:
 
         Y_r = Σ_{s ≥ r} (a_r · b_s) · exp(g_r − g_s) · x_s        (g non-decreasing)
+
+    Chunkwise-parallel form: every chunk's C × C block and its P × Q summary are batched
+    matmuls over all chunks at once; only the carry of the P × Q state from chunk to chunk is
+    a loop (two small ops per chunk). Memory O(n·(C + P·Q/C)) for chunk size C.
     """
-    n = a.shape[-2]
-    out = x.new_empty(*a.shape[:-1], x.shape[-1])  # (..., n, Q)
-    state: Tensor | None = None  # (..., P, Q), referenced at g_ref
-    g_ref: Tensor | None = None  # (..., 1)
-    starts = list(range(0, n, chunk))
-    for start in reversed(starts) if reverse else starts:
-        sl = slice(start, min(start + chunk, n))
-        ac, bc, xc, gc = a[..., sl, :], b[..., sl, :], x[..., sl, :], g[..., sl]
-        c = gc.shape[-1]
-        keep = torch.ones(c, c, dtype=torch.bool, device=a.device)
-        keep = keep.triu() if reverse else keep.tril()  # [r, s]: s >= r or s <= r
-        diff = gc.unsqueeze(-1) - gc.unsqueeze(-2)  # (..., C, C): g_r - g_s
-        decay = (diff if reverse else -diff).masked_fill(~keep, float("-inf")).exp()
-        yc = torch.matmul(torch.matmul(ac, bc.transpose(-2, -1)) * decay, xc)  # (..., C, Q)
-        if state is not None:
-            # older rows s were re-referenced to g_ref; exp(±(g_r − g_ref)) <= 1
-            shift = (gc - g_ref) if reverse else (g_ref - gc)
-            yc = yc + torch.matmul(ac, state) * shift.exp().unsqueeze(-1)
-        out[..., sl, :] = yc
-        g_new = gc[..., :1] if reverse else gc[..., -1:]  # the chunk's min / max of g
-        weight = ((g_new - gc) if reverse else (gc - g_new)).exp()  # (..., C) <= 1
-        contrib = torch.matmul(bc.transpose(-2, -1), xc * weight.unsqueeze(-1))  # (..., P, Q)
-        if state is None:
-            state = contrib
-        else:
-            rescale = ((g_new - g_ref) if reverse else (g_ref - g_new)).exp()  # (..., 1)
-            state = state * rescale.unsqueeze(-1) + contrib
-        g_ref = g_new
-    return out
+    if reverse:  # time reversal maps the suffix sum onto the prefix sum (g -> −g, flipped)
+        flip = [t.flip(-2) for t in (a, b, x)]
+        return chunked_scan(*flip, -g.flip(-1), chunk=chunk).flip(-2)
+    *lead, n, p = a.shape
+    q = x.shape[-1]
+    c = min(chunk, n)
+    blocks = -(-n // c)
+    pad = blocks * c - n
+    if pad:  # zero rows at the end contribute nothing; their outputs are dropped
+        a, b, x = (torch.cat([t, t.new_zeros(*lead, pad, t.shape[-1])], -2) for t in (a, b, x))
+        g = torch.cat([g, g[..., -1:].expand(*lead, pad)], -1)
+    a_, b_ = a.reshape(*lead, blocks, c, p), b.reshape(*lead, blocks, c, p)
+    x_, g_ = x.reshape(*lead, blocks, c, q), g.reshape(*lead, blocks, c)
+    keep = torch.ones(c, c, dtype=torch.bool, device=a.device).tril()  # [r, s]: s <= r
+    decay = (g_.unsqueeze(-2) - g_.unsqueeze(-1)).masked_fill_(~keep, float("-inf")).exp_()
+    y = torch.matmul(torch.matmul(a_, b_.transpose(-2, -1)).mul_(decay), x_)  # (.., N, C, Q)
+    g_end = g_[..., -1:]  # (..., N, 1): each chunk's max of g
+    summary = torch.matmul(b_.transpose(-2, -1), x_ * (g_ - g_end).exp().unsqueeze(-1))
+    states = torch.zeros_like(summary)  # state entering chunk i, referenced at g_end[i − 1]
+    for i in range(1, blocks):
+        carried = states[..., i - 1, :, :]
+        if i > 1:
+            carried = carried * (g_end[..., i - 2, :] - g_end[..., i - 1, :]).exp().unsqueeze(-1)
+        states[..., i, :, :] = carried + summary[..., i - 1, :, :]
+    g_ref = torch.cat([g_[..., :1, :1], g_end[..., :-1, :]], -2)  # (..., N, 1); <= g in chunk
+    y += torch.matmul(a_, states) * (g_ref - g_).exp().unsqueeze(-1)  # factors <= 1
+    return y.reshape(*lead, blocks * c, q)[..., :n, :]
 
 
 class _CausalScan(torch.autograd.Function):

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from transformer_zoo._checks import check_key_padding_mask, check_positive_int, check_probability
 from transformer_zoo.functional.masks import padding_to_attn_mask
-from transformer_zoo.functional.pinv import iterative_pinv
+from transformer_zoo.functional.pinv import check_pinv_iterations, iterative_pinv
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads, softmax_attention
 
 
@@ -129,11 +129,7 @@ def nystrom_attention(
     b, h, n, n_k, _ = check_qkv(q, k, v)
     m = check_positive_int(num_landmarks, "num_landmarks")
     check_probability(dropout_p, "dropout_p")
-    if pinv_iterations is not None and (
-        isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int)
-        or pinv_iterations < 0
-    ):
-        raise ValueError(f"pinv_iterations: expected an int >= 0 or None, got {pinv_iterations!r}")
+    check_pinv_iterations(pinv_iterations)
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, b, n_k, "key_padding_mask")
     if query_padding_mask is not None:

@@ -28,6 +28,16 @@ from torch import Tensor
 from transformer_zoo._checks import check_floating, check_tensor
 
 
+def check_pinv_iterations(value: object, *, allow_none: bool = True) -> int | None:
+    """An int >= 0 (or None, meaning the exact pinv, where allowed); ValueError otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        expected = "an int >= 0 or None (exact pinv)" if allow_none else "an int >= 0"
+        raise ValueError(f"pinv_iterations: expected {expected}, got {value!r}")
+    return value
+
+
 def pinv_init(a: Tensor) -> Tensor:
     """Z₀ = Aᵀ / (‖A‖₁ ‖A‖∞) for every matrix in the batch; a zero matrix gives Z₀ = 0."""
     abs_a = a.abs()
@@ -52,8 +62,7 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
     check_floating(a, "a")
     if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
         raise ValueError(f"a: expected square matrices (..., m, m), got {tuple(a.shape)}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations: expected an int >= 0, got {iterations!r}")
+    check_pinv_iterations(iterations, allow_none=False)
     m = a.shape[-1]
     flat = a.reshape(-1, m, m)  # (B, m, m): baddbmm fuses "cI − X" into each product
     z = pinv_init(flat)

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from transformer_zoo.attention.multihead import MultiHeadAttention
+from transformer_zoo.attention.nystrom import NystromAttention
+from transformer_zoo.attention.performer import PerformerAttention
 from transformer_zoo.functional.softmax import explicit_softmax_attention, softmax_attention
 
 
@@ -133,3 +135,48 @@ class AttentionKernel(ModuleKernel):
 
     def build(self, module, heads, head_dim):
         return self.attention(heads * head_dim, heads, head_dim=head_dim)
+
+
+@dataclass
+class PerformerKernel(ModuleKernel):
+    """FAVOR+ (Choromanski et al. 2021, arXiv 2009.14794) on HF's q, k, v: approximate.
+
+    Each HF attention module holds a ``PerformerAttention`` (``tz_attention``) whose W, seed and
+    redraw counter are buffers. With ``seed`` set, layer l draws W from ``(seed, step,
+    layer=module.layer_idx)``; with ``seed=None`` every layer takes a seed from torch's global
+    generator (reproducible under ``torch.manual_seed``). Causal models run the causal scan.
+    """
+
+    name: ClassVar[str] = "performer"
+    nb_features: int = 256
+    redraw_interval: int | None = None
+    seed: int | None = None
+
+    def build(self, module, heads, head_dim):
+        return PerformerAttention(
+            heads * head_dim, heads, head_dim=head_dim, nb_features=self.nb_features,
+            redraw_interval=self.redraw_interval, seed=self.seed,
+            layer=int(getattr(module, "layer_idx", 0) or 0),
+        )
+
+
+@dataclass
+class NystromKernel(ModuleKernel):
+    """Nyström (Xiong et al. 2021, arXiv 2102.03902) on HF's q, k, v: approximate; exact when
+    a sample has at most ``num_landmarks`` real tokens (and no convolution).
+
+    ``conv_kernel`` defaults to None: a pretrained model has no trained convolution, and a fresh
+    one would only add noise; set it to fine-tune with the paper's residual. Self-attention
+    without causality only (encoders); causal models raise.
+    """
+
+    name: ClassVar[str] = "nystrom"
+    num_landmarks: int = 64
+    pinv_iterations: int | None = 6
+    conv_kernel: int | None = None
+
+    def build(self, module, heads, head_dim):
+        return NystromAttention(
+            heads * head_dim, heads, head_dim=head_dim, num_landmarks=self.num_landmarks,
+            pinv_iterations=self.pinv_iterations, conv_kernel=self.conv_kernel,
+        )

@@ -42,17 +42,21 @@ from transformer_zoo.interop.hf_kernels import (
     AttentionKernel,
     HFKernel,
     ModuleKernel,
+    NystromKernel,
+    PerformerKernel,
     SoftmaxKernel,
 )
 
-__all__ = ["KERNELS", "AttentionKernel", "HFKernel", "ModuleKernel", "SoftmaxKernel",
-           "padding_only_mask", "register", "use"]
+__all__ = ["KERNELS", "AttentionKernel", "HFKernel", "ModuleKernel", "NystromKernel",
+           "PerformerKernel", "SoftmaxKernel", "padding_only_mask", "register", "use"]
 
 _UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
 
 #: Built-in kernels by short name; ``use(model, name)`` looks names up here.
-KERNELS: dict[str, type[HFKernel]] = {"softmax": SoftmaxKernel}
+KERNELS: dict[str, type[HFKernel]] = {
+    "softmax": SoftmaxKernel, "performer": PerformerKernel, "nystrom": NystromKernel,
+}
 
 
 def padding_only_mask(

@@ -7,8 +7,9 @@ equation ``nn.MultiheadAttention`` computes; only ``Kernel`` changes.
 
 ``MultiheadAttentionCompat`` takes ``nn.MultiheadAttention``'s call exactly — ``(query, key,
 value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)`` ->
-``(output, weights or None)`` — and runs the projections of the ``MultiHeadAttention`` it
-wraps plus that module's ``attend``. ``swap_attention`` replaces every ``nn.MultiheadAttention``
+``(output, weights or None)`` — and runs the ``MultiHeadAttention`` it wraps (its forward
+when keys and values are one tensor, else its projections and ``attend``).
+``swap_attention`` replaces every ``nn.MultiheadAttention``
 in a model with one, copying the weights. With ``SoftmaxAttention`` the swap is exact (tests:
 outputs and gradients of an ``nn.TransformerEncoder`` agree to 1e-5); other kernels are as
 exact as their ``attend``.
