@@ -199,7 +199,8 @@ def render(cov, frames, dist, pr, n_round_trips, fz, n_bad, seconds) -> str:
         "",
         "### Mixed precision: attention kernels",
         "",
-        "Max |low − fp32| / max|v| over |q| = |k| ∈ {0.1 … 50}, head dims 8 and 32, "
+        "Max |low − fp32| / max(max|v|, max|out|) over |q| = |k| ∈ {0.1 … 50}, head dims 8 "
+        "and 32, "
         "n ∈ {1, 9}, no mask / padding / a fully masked sample, causal or not; the fp32 "
         "reference sees the same rounded inputs. Test bound: bf16 "
         f"{prec.KERNEL_BOUND[torch.bfloat16]:.0e}, fp16 {prec.KERNEL_BOUND[torch.float16]:.0e}.",

@@ -3,7 +3,8 @@
 Kernels: for every attention kernel, low-precision inputs (and fp32 inputs under autocast)
 over a hypothesis sweep of sizes, q/k norms up to those of real pretrained models (|q|, |k|
 up to 50 per head), fully masked rows and single tokens: no inf/NaN, fully masked rows 0,
-and error vs fp32 on the same (rounded) inputs <= ``KERNEL_BOUND[dtype] · max|v|``.
+and error vs fp32 on the same (rounded) inputs <= ``KERNEL_BOUND[dtype]`` times the output
+scale max(max|v|, max|out|).
 
 Encoders with every attention × encoding pair under autocast: no inf/NaN at any of those
 norms, padded rows 0; error vs the fp32 model <= ``ENCODER_BOUND[dtype]`` at |q|, |k| <= 5.
@@ -71,7 +72,7 @@ def kernel_inputs(b, h, n, m, d, q_norm, k_norm, masking, seed):
 
 
 def kernel_error(name, dtype, mode, b, h, n, m, d, q_norm, k_norm, masking, causal, seed=0):
-    """(error / max|v|, low-precision output, key padding mask) for one configuration."""
+    """(error / output scale, low-precision output, key padding mask) for one configuration."""
     attend = kernel_case(name).attend
     q, k, v, mask = kernel_inputs(b, h, n, m, d, q_norm, k_norm, masking, seed)
     q, k, v = (t.to(dtype).float() for t in (q, k, v))  # the reference sees the same inputs
@@ -81,7 +82,10 @@ def kernel_error(name, dtype, mode, b, h, n, m, d, q_norm, k_norm, masking, caus
             out = attend(q, k, v, mask, causal)
     else:
         out = attend(q.to(dtype), k.to(dtype), v.to(dtype), mask, causal)
-    err = (out.float() - ref).abs().max().item() / v.abs().max().item()
+    # the output scale: max|v| bounds it for softmax and FAVOR+ (convex weights); Nyström's
+    # weights can be negative and its outputs larger
+    scale = max(v.abs().max().item(), ref.abs().max().item())
+    err = (out.float() - ref).abs().max().item() / scale
     return err, out, mask
 
 
@@ -101,7 +105,7 @@ def test_attention_kernel_low_precision(name, dtype, b, h, n, m, d, q_norm, k_no
     assert torch.isfinite(out).all()
     if masking == "empty-sample":
         assert (out[-1] == 0).all()
-    assert err <= KERNEL_BOUND[dtype], f"error {err:.2e} x max|v|"
+    assert err <= KERNEL_BOUND[dtype], f"error {err:.2e} x output scale"
 
 
 def _position_limit(module: torch.nn.Module) -> int:
