@@ -145,7 +145,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds for one memory subprocess; a contender that fails or times "
                         "out there is not timed at that length")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    p.add_argument("--max-step-seconds", type=float, default=20.0,
+    p.add_argument("--max-step-seconds", type=float, default=5.0,
                    help="a contender whose one step took longer is skipped at longer lengths")
     p.add_argument("--error-lengths", type=int, nargs="*", default=[1024],
                    help="lengths for the optional error hooks (give none to skip)")
