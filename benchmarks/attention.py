@@ -31,7 +31,6 @@ import importlib
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,15 @@ from types import ModuleType
 
 import torch
 
+from benchmarks.attention_report import (
+    Results,
+    check_target,
+    error_lines,
+    markdown_report,
+    markdown_tables,
+    median_time,
+    plot,
+)
 from benchmarks.common import (
     BATCH,
     D_MODEL,
@@ -56,8 +64,6 @@ MODULES = (
     "benchmarks.contenders_performer",
     "benchmarks.contenders_nystrom",
 )
-BASELINE = "nn.MultiheadAttention"
-TARGET = ("SoftmaxAttention", 1.05)  # SoftmaxAttention <= 1.05x the baseline's time
 DEFAULT_OUT = Path("benchmarks/results/attention.json")
 
 
@@ -97,7 +103,9 @@ def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: in
     for name, factory in factories.items():
         try:
             steps[name] = factory(n)
+            start = time.perf_counter()
             fwd_bwd(steps[name])  # warm-up
+            out[name] = {"warmup_s": time.perf_counter() - start}
         except Exception as error:  # a contender failing must not stop the others
             steps.pop(name, None)
             out[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
@@ -114,93 +122,8 @@ def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: in
                 tick()  # the progress bar counts the guaranteed rounds
         rounds += 1
     for name, ts in times.items():
-        out[name] = {"times_s": ts}
+        out[name]["times_s"] = ts
     return out
-
-
-# -- reporting ---------------------------------------------------------------------------------
-
-Results = dict[str, dict[int, dict]]  # contender -> length -> measurements
-
-
-def median_time(r: dict) -> float | None:
-    return statistics.median(r["times_s"]) if r.get("times_s") else None
-
-
-def peak_memory(r: dict) -> float | None:
-    return r.get("peak_bytes")
-
-
-def print_tables(results: Results, lengths: list[int]) -> None:
-    names = list(results)
-    for title, key, fmt in (
-        ("forward+backward time (median of rounds)", median_time, lambda v: f"{1e3 * v:.1f} ms"),
-        ("peak memory of one forward+backward", peak_memory, lambda v: f"{v / 2**20:.0f} MiB"),
-    ):
-        if all(key(r) is None for per in results.values() for r in per.values()):
-            continue  # e.g. --no-memory
-        print(f"\n{title}; (x) = ratio to {BASELINE}")
-        widths = [max(len(nm), 20) for nm in names]
-        print("       n | " + " | ".join(nm.ljust(w) for nm, w in zip(names, widths, strict=True)))
-        for n in lengths:
-            base = key(results[BASELINE][n]) if BASELINE in results else None
-            cells = []
-            for nm, w in zip(names, widths, strict=True):
-                value = key(results[nm][n])
-                cell = "failed" if value is None else fmt(value)
-                if value is not None and base:
-                    cell += f" ({value / base:.2f}x)"
-                cells.append(cell.ljust(w))
-            print(f"{n:>8} | " + " | ".join(cells))
-    failures = [(nm, n, r[k]) for nm, per in results.items() for n, r in per.items()
-                for k in ("time_error", "memory_error") if k in r]
-    for nm, n, why in failures:
-        print(f"  {nm} at n={n} failed: {why}")
-
-
-def check_target(results: Results, lengths: list[int]) -> str | None:
-    ours, limit = TARGET
-    if ours not in results or BASELINE not in results:
-        return None
-    ratios = []
-    for n in lengths:
-        a, b = median_time(results[ours][n]), median_time(results[BASELINE][n])
-        if a is None or b is None:
-            return f"target: {ours} or {BASELINE} failed at n={n}"
-        ratios.append(a / b)
-    worst = max(ratios)
-    verdict = "met" if worst <= limit else "MISSED"
-    listed = ", ".join(f"{n}: {r:.2f}x" for n, r in zip(lengths, ratios, strict=True))
-    return f"target {ours} <= {limit}x {BASELINE} time at every length: {verdict} ({listed})"
-
-
-def plot(results: Results, path: Path, threads: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(median_time, 1e3, "forward+backward time (ms)"),
-              (peak_memory, 2.0**-20, "peak memory (MiB)")]
-    panels = [p for p in panels if any(p[0](r) for per in results.values() for r in per.values())]
-    if not panels:
-        return
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (key, scale, label) in zip(axes[0], panels, strict=True):
-        for name, per_n in results.items():
-            pts = [(n, key(r)) for n, r in sorted(per_n.items()) if key(r)]
-            ax.plot([n for n, _ in pts], [v * scale for _, v in pts], marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length n")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"batch {BATCH}, d_model {D_MODEL}, {HEADS} heads × {HEAD_DIM}, fp32, "
-                 f"CPU, {threads} threads")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -222,9 +145,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds for one memory subprocess; a contender that fails or times "
                         "out there is not timed at that length")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--max-step-seconds", type=float, default=5.0,
+                   help="a contender whose one step took longer is skipped at longer lengths")
     p.add_argument("--error-lengths", type=int, nargs="*", default=[1024],
                    help="lengths for the optional error hooks (give none to skip)")
     return p.parse_args(argv)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -233,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
+    started = time.perf_counter()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     modules = load_modules()
     table = all_contenders(modules)
     names = list(table)
@@ -244,20 +182,28 @@ def main(argv: list[str] | None = None) -> dict:
     lengths = sorted(args.lengths)
     threads = torch.get_num_threads()
     results: Results = {nm: {n: {} for n in lengths} for nm in names}
+    too_slow: dict[str, str] = {}  # contender -> why it is skipped at longer lengths
     per_length = len(names) * (args.repeats + (0 if args.no_memory else 1))
     with tqdm(total=per_length * len(lengths), desc="attention benchmark", unit="run") as bar:
         for n in lengths:
             timed = {}
             for nm in names:
+                r = results[nm][n]
+                if nm in too_slow:
+                    r["skipped"] = too_slow[nm]
+                    bar.update(per_length // len(names))
+                    continue
                 bar.set_postfix_str(f"n={n} memory {nm}")
                 if not args.no_memory:
                     mem = measure_memory(table[nm][0], nm, n, threads=args.threads,
                                          timeout=args.timeout)
                     if "error" in mem:
-                        results[nm][n]["memory_error"] = mem.pop("error")
-                    results[nm][n].update(mem)
+                        r["memory_error"] = mem.pop("error")
+                    r.update(mem)
                     bar.update()
-                if "memory_error" not in results[nm][n]:
+                if "memory_error" in r:
+                    bar.update(args.repeats)
+                else:
                     timed[nm] = table[nm][1]
             bar.set_postfix_str(f"n={n} timing")
             for nm, r in time_round_robin(timed, n, args.repeats, bar.update,
@@ -265,29 +211,37 @@ def main(argv: list[str] | None = None) -> dict:
                 if "error" in r:
                     r["time_error"] = r.pop("error")
                 results[nm][n].update(r)
-    print_tables(results, lengths)
+            for nm in names:
+                r = results[nm][n]
+                step_s = max(r.get("first_step_s", 0.0), r.get("warmup_s", 0.0))
+                if nm not in too_slow and ("memory_error" in r or step_s > args.max_step_seconds):
+                    too_slow[nm] = (
+                        f"one step took {step_s:.1f} s at n = {n} (> --max-step-seconds "
+                        f"{args.max_step_seconds:g})" if step_s > args.max_step_seconds
+                        else f"failed at n = {n}"
+                    )
+    tables = markdown_tables(results, lengths)
+    print("\n" + "\n".join(tables))
     verdict = check_target(results, lengths)
     if verdict:
-        print("\n" + verdict)
+        print(verdict + "\n")
 
     errors: dict[int, dict[str, float]] = {}
     hooks: list[ErrorHook] = [m.errors for m in modules if hasattr(m, "errors")]
-    if hooks and args.error_lengths:
-        for n in args.error_lengths:
-            errors[n] = {k: v for hook in hooks for k, v in hook(n).items()}
-        print("\nrelative error vs exact softmax attention, ‖approx − exact‖_F / ‖exact‖_F")
-        for n, per in errors.items():
-            for name, value in per.items():
-                print(f"  n={n:<6} {name:<40} {value:.3e}")
+    for n in args.error_lengths if hooks else []:
+        errors[n] = {k: v for hook in hooks for k, v in hook(n).items()}
+    error_table = error_lines(errors)
+    print("\n".join(error_table))
 
     report = {
         "config": {
             "batch": BATCH, "d_model": D_MODEL, "heads": HEADS, "head_dim": HEAD_DIM,
             "dtype": "float32", "device": "cpu", "min_rounds": args.repeats,
-            "min_seconds": args.min_seconds, "threads": threads,
-            "torch": torch.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "time_statistic": "median over rounds (best also given)",
+            "min_seconds": args.min_seconds, "max_step_seconds": args.max_step_seconds,
+            "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_model": _cpu_model(),
+            "cpu_count": os.cpu_count(), "load_average_1min": load,
+            "time_statistic": "median over interleaved rounds (best also in the JSON)",
             "memory_method": next((r["memory_method"] for per in results.values()
                                    for r in per.values() if "memory_method" in r), None),
         },
@@ -300,11 +254,13 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "target": verdict,
         "errors": {str(n): per for n, per in errors.items()},
+        "total_seconds": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown_report(report, tables, error_table))
     plot(results, args.out.with_suffix(".png"), threads)
-    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    print(f"wrote {args.out} and the .md and .png beside it ({report['total_seconds']:.0f} s)")
     return report
 
 
