@@ -289,3 +289,49 @@ def test_bidirectional_denominator_never_underflows_at_extreme_norms(fmap):
     want = quadratic_favor(q, k, v, w, fmap)  # fp64 textbook features still representable
     got = favor_attention(q.float(), k.float(), v.float(), w.float(), feature_map=fmap)
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_scan_groups_of_blocks_agree(monkeypatch):
+    import transformer_zoo.functional.causal_linear as cl
+
+    a, b = torch.rand(2, 2, 37, 5, dtype=F64).unbind(0)
+    x = torch.randn(2, 37, 3, dtype=F64)
+    g = torch.randn(2, 37, dtype=F64).abs().cumsum(-1)
+    want = [chunked_scan(a, b, x, g, chunk=4, reverse=r) for r in (False, True)]
+    monkeypatch.setattr(cl, "_GROUP_ROWS", 8)  # two chunks per batched step
+    for r, w in zip((False, True), want, strict=True):
+        torch.testing.assert_close(chunked_scan(a, b, x, g, chunk=4, reverse=r), w)
+
+
+@pytest.mark.parametrize("fmap", FMAPS, ids=repr)
+@pytest.mark.parametrize("causal", [False, True])
+def test_fully_padded_rows_give_zero_and_finite_gradients(fmap, causal):
+    q, k, v = (t.requires_grad_() for t in rand_qkv(2, 2, 6, 6, 8))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1] = False
+    w = draw_projection(8, 8, seed=0, dtype=F64)
+    out = favor_attention(q, k, v, w, feature_map=fmap, causal=causal, key_padding_mask=valid)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@given(n=st.integers(2, 30), cut=st.integers(1, 29), chunk=st.integers(1, 9))
+def test_causal_prefix_consistency(n, cut, chunk):
+    """The first `cut` outputs do not depend on anything after them (any chunking)."""
+    cut = min(cut, n)
+    q, k, v = rand_qkv(1, 2, n, n, 8, scale=2.0)
+    w = draw_projection(16, 8, seed=0, dtype=F64)
+    full = favor_attention(q, k, v, w, causal=True, chunk_size=chunk)
+    part = favor_attention(q[:, :, :cut], k[:, :, :cut], v[:, :, :cut], w, causal=True,
+                           chunk_size=chunk)
+    torch.testing.assert_close(full[:, :, :cut], part)
+
+
+def test_bidirectional_is_key_permutation_invariant_and_query_equivariant():
+    q, k, v = rand_qkv(2, 2, 9, 11, 8, scale=1.5)
+    w = draw_projection(16, 8, seed=0, dtype=F64)
+    out = favor_attention(q, k, v, w)
+    pk, pq = torch.randperm(11), torch.randperm(9)
+    torch.testing.assert_close(favor_attention(q, k[:, :, pk], v[:, :, pk], w), out)
+    torch.testing.assert_close(favor_attention(q[:, :, pq], k, v, w), out[:, :, pq])

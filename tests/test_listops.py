@@ -297,3 +297,20 @@ def test_data_cache_round_trips(tmp_path: Path) -> None:
         for field in ("tokens", "lengths", "labels"):
             assert torch.equal(getattr(first[name], field), getattr(fresh[name], field))
             assert torch.equal(getattr(again[name], field), getattr(fresh[name], field))
+
+
+def test_bucketed_batches_cover_each_epoch_with_similar_lengths() -> None:
+    from benchmarks.listops.train import bucketed_batches
+
+    lengths = torch.randint(1, 500, (1000,), generator=torch.Generator().manual_seed(0))
+    batches = bucketed_batches(lengths, 10, torch.Generator().manual_seed(1), pool=5)
+    epoch = [next(batches) for _ in range(100)]
+    assert all(b.shape == (10,) for b in epoch)
+    assert sorted(torch.cat(epoch).tolist()) == list(range(1000))
+    spread = torch.stack([lengths[b].max() - lengths[b].min() for b in epoch]).float().mean()
+    random_spread = torch.stack(
+        [lengths[b].max() - lengths[b].min() for b in torch.randperm(1000).split(10)]
+    ).float().mean()
+    assert spread < random_spread / 3
+    again = bucketed_batches(lengths, 10, torch.Generator().manual_seed(1), pool=5)
+    assert all(torch.equal(next(again), b) for b in epoch)

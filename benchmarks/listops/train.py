@@ -12,7 +12,7 @@ import math
 import multiprocessing
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,11 +30,11 @@ from .variants import Variant, rdrop_loss
 class TrainConfig:
     """Optimisation settings: AdamW, linear warm-up then cosine decay to 0."""
 
-    steps: int = 700
+    steps: int = 1400
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
-    warmup: int = 50
+    warmup: int = 100
     eval_batch_size: int = 256
     threads: int = 1
     device: str = "cpu"
@@ -46,6 +46,27 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
         return (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def bucketed_batches(
+    lengths: Tensor, batch_size: int, generator: torch.Generator, *, pool: int = 50
+) -> Iterator[Tensor]:
+    """Endless batches of indices; each epoch covers every example once.
+
+    Per epoch: shuffle, cut into pools of ``pool`` batches, sort each pool by length, cut it
+    into batches and shuffle the batches. Batches then hold similar lengths (little padding)
+    while their order and make-up stay random.
+    """
+    n = int(lengths.shape[0])
+    while True:
+        order = torch.randperm(n, generator=generator)
+        batches = []
+        for start in range(0, n, pool * batch_size):
+            chunk = order[start : start + pool * batch_size]
+            chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+            batches += [b for b in chunk.split(batch_size) if len(b) == batch_size]
+        for i in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[i]
 
 
 def _batch(split: Split, index: Tensor, device: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -110,8 +131,9 @@ def train_variant(
     losses: list[float] = []
     bar = tqdm(range(train_cfg.steps), desc=variant.name, disable=not progress, position=position)
     start, cpu_start = time.perf_counter(), time.process_time()
+    batches = bucketed_batches(train.lengths, train_cfg.batch_size, gen)
     for _ in bar:
-        index = torch.randint(0, len(train), (train_cfg.batch_size,), generator=gen)
+        index = next(batches)
         tokens, mask, labels = _batch(train, index, device)
         if variant.rdrop_alpha > 0:  # both dropout passes in one forward: duplicate the batch
             logits = model(tokens.repeat(2, 1), mask.repeat(2, 1))

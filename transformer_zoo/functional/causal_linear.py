@@ -14,16 +14,18 @@ Shapes: ``(..., n, P)`` a and b, ``(..., n, Q)`` x, ``(..., n)`` g; output ``(..
 ``...`` is (batch, heads). Exact (no approximation): equal to the quadratic form
 ``((a bᵀ) ⊙ exp(g_s − g_r) ⊙ [s ≤ r]) x`` up to rounding.
 
-Memory: chunks of ``chunk`` rows; the forward holds the C × C block of every chunk and one
-P × Q state per chunk (O(n(C + PQ/C)), linear in n); the autograd Function saves only its
-inputs (O(n(P+Q))) and recomputes in backward (a forward scan for ∂a, reverse scans for ∂b
-and ∂x), never an n × P × Q tensor.
+Memory: chunks of ``chunk`` rows; the forward holds one P × Q state per chunk and the C × C
+blocks of 1024 rows at a time (O(n(P + Q + PQ/C)), linear in n); the autograd Function saves
+only its inputs (O(n(P+Q))) and recomputes in backward (a forward scan for ∂a, reverse scans
+for ∂b and ∂x), never an n × P × Q tensor.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+_GROUP_ROWS = 1024  # rows whose C × C blocks are formed at once
 
 
 def chunked_scan(
@@ -33,13 +35,10 @@ def chunked_scan(
 
         Y_r = Σ_{s ≥ r} (a_r · b_s) · exp(g_r − g_s) · x_s        (g non-decreasing)
 
-    Chunkwise-parallel form: every chunk's C × C block and its P × Q summary are batched
-    matmuls over all chunks at once; only the carry of the P × Q state from chunk to chunk is
-    a loop (two small ops per chunk). Memory O(n·(C + P·Q/C)) for chunk size C.
+    Chunkwise-parallel form: the chunks' C × C blocks (1024 rows' worth at a time) and their
+    P × Q summaries are batched matmuls; only the carry of the P × Q state from chunk to chunk
+    is a loop (two small ops per chunk). Memory O(1024·C + n·(P + Q + P·Q/C)).
     """
-    if reverse:  # time reversal maps the suffix sum onto the prefix sum (g -> −g, flipped)
-        flip = [t.flip(-2) for t in (a, b, x)]
-        return chunked_scan(*flip, -g.flip(-1), chunk=chunk).flip(-2)
     *lead, n, p = a.shape
     q = x.shape[-1]
     c = min(chunk, n)
@@ -50,19 +49,47 @@ def chunked_scan(
         g = torch.cat([g, g[..., -1:].expand(*lead, pad)], -1)
     a_, b_ = a.reshape(*lead, blocks, c, p), b.reshape(*lead, blocks, c, p)
     x_, g_ = x.reshape(*lead, blocks, c, q), g.reshape(*lead, blocks, c)
-    keep = torch.ones(c, c, dtype=torch.bool, device=a.device).tril()  # [r, s]: s <= r
-    decay = (g_.unsqueeze(-2) - g_.unsqueeze(-1)).masked_fill_(~keep, float("-inf")).exp_()
-    y = torch.matmul(torch.matmul(a_, b_.transpose(-2, -1)).mul_(decay), x_)  # (.., N, C, Q)
-    g_end = g_[..., -1:]  # (..., N, 1): each chunk's max of g
-    summary = torch.matmul(b_.transpose(-2, -1), x_ * (g_ - g_end).exp().unsqueeze(-1))
-    states = torch.zeros_like(summary)  # state entering chunk i, referenced at g_end[i − 1]
-    for i in range(1, blocks):
-        carried = states[..., i - 1, :, :]
-        if i > 1:
-            carried = carried * (g_end[..., i - 2, :] - g_end[..., i - 1, :]).exp().unsqueeze(-1)
-        states[..., i, :, :] = carried + summary[..., i - 1, :, :]
-    g_ref = torch.cat([g_[..., :1, :1], g_end[..., :-1, :]], -2)  # (..., N, 1); <= g in chunk
-    y += torch.matmul(a_, states) * (g_ref - g_).exp().unsqueeze(-1)  # factors <= 1
+    # each chunk's summary Σ_s e^{±(g_s − g_edge)} b_s x_sᵀ, referenced at its first (reverse:
+    # the chunk's min of g) or last (forward: the max) row, so every factor is <= 1
+    edge = g_[..., :1] if reverse else g_[..., -1:]  # (..., N, 1)
+    weight = ((edge - g_) if reverse else (g_ - edge)).exp().unsqueeze(-1)
+    if p <= q:  # scale the narrower side (a copy of n × min(P, Q), not n × max)
+        states = torch.matmul((b_ * weight).transpose(-2, -1), x_)  # (..., N, P, Q)
+    else:
+        states = torch.matmul(b_.transpose(-2, -1), x_ * weight)
+    # in place: chunk i's summary becomes the state entering chunk i (exclusive running sum),
+    # referenced at its neighbour's edge; re-referencing factors are <= 1
+    carry: Tensor | None = None
+    prev = 0
+    for i in range(blocks - 1, -1, -1) if reverse else range(blocks):
+        own = states[..., i, :, :].clone()
+        if carry is None:
+            states[..., i, :, :].zero_()
+            carry = own
+        else:
+            states[..., i, :, :].copy_(carry)
+            shift = (edge[..., i, :] - edge[..., prev, :]) * (1.0 if reverse else -1.0)
+            carry = carry * shift.exp().unsqueeze(-1) + own
+        prev = i
+    if reverse:
+        ref = torch.cat([edge[..., 1:, :], g_[..., -1:, -1:]], -2)  # >= g in the chunk
+        factor = (g_ - ref).exp()
+    else:
+        ref = torch.cat([g_[..., :1, :1], edge[..., :-1, :]], -2)  # <= g in the chunk
+        factor = (ref - g_).exp()
+    y = torch.matmul(a_, states).mul_(factor.unsqueeze(-1))  # (..., N, C, Q): from the others
+    del states
+    # within each chunk: the masked C × C block, 1024 rows' worth at a time
+    keep = torch.ones(c, c, dtype=torch.bool, device=a.device)
+    keep = keep.triu() if reverse else keep.tril()  # [r, s]: s >= r, or s <= r
+    group = max(1, _GROUP_ROWS // c)
+    for start in range(0, blocks, group):
+        sl = slice(start, start + group)
+        gs = g_[..., sl, :]
+        diff = gs.unsqueeze(-1) - gs.unsqueeze(-2)  # [r, s] = g_r − g_s
+        decay = (diff if reverse else diff.neg_()).masked_fill_(~keep, float("-inf")).exp_()
+        scores = torch.matmul(a_[..., sl, :, :], b_[..., sl, :, :].transpose(-2, -1))
+        y[..., sl, :, :] += torch.matmul(scores.mul_(decay), x_[..., sl, :, :])
     return y.reshape(*lead, blocks * c, q)[..., :n, :]
 
 
