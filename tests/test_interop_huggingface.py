@@ -272,7 +272,8 @@ class ToyFeatureAttention(MultiHeadAttention):
         super().__init__(d_model, n_heads, **kwargs)
         self.register_buffer("features", torch.randn(nb_features, self.head_dim))
 
-    def attend(self, q, k, v, *, key_padding_mask, attn_mask, q_positions, k_positions):
+    def attend(self, q, k, v, *, key_padding_mask, attn_mask, q_positions, k_positions,
+               query_padding_mask=None):
         module = torch.nn.Module()
         module.tz_toy_w = self.features
         return ToyFeatureKernel().attend(

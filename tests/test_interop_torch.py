@@ -34,7 +34,8 @@ class ToyLinearAttention(MultiHeadAttention):
 
     accepts = frozenset({Place.INPUT, Place.QK})
 
-    def attend(self, q, k, v, *, key_padding_mask, attn_mask, q_positions, k_positions):
+    def attend(self, q, k, v, *, key_padding_mask, attn_mask, q_positions, k_positions,
+               query_padding_mask=None):
         if attn_mask is not None:
             raise ValueError("ToyLinearAttention takes no attn_mask")
         q, k = F.elu(q) + 1, F.elu(k) + 1  # (b, h, n|m, d)

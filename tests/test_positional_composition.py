@@ -138,6 +138,21 @@ def test_docs_table_matches_the_code():
     assert table == compatibility_table(attentions, encodings)
 
 
+def test_architecture_table_is_the_full_current_table():
+    """docs/architecture.md shows every exported attention × every exported encoding."""
+    text = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
+    table = re.search(r"<!-- compat-table -->\n```text\n(.*?)```", text, re.S).group(1).strip()
+    exported = [getattr(transformer_zoo, name) for name in transformer_zoo.__all__]
+    classes = [c for c in exported if isinstance(c, type)]
+    attentions = [c for c in classes if issubclass(c, transformer_zoo.MultiHeadAttention)
+                  and c is not transformer_zoo.MultiHeadAttention]
+    bases = {transformer_zoo.PositionalEncoding, transformer_zoo.InputEncoding,
+             transformer_zoo.QKTransform, transformer_zoo.LogitBias}
+    encodings = [c for c in classes
+                 if issubclass(c, transformer_zoo.PositionalEncoding) and c not in bases]
+    assert table == compatibility_table(attentions, encodings)
+
+
 @pytest.mark.parametrize("name", RELATIVE)
 def test_attention_with_encoding_compiles_without_graph_breaks(name):
     attn = transformer_zoo.SoftmaxAttention(D_MODEL, HEADS, positional=ENCODINGS[name](False))

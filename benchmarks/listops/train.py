@@ -118,7 +118,7 @@ def train_variant(
         model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, train_cfg))
-    loss_rdrop, rdrop_source = rdrop_loss(variant.rdrop_alpha)
+    loss_rdrop = rdrop_loss(variant.rdrop_alpha)
     train = splits["train"]
     gen = torch.Generator().manual_seed(train_cfg.seed)
     cuda = device.startswith("cuda")
@@ -167,7 +167,7 @@ def train_variant(
         "attention": getattr(variant.attention, "func", variant.attention).__name__,
         "attention_options": dict(getattr(variant.attention, "keywords", {}) or {}),
         "rdrop_alpha": variant.rdrop_alpha,
-        "rdrop_loss": rdrop_source if variant.rdrop_alpha > 0 else None,
+        "rdrop_loss": "transformer_zoo.RDropLoss" if variant.rdrop_alpha > 0 else None,
         "steps": train_cfg.steps,
         "train_seconds": train_seconds,
         "steps_per_second": train_cfg.steps / train_seconds,

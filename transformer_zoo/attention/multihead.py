@@ -116,8 +116,14 @@ class MultiHeadAttention(nn.Module):
         attn_mask: Tensor | None,
         q_positions: Tensor,
         k_positions: Tensor,
+        query_padding_mask: Tensor | None = None,
     ) -> Tensor:
-        """q, k, v ``(b, h, n|m, d)`` -> ``(b, h, n, d)``; masks True = may attend."""
+        """q, k, v ``(b, h, n|m, d)`` -> ``(b, h, n, d)``; masks True = may attend.
+
+        ``query_padding_mask`` ``(b, n)`` (True = real query) is given in self-attention, where
+        the key padding mask also marks padded queries; kernels that pool over queries
+        (Nyström's landmarks) use it, others may ignore it.
+        """
         raise NotImplementedError
 
     # -- helpers for subclasses ---------------------------------------------------------------
@@ -198,6 +204,7 @@ class MultiHeadAttention(nn.Module):
             attn_mask=attn_mask,
             q_positions=positions,
             k_positions=context_positions,
+            query_padding_mask=mask if self_attention else None,
         )  # (b, h, n, d)
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)"))
 

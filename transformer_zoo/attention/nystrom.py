@@ -91,7 +91,6 @@ class NystromAttention(MultiHeadAttention):
                 n_heads, n_heads, (conv_kernel, 1), padding=(conv_kernel // 2, 0),
                 groups=n_heads, bias=False,
             )  # weight (h, 1, k, 1): one kernel per head, shared across the head's channels
-        self._self_attention = True
 
     def forward(
         self,
@@ -113,7 +112,6 @@ class NystromAttention(MultiHeadAttention):
                 f"conv_kernel needs keys as long as queries (self-attention): got query length "
                 f"{x.shape[1]} and context length {context.shape[1]}; use conv_kernel=None"
             )
-        self._self_attention = context is None  # padding of x then also masks the queries
         return super().forward(
             x, context=context, mask=mask, positions=positions,
             context_positions=context_positions,
@@ -129,13 +127,14 @@ class NystromAttention(MultiHeadAttention):
         attn_mask: Tensor | None,
         q_positions: Tensor,
         k_positions: Tensor,
+        query_padding_mask: Tensor | None = None,
     ) -> Tensor:
         q, k = self.rotate(q, k, q_positions, k_positions)
         out = nystrom_attention(
             q, k, v,
             num_landmarks=self.num_landmarks,
             key_padding_mask=key_padding_mask,
-            query_padding_mask=key_padding_mask if self._self_attention else None,
+            query_padding_mask=query_padding_mask,
             pinv_iterations=self.pinv_iterations,
             dropout_p=self.attention_dropout(),
         )  # (b, h, n, d)

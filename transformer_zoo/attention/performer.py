@@ -180,6 +180,7 @@ class PerformerAttention(MultiHeadAttention):
         attn_mask: Tensor | None,
         q_positions: Tensor,
         k_positions: Tensor,
+        query_padding_mask: Tensor | None = None,
     ) -> Tensor:
         if attn_mask is not None:
             raise ValueError(

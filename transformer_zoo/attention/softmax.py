@@ -46,6 +46,7 @@ class SoftmaxAttention(MultiHeadAttention):
         attn_mask: Tensor | None,
         q_positions: Tensor,
         k_positions: Tensor,
+        query_padding_mask: Tensor | None = None,
     ) -> Tensor:
         q, k = self.rotate(q, k, q_positions, k_positions)
         mask = merge_masks(

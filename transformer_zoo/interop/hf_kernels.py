@@ -119,6 +119,9 @@ class ModuleKernel(HFKernel):
                 q, k, v, key_padding_mask=key_padding_mask, attn_mask=None,
                 q_positions=torch.arange(m - n, m, device=q.device),
                 k_positions=torch.arange(m, device=q.device),
+                # self-attention: the padding mask also marks the padded queries
+                query_padding_mask=None if getattr(module, "is_cross_attention", False) or n != m
+                else key_padding_mask,
             )
         finally:
             inner.causal, inner.dropout = saved
