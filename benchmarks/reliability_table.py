@@ -58,8 +58,8 @@ def compile_frames() -> dict:
         enc = Encoder(rc.encoder_config(*pair, n_layers=1)).eval()
         counter = CompileCounter()
         compiled = torch.compile(enc, backend=counter, fullgraph=True)
-        for n in comp.DYNAMIC_LENGTHS:
-            x, mask = comp._inputs(n, seed=n)
+        for b, n in comp.DYNAMIC_SHAPES:
+            x, mask = comp._inputs(n, seed=n, b=b)
             compiled(x, mask=mask)
         frames[rc.pair_id(pair)] = counter.frame_count
     torch._dynamo.reset()
@@ -176,7 +176,7 @@ def render(cov, frames, dist, pr, n_round_trips, fz, n_bad, seconds) -> str:
         "no graph break, equal to eager |",
         f"| torch.compile | encoder, train steps of one shape | {cov['pairs']} pairs | "
         "1 frame each (no recompiles across steps) |",
-        f"| torch.compile | dynamic lengths {comp.DYNAMIC_LENGTHS} | {len(frames)} cases | "
+        f"| torch.compile | dynamic (batch, length) {comp.DYNAMIC_SHAPES} | {len(frames)} cases | "
         f"at most {max(frames.values())} frames (static, then dynamic) |",
     ]
     if dist:
