@@ -21,6 +21,7 @@ from transformer_zoo.functional.feature_maps import (
     HyperbolicFeatures,
     PositiveFeatures,
 )
+from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatures
 from transformer_zoo.functional.random_features import RowNorms
 from transformer_zoo.positional import (
     ALiBi,
@@ -48,6 +49,7 @@ __all__ = [
     "FeedForward",
     "GeneralizedFeatures",
     "HyperbolicFeatures",
+    "OptimalPositiveFeatures",
     "InputEncoding",
     "LearnedPositionalEncoding",
     "LogitBias",

@@ -40,7 +40,8 @@ class PerformerAttention(MultiHeadAttention):
     Args:
         nb_features: r, rows of the random matrix W (``HyperbolicFeatures`` gives 2r features).
         feature_map: a ``FeatureMap`` instance: ``PositiveFeatures()`` (default),
-            ``HyperbolicFeatures()`` or ``GeneralizedFeatures(fn)`` (ReLU kernel).
+            ``HyperbolicFeatures()``, ``OptimalPositiveFeatures()`` (FAVOR++, lowest
+            variance; causal needs a fixed ``rho``) or ``GeneralizedFeatures(fn)`` (ReLU).
         orthogonal: orthogonal blocks (True) or iid Gaussian rows.
         row_norms: ``RowNorms.CHI`` (independent chi(d) norms, unbiased) or ``RowNorms.SQRT_D``.
         redraw_interval: redraw W every this many training forward calls (None: never). W is
@@ -97,7 +98,8 @@ class PerformerAttention(MultiHeadAttention):
         if not isinstance(feature_map, FeatureMap):
             raise TypeError(
                 "feature_map: expected a FeatureMap instance (PositiveFeatures(), "
-                f"HyperbolicFeatures(), GeneralizedFeatures(fn)), got {feature_map!r}"
+                "HyperbolicFeatures(), OptimalPositiveFeatures(), GeneralizedFeatures(fn)), "
+                f"got {feature_map!r}"
             )
         if not isinstance(rotary, RotaryMode):
             raise TypeError(f"rotary: expected a RotaryMode member, got {rotary!r}")
@@ -196,6 +198,7 @@ class PerformerAttention(MultiHeadAttention):
             key_padding_mask=key_padding_mask,
             numerator_transform=self._numerator_transform(q_positions, k_positions),
             chunk_size=self.chunk_size,
+            query_padding_mask=query_padding_mask,
         )  # (b, h, n, d)
         p = self.attention_dropout()
         return F.dropout(out, p=p) if p > 0 else out

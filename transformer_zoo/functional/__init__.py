@@ -9,6 +9,7 @@ from transformer_zoo.functional.feature_maps import (
     HyperbolicFeatures,
     PositiveFeatures,
 )
+from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatures
 from transformer_zoo.functional.gaussian import (
     gaussian_bhattacharyya,
     gaussian_kl,
@@ -54,6 +55,7 @@ __all__ = [
     "gaussian_orthogonal_matrix",
     "GeneralizedFeatures",
     "HyperbolicFeatures",
+    "OptimalPositiveFeatures",
     "NystromFactors",
     "PositiveFeatures",
     "RowNorms",

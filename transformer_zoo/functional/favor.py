@@ -58,6 +58,7 @@ def favor_features(
     key_padding_mask: Tensor | None = None,
     causal: bool = False,
     scalar_key_max: bool = False,
+    query_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Stabilized features: ``(φ(q) (b,h,n,F), φ(k) (b,h,m,F), g)``.
 
@@ -67,11 +68,17 @@ def favor_features(
     running max of log φ(k) over valid keys <= j, removed from key j (the prefix sum
     re-references it per query). Zeros for non-exponential maps. ``scalar_key_max`` uses one
     c for all features (it then commutes with rotations of the features: Su's form).
+    Data-dependent maps are fixed first by ``feature_map.prepare`` (real queries and keys).
     """
     scale = q.shape[-1] ** -0.25
     w = projection.to(q.dtype)
-    qz = feature_map(q * scale, w, query=True)  # (b, h, n, F)
-    kz = feature_map(k * scale, w, query=False)  # (b, h, m, F)
+    q_hat, k_hat = q * scale, k * scale
+    feature_map = feature_map.prepare(
+        q_hat, k_hat, query_padding_mask=query_padding_mask,
+        key_padding_mask=key_padding_mask, causal=causal,
+    )
+    qz = feature_map(q_hat, w, query=True)  # (b, h, n, F)
+    kz = feature_map(k_hat, w, query=False)  # (b, h, m, F)
     b, h, m, _ = kz.shape
     valid = None if key_padding_mask is None else key_padding_mask[:, None, :]  # (b, 1, m)
     if not feature_map.exponential:
@@ -127,6 +134,7 @@ def favor_attention(
     key_padding_mask: Tensor | None = None,
     numerator_transform: NumeratorTransform | None = None,
     chunk_size: int = 128,
+    query_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """FAVOR+ attention; see the module docstring. Returns ``(b, h, n, d)`` in q's dtype.
 
@@ -138,6 +146,8 @@ def favor_attention(
         numerator_transform: rotates φ(q), φ(k) in the numerator only (Su et al. 2021,
             RoFormer eq. 19); the denominator keeps the unrotated features.
         chunk_size: rows per chunk of the causal prefix sum.
+        query_padding_mask: ``(b, n)`` bool, True = real query; only data-dependent maps
+            (``OptimalPositiveFeatures(rho=None)``) read it, to measure ρ on real tokens.
     """
     b, h, n, m, _ = check_qkv(q, k, v)
     check_rank(projection, "projection", 2, "(nb_features, head_dim)")
@@ -150,6 +160,8 @@ def favor_attention(
         raise TypeError(f"feature_map: expected a FeatureMap, got {type(feature_map).__name__}")
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, b, m, "key_padding_mask")
+    if query_padding_mask is not None:
+        check_key_padding_mask(query_padding_mask, b, n, "query_padding_mask")
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -160,6 +172,7 @@ def favor_attention(
         qf, kf, g = favor_features(
             q, k, projection, feature_map=feature_map, key_padding_mask=key_padding_mask,
             causal=causal, scalar_key_max=numerator_transform is not None,
+            query_padding_mask=query_padding_mask,
         )
         qn, kn = (qf, kf) if numerator_transform is None else numerator_transform(qf, kf)
         front = 0

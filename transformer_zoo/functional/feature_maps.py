@@ -7,9 +7,10 @@ is estimated by φ(q̂)ᵀφ(k̂) with
 - ``HyperbolicFeatures``: φ(x̂) = (2r)^(−1/2) exp(−|x̂|²/2) [exp(W x̂), exp(−W x̂)]   (F = 2r)
 
 both positive and unbiased (Choromanski et al. 2021, "Rethinking Attention with Performers",
-arXiv 2009.14794, Lemma 1 and eq. 7). ``GeneralizedFeatures(fn)``: φ(x̂) = fn(W x̂) for a
-non-negative ``fn`` (ReLU by default), the paper's generalized attention — a different kernel,
-not an estimate of softmax.
+arXiv 2009.14794, Lemma 1 and eq. 7). ``OptimalPositiveFeatures`` (FAVOR++, file
+``feature_maps_optimal.py``) adds a variance-minimising data-dependent parameter.
+``GeneralizedFeatures(fn)``: φ(x̂) = fn(W x̂) for a non-negative ``fn`` (ReLU by default), the
+paper's generalized attention — a different kernel, not an estimate of softmax.
 
 Exponential maps return their *log*-features; the attention kernel subtracts stabilizers and
 exponentiates (in fp32). Constant factors (r^(−1/2)) and, on the query side, any per-token
@@ -35,6 +36,21 @@ class FeatureMap:
     def num_features(self, rows: int) -> int:
         """F, the feature count produced from a W with ``rows`` rows."""
         return rows
+
+    def prepare(
+        self,
+        q_hat: Tensor,
+        k_hat: Tensor,
+        *,
+        query_padding_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        causal: bool,
+    ) -> FeatureMap:
+        """The map to use for one attention call (data-dependent maps fix parameters here).
+
+        q̂ ``(b, h, n, d)``, k̂ ``(b, h, m, d)``; masks ``(b, n)``/``(b, m)``, True = real token.
+        """
+        return self
 
     def __call__(self, x_hat: Tensor, w: Tensor, *, query: bool) -> Tensor:
         raise NotImplementedError
