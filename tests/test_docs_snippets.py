@@ -95,3 +95,15 @@ def test_mkdocs_nav_matches_docs() -> None:
     orphans = sorted(pages - set(nav))
     assert not orphans, f"docs pages missing from mkdocs.yml nav (add a line each): {orphans}"
     assert len(nav) == len(set(nav)), f"duplicate nav entries: {nav}"
+
+
+def _features_table(text: str) -> str:
+    start = text.index("| block |", text.index("## Features"))
+    return text[start : text.index("\n\n", start)]
+
+
+def test_docs_index_feature_table_equals_the_readme() -> None:
+    """The site's front page shows the README's feature table (links made site-relative)."""
+    readme = _features_table((ROOT / "README.md").read_text())
+    index = _features_table((ROOT / "docs" / "index.md").read_text())
+    assert index == readme.replace("](docs/", "](")

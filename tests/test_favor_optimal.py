@@ -48,8 +48,9 @@ def second_moment(a: float, x: torch.Tensor, y: torch.Tensor) -> float:
     """Closed form E[φ(x̂)²φ(ŷ)²] for one ω (module docstring), x̂, ŷ already scaled."""
     d = x.shape[-1]
     s = float((x + y).square().sum())
+    norms = float(x.square().sum() + y.square().sum())
     return math.exp(d * math.log(1 - 4 * a) - d / 2 * math.log(1 - 8 * a)
-                    + 2 * (1 - 4 * a) * s / (1 - 8 * a) - float(x.square().sum() + y.square().sum()))
+                    + 2 * (1 - 4 * a) * s / (1 - 8 * a) - norms)
 
 
 # -- the estimator ------------------------------------------------------------------------------
@@ -101,10 +102,14 @@ def test_closed_form_second_moment_matches_monte_carlo():
     d = 8
     x, y = torch.randn(2, d, dtype=F64) * 0.15  # light tails: the Monte Carlo mean converges
     omega = torch.randn(400000, d, dtype=F64)
+    sq = omega.square().sum(-1)
+
+    def feature(z: torch.Tensor, a: float) -> torch.Tensor:
+        return (1 - 4 * a) ** (d / 4) * torch.exp(
+            a * sq + math.sqrt(1 - 4 * a) * omega @ z - z.square().sum() / 2)
+
     for a in (0.0, -0.15):
-        f = lambda z: (1 - 4 * a) ** (d / 4) * torch.exp(  # noqa: E731
-            a * omega.square().sum(-1) + math.sqrt(1 - 4 * a) * omega @ z - z.square().sum() / 2)
-        mc = float((f(x) * f(y)).square().mean())
+        mc = float((feature(x, a) * feature(y, a)).square().mean())
         assert mc == pytest.approx(second_moment(a, x, y), rel=0.03)
 
 
@@ -121,7 +126,7 @@ def test_rho_is_the_mean_over_real_pairs():
 
 
 def test_lower_error_than_favor_plus_at_equal_feature_count():
-    """Unit-normal q, k × 0.5, d = 64: FAVOR++ (r = 64 antithetic, F = 128) beats FAVOR+ (r = 128)."""
+    """Unit-normal q, k × 0.5, d = 64: FAVOR++ (64 antithetic rows, F = 128) beats FAVOR+ (128)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 4, 256, 64) * s for s in (0.5, 0.5, 1.0))
     exact, _ = explicit_softmax_attention(q.double(), k.double(), v.double())
@@ -235,7 +240,7 @@ def test_measured_rho_is_a_stop_gradient():
     for fmap in (OptimalPositiveFeatures(), OptimalPositiveFeatures(rho=rho)):
         out = favor_attention(q, k, v, w, feature_map=fmap)
         grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
