@@ -471,6 +471,8 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
     "PositiveFeatures": "feature map; compiled through favor_attention",
     "HyperbolicFeatures": "feature map; compiled through favor_attention",
     "GeneralizedFeatures": "feature map; compiled through favor_attention",
+    "OptimalPositiveFeatures": "feature map (FAVOR++); favor_attention with it compiles "
+    "fullgraph: tests/test_favor_optimal.py",
     # Nyström; 4 landmarks so that n = 6..9 takes the approximate path
     "nystrom_attention": KernelCase(
         lambda: (_qkv(), dict(num_landmarks=4, key_padding_mask=padding_mask(2, 6, _gen(2)),

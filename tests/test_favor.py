@@ -12,6 +12,7 @@ from transformer_zoo.functional import (
     FavorState,
     GeneralizedFeatures,
     HyperbolicFeatures,
+    OptimalPositiveFeatures,
     PositiveFeatures,
     RowNorms,
     causal_linear_scan,
@@ -257,16 +258,47 @@ class UnfusedPositive(PositiveFeatures):
     """Same map; a subclass takes the generic autograd path instead of the fused Function."""
 
 
+class UnfusedHyperbolic(HyperbolicFeatures):
+    pass
+
+
+class UnfusedOptimal(OptimalPositiveFeatures):
+    def prepare(self, *args, **kwargs):
+        prepared = super().prepare(*args, **kwargs)
+        copy = UnfusedOptimal(rho=prepared.rho, antithetic=prepared.antithetic)
+        copy._rho_tensor = prepared._rho_tensor
+        return copy
+
+
+FUSED_PAIRS = [
+    (PositiveFeatures(), UnfusedPositive()),
+    (HyperbolicFeatures(), UnfusedHyperbolic()),
+    (OptimalPositiveFeatures(), UnfusedOptimal()),
+    (OptimalPositiveFeatures(rho=0.3, antithetic=False),
+     UnfusedOptimal(rho=0.3, antithetic=False)),
+]
+
+
+@pytest.mark.parametrize("pair", FUSED_PAIRS, ids=lambda p: repr(p[0]))
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_path_matches_generic_values_and_gradients(padded):
+def test_fused_path_matches_generic_values_and_gradients(pair, padded, monkeypatch):
+    import transformer_zoo.functional.favor as favor_module
+
+    calls = []
+    fused_apply = favor_module.FusedFavor.apply
+    monkeypatch.setattr(favor_module.FusedFavor, "apply",
+                        lambda *a: calls.append(1) or fused_apply(*a))
     q, k, v = (t.requires_grad_() for t in rand_qkv(2, 3, 10, 13, 8, scale=2.0))
     valid = torch.rand(2, 13) > 0.3 if padded else None
+    q_valid = torch.rand(2, 10) > 0.3 if padded else None
     w = draw_projection(24, 8, seed=4, dtype=F64)
     outs, grads = [], []
-    for fmap in (PositiveFeatures(), UnfusedPositive()):
-        out = favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=valid)
+    for fmap in pair:
+        out = favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=valid,
+                              query_padding_mask=q_valid)
         outs.append(out)
         grads.append(torch.autograd.grad((out * torch.arange(8.0)).sum(), (q, k, v)))
+    assert len(calls) == 1  # the first map took the fused path, its subclass did not
     torch.testing.assert_close(outs[0], outs[1])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)

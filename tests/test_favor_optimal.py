@@ -262,6 +262,28 @@ def test_no_overflow_at_large_norms_under_autocast(dtype):
     torch.testing.assert_close(ones, torch.ones_like(ones))
 
 
+@pytest.mark.parametrize("rho", [None, 0.2])
+def test_compiles_fullgraph_and_matches_eager(rho):
+    from torch._dynamo.testing import CompileCounter
+
+    q, k, v = torch.randn(3, 2, 2, 6, 8).unbind(0)
+    w = draw_projection(16, 8, seed=7)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    fmap = OptimalPositiveFeatures(rho=rho)
+    for causal in (False, True) if rho is not None else (False,):
+        def fn(q, k, v, causal=causal):
+            return favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=mask,
+                                   query_padding_mask=mask, causal=causal)
+
+        counter = CompileCounter()
+        compiled = torch.compile(fn, backend=counter, fullgraph=True)
+        for _ in range(2):
+            got = compiled(q, k, v)
+        assert counter.frame_count == 1
+        torch.testing.assert_close(got, fn(q, k, v), rtol=1e-6, atol=1e-6)
+
+
 def test_validation():
     with pytest.raises(ValueError, match="rho"):
         OptimalPositiveFeatures(rho=-0.1)

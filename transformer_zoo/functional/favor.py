@@ -35,7 +35,12 @@ from torch import Tensor
 from transformer_zoo._checks import check_key_padding_mask, check_rank
 from transformer_zoo.functional.causal_linear import causal_linear_scan
 from transformer_zoo.functional.favor_fused import FusedFavor
-from transformer_zoo.functional.feature_maps import FeatureMap, PositiveFeatures
+from transformer_zoo.functional.feature_maps import (
+    FeatureMap,
+    HyperbolicFeatures,
+    PositiveFeatures,
+)
+from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatures
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
 
 #: ``(φ(q), φ(k)) -> (rotated φ(q), rotated φ(k))`` for Su's numerator-only rotary form.
@@ -111,6 +116,18 @@ def favor_features(
     return qf, kz.exp(), g
 
 
+def _fused_affine(feature_map: FeatureMap, w: Tensor):
+    """``(W_F, B, β)`` for the fused kernel, or None when the map (or a subclass) has no fused
+    form. Exactly these classes: a subclass may change the map, so it takes the generic path."""
+    if type(feature_map) is PositiveFeatures:
+        return w, None, None
+    if type(feature_map) is HyperbolicFeatures:
+        return torch.cat([w, -w], dim=-2), None, None
+    if type(feature_map) is OptimalPositiveFeatures:
+        return feature_map.affine(w)
+    return None
+
+
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     """num / den with den = 0 -> 0 (no key, or every feature underflowed), never NaN."""
     live = den > 0
@@ -166,9 +183,16 @@ def favor_attention(
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         k, v = expand_kv_heads(k, v, h)
-        if type(feature_map) is PositiveFeatures and not causal and numerator_transform is None:
-            out = FusedFavor.apply(q, k, v, projection.to(dtype), key_padding_mask)
-            return out.to(out_dtype)  # the same function, fewer passes (favor_fused.py)
+        if not causal and numerator_transform is None:
+            scale = q.shape[-1] ** -0.25
+            feature_map = feature_map.prepare(
+                q * scale, k * scale, query_padding_mask=query_padding_mask,
+                key_padding_mask=key_padding_mask, causal=False,
+            )
+            affine = _fused_affine(feature_map, projection.to(dtype))
+            if affine is not None:  # the same function, fewer passes (favor_fused.py)
+                out = FusedFavor.apply(q, k, v, affine[0], key_padding_mask, *affine[1:])
+                return out.to(out_dtype)
         qf, kf, g = favor_features(
             q, k, projection, feature_map=feature_map, key_padding_mask=key_padding_mask,
             causal=causal, scalar_key_max=numerator_transform is not None,

@@ -98,8 +98,8 @@ class OptimalPositiveFeatures(FeatureMap):
         key_padding_mask: Tensor | None,
         causal: bool,
     ) -> FeatureMap:
-        if self.rho is not None:
-            return self
+        if self.rho is not None or self._rho_tensor is not None:
+            return self  # fixed, or already measured for this call
         if causal:
             raise ValueError(
                 "OptimalPositiveFeatures(rho=None) measures rho over all queries and keys, "
@@ -110,21 +110,26 @@ class OptimalPositiveFeatures(FeatureMap):
         bound._rho_tensor = mean_pair_rho(q_hat, k_hat, query_padding_mask, key_padding_mask)
         return bound
 
-    def __call__(self, x_hat: Tensor, w: Tensor, *, query: bool) -> Tensor:
-        rho = self._rho_tensor if self.rho is None else self.rho
+    def affine(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(W_F (F, d), B, β (…, F))`` with log φ(x̂) = B W_F x̂ + β − |x̂|²/2, β_f = A|ω_f|².
+
+        W_F is ``[W, −W]`` when antithetic; B and β are ``(b, h, 1, 1)``/``(b, h, 1, F)`` for a
+        measured ρ, 0-d/``(F,)`` for a fixed one. Also feeds the fused kernel (favor_fused.py).
+        """
+        rho = self._rho_tensor if self.rho is None else torch.tensor(self.rho, dtype=w.dtype,
+                                                                     device=w.device)
         if rho is None:
             raise ValueError(
                 "OptimalPositiveFeatures(rho=None) must be prepared with the call's queries "
                 "and keys (favor_attention does this); pass a fixed rho to call it directly"
             )
-        a = optimal_a(rho.to(x_hat.dtype) if isinstance(rho, Tensor) else rho)  # (b,h,1,1) | float
-        b_coef = torch.sqrt(1 - 4 * a) if isinstance(a, Tensor) else math.sqrt(1 - 4 * a)
-        proj = torch.matmul(x_hat, w.transpose(-2, -1)) * b_coef  # (b, h, n, r): B ωᵀx̂
-        bias = a * w.square().sum(-1)  # (r,) or (b, h, 1, r): A|ω_f|²
-        if self.antithetic:
-            proj = torch.cat([proj, -proj], dim=-1)  # (b, h, n, 2r)
-            bias = torch.cat([bias, bias], dim=-1)
-        logf = proj + bias
+        a = optimal_a(rho.to(w.dtype))
+        w_f = torch.cat([w, -w], dim=-2) if self.antithetic else w  # (F, d)
+        return w_f, torch.sqrt(1 - 4 * a), a * w_f.square().sum(-1)
+
+    def __call__(self, x_hat: Tensor, w: Tensor, *, query: bool) -> Tensor:
+        w_f, b_coef, bias = self.affine(w)
+        logf = torch.matmul(x_hat, w_f.transpose(-2, -1)) * b_coef + bias  # (b, h, n, F)
         if query:
             return logf  # exp(−|q̂|²/2) and D cancel per query
         return logf - x_hat.square().sum(-1, keepdim=True) * 0.5
