@@ -39,3 +39,16 @@ def test_validation():
         ALiBi(n_heads=4)(torch.randn(1, 2, 3, 8), torch.arange(3), torch.arange(3))
     with pytest.raises(ValueError, match="positive"):
         ALiBi(n_heads=0)
+
+
+def test_causal_form_needs_causal_attention_and_equal_heads():
+    """ALiBi(causal=True) under bidirectional attention would reward distant future keys."""
+    pe = ALiBi(n_heads=4, causal=True)
+    bias = pe(torch.randn(1, 4, 5, 2), torch.arange(5), torch.arange(5))
+    assert bias[0, 0, 0, 4] > 0  # the silent failure the check prevents
+    with pytest.raises(ValueError, match="causal=True"):
+        SoftmaxAttention(16, 4, positional=pe)
+    with pytest.raises(ValueError, match="n_heads=2"):
+        SoftmaxAttention(16, 2, causal=True, positional=ALiBi(n_heads=4, causal=True))
+    SoftmaxAttention(16, 4, causal=True, positional=pe)  # the intended pairings build
+    SoftmaxAttention(16, 4, positional=ALiBi(n_heads=4))

@@ -96,6 +96,7 @@ class MultiHeadAttention(nn.Module):
             )
         if positional is not None:
             check_pair(type(self), positional)
+            positional.check_attention(n_heads=n_heads, causal=bool(causal))
         self.d_model, self.n_heads, self.head_dim, self.kv_dim = d_model, n_heads, head_dim, kv_dim
         self.dropout = check_probability(dropout, "dropout")
         self.causal = bool(causal)

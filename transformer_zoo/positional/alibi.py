@@ -60,6 +60,19 @@ class ALiBi(LogitBias):
         with torch.no_grad():
             self.slopes.copy_(alibi_slopes(self.n_heads))
 
+    def check_attention(self, *, n_heads: int, causal: bool) -> None:
+        if n_heads != self.n_heads:
+            raise ValueError(
+                f"ALiBi(n_heads={self.n_heads}) cannot serve an attention with "
+                f"n_heads={n_heads}: expected equal head counts (one slope per head)"
+            )
+        if self.causal and not causal:
+            raise ValueError(
+                "ALiBi(causal=True) gives every future key j > i the growing bonus "
+                "m_h·(j − i); it is only correct under a causal mask: build the attention with "
+                "causal=True, or use ALiBi(causal=False) (the symmetric −m_h·|i − j|)"
+            )
+
     def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         check_rank(q, "q", 4, "(batch, heads, seq, head_dim)")
         if q.shape[1] != self.n_heads:

@@ -37,6 +37,10 @@ class PositionalEncoding(nn.Module):
 
     place: ClassVar[Place]
 
+    def check_attention(self, *, n_heads: int, causal: bool) -> None:
+        """Raise ValueError when this encoding cannot serve an attention module with these
+        settings (called by ``MultiHeadAttention`` at construction). Default: any."""
+
 
 class InputEncoding(PositionalEncoding):
     """Absolute encoding added to the input: ``forward(positions) -> (..., n, d_model)``."""
