@@ -35,6 +35,14 @@ try:
 except ImportError:  # pragma: no cover - peer not installed
     PeerNystrom = None
 
+try:
+    from transformers import NystromformerConfig
+    from transformers.models.nystromformer.modeling_nystromformer import (
+        NystromformerSelfAttention,
+    )
+except ImportError:  # pragma: no cover - the hf extra not installed
+    NystromformerSelfAttention = None
+
 
 def nystrom_module(n: int) -> Step:
     attn = NystromAttention(D_MODEL, HEADS, num_landmarks=LANDMARKS,
@@ -50,10 +58,25 @@ def peer_nystrom_module(n: int) -> Step:
     return lambda: attn(x)
 
 
+def hf_nystromformer_module(n: int) -> Step:
+    """HF's self-attention (6 iterations, fixed in its code) plus an output projection like
+    ours; its ``segment_means_seq_len`` must equal n (its own limitation), so set per length."""
+    config = NystromformerConfig(
+        hidden_size=D_MODEL, num_attention_heads=HEADS, num_landmarks=LANDMARKS,
+        segment_means_seq_len=n, conv_kernel_size=CONV, attention_probs_dropout_prob=0.0,
+    )
+    attn = NystromformerSelfAttention(config)
+    out_proj = torch.nn.Linear(D_MODEL, D_MODEL)
+    x = torch.randn(BATCH, n, D_MODEL, requires_grad=True)
+    return lambda: out_proj(attn(x)[0])
+
+
 def contenders() -> dict[str, ContenderFactory]:
     found: dict[str, ContenderFactory] = {"NystromAttention": nystrom_module}
     if PeerNystrom is not None:
         found["nystrom-attention"] = peer_nystrom_module
+    if NystromformerSelfAttention is not None:
+        found["Nystromformer (HF transformers)"] = hf_nystromformer_module
     return found
 
 
