@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import time
+from pathlib import Path
 
 import torch
 
@@ -159,12 +160,39 @@ def errors(
     return totals
 
 
+COLUMNS = (("favor", " (transformer_zoo)", "ours, FAVOR+"),
+           ("favor++", " (transformer_zoo)", "ours, FAVOR++"),
+           ("FastAttention", " (performer-pytorch)", "performer-pytorch"),
+           ("mean of V", "", "mean of V (uniform attention)"))
+
+
+def errors_markdown(errors: dict[str, float], n: int) -> str:
+    """``errors(n)`` pivoted: one row per input setting, one column per estimator."""
+    tags = [k[len("mean of V"):] for k in errors if k.startswith("mean of V")]
+    lines = [
+        "<!-- Written by `python -m benchmarks.contenders_performer --errors-out ...`; "
+        "do not edit by hand. -->",
+        f"Relative error vs exact softmax (fp64), n = {n}, {HEADS} heads × {HEAD_DIM}, "
+        f"{NB_FEATURES} features, mean of 2 draws of W (performer-pytorch gets ours).",
+        "",
+        "| inputs | " + " | ".join(label for *_, label in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
+    for tag in tags:
+        cells = [errors.get(f"{name}{tag}{suffix}") for name, suffix, _ in COLUMNS]
+        row = " | ".join("-" if c is None else f"{c:.3g}" for c in cells)
+        lines.append(f"| {tag.lstrip(', ')} | {row} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:  # pragma: no cover - manual tool
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192])
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=[], help="exact contender names")
     parser.add_argument("--errors", type=int, default=0, help="also print errors at this n")
+    parser.add_argument("--errors-out", type=Path, default=None,
+                        help="write the pivoted error table (Markdown) here")
     args = parser.parse_args()
     torch.manual_seed(0)
     factories = {k: f for k, f in contenders().items() if not args.only or k in args.only}
@@ -179,8 +207,11 @@ def main() -> None:  # pragma: no cover - manual tool
         for name, t in best.items():
             print(f"n={n:6d} {name:55s} {t * 1e3:9.1f} ms")
     if args.errors:
-        for name, err in errors(args.errors).items():
+        found = errors(args.errors)
+        for name, err in found.items():
             print(f"error n={args.errors} {name:55s} {err:.4f}")
+        if args.errors_out is not None:
+            args.errors_out.write_text(errors_markdown(found, args.errors))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,8 +5,8 @@
 Relative error ‖Ŝ V − softmax(QKᵀ/√d) V‖_F / ‖softmax(QKᵀ/√d) V‖_F at d = 64, 8 heads, two
 input families: "gaussian" (``common.error_inputs``: i.i.d. N(0, 1) q, k, v, no structure for
 landmarks to exploit) and "smooth" (q, k are normalised random walks along the sequence, so
-neighbouring tokens are alike and a segment mean represents its segment). Writes the JSON and
-a PNG next to it.
+neighbouring tokens are alike and a segment mean represents its segment). Writes the JSON, a
+Markdown table and a PNG next to it; ``--report-only`` re-renders the last two from the JSON.
 """
 
 from __future__ import annotations
@@ -31,11 +31,33 @@ def smooth_inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return walk[0], walk[1], torch.randn(1, HEADS, n, HEAD_DIM, generator=g)
 
 
+def markdown(results: dict) -> str:
+    """The table docs/nystrom.md includes: one row per (inputs, method), one column per m."""
+    landmarks = results["landmarks"]
+    lines = [
+        "<!-- Written by `python -m benchmarks.nystrom_errors`; do not edit by hand. -->",
+        f"Relative error vs exact softmax attention, n = {results['n']}, {HEADS} heads × "
+        f"{HEAD_DIM}, {results['iterations']} pinv iterations unless stated.",
+        "",
+        "| inputs | method | " + " | ".join(f"m = {m}" for m in landmarks) + " |",
+        "|---|---|" + "---:|" * len(landmarks),
+    ]
+    for family in ("gaussian", "smooth"):
+        for name, curve in results[family].items():
+            lines.append(f"| {family} | {name} | " + " | ".join(f"{e:.3g}" for e in curve) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/nystrom_errors.json"))
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render the Markdown table and PNG from --out (no computing)")
     args = parser.parse_args()
+    if args.report_only:
+        report(json.loads(args.out.read_text()), args.out)
+        return
     torch.set_num_threads(2)
     landmarks = [m for m in LANDMARKS if m <= args.n]
     results = {"n": args.n, "landmarks": landmarks, "iterations": cn.ITERATIONS,
@@ -48,7 +70,14 @@ def main() -> None:
         cn.error_inputs = original
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    report(results, args.out)
+
+
+def report(results: dict, out: Path) -> None:
+    table = markdown(results)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    landmarks = results["landmarks"]
 
     import matplotlib
 
@@ -62,11 +91,11 @@ def main() -> None:
         ax.set(xscale="log", yscale="log", xlabel="landmarks m", title=f"{family} inputs")
         ax.set_xticks(landmarks, [str(m) for m in landmarks])
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel(f"relative error vs exact softmax (n={args.n})")
+    axes[0].set_ylabel(f"relative error vs exact softmax (n={results['n']})")
     axes[1].legend()
-    fig.suptitle(f"Nyström attention error vs landmarks ({cn.ITERATIONS} pinv iterations)")
+    fig.suptitle(f"Nyström attention error vs landmarks ({results['iterations']} pinv iterations)")
     fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=110)
+    fig.savefig(out.with_suffix(".png"), dpi=110)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,34 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict], meta: dict, block: str) -> str:
+    """One Markdown table (RoPE rows, or the bias builders) for the docs to include."""
+    pick = [r for r in rows if (r["block"] == "RoPE") == (block == "RoPE")]
+    a = meta["args"]
+    n = a["seq"] if block == "RoPE" else a["bias_seq"]
+    lines = [
+        "<!-- Written by `python -m benchmarks.positional`; do not edit by hand. -->",
+        f"b = 1, h = 8, n = {n}, head_dim 64; torch {meta['torch']}, {meta['threads']} thread(s), "
+        f"a fresh process per comparison, {a['rounds']} rounds; min and median ms; ÷peer = ours "
+        "/ the fastest peer (min times).",
+        "",
+        "| block | layout | dtype | mode | contender | min ms | median ms | ÷peer |",
+        "|---|---|---|---|---|---:|---:|---:|",
+    ]
+    for r in pick:
+        ratio = "" if r["vs_fastest_peer"] is None else f"{r['vs_fastest_peer']:.2f}"
+        lines.append(f"| {r['block']} | {r['layout']} | {r['dtype']} | {r['mode']} | "
+                     f"{r['contender']} | {r['min_ms']:.1f} | {r['median_ms']:.1f} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
+    """``positional_rope.md`` and ``positional_bias.md`` beside the JSON."""
+    for block in ("RoPE", "bias"):
+        out = path.with_name(f"{path.stem}_{block.lower()}.md")
+        out.write_text(markdown(rows, meta, block))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=8192, help="RoPE sequence length")
@@ -241,7 +269,14 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run every group in this process (default: a fresh process each, "
                         "so no group inherits another's allocator state)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render the Markdown tables from results/positional.json")
     args = parser.parse_args()
+    if args.report_only:
+        path = RESULTS / "positional.json"
+        saved = json.loads(path.read_text())
+        write_markdown(path, saved["rows"], saved["meta"])
+        return
     torch.set_num_threads(args.threads)
     if args.quick:
         args.seq, args.bias_seq, args.rounds = 1024, 256, 3
@@ -259,7 +294,8 @@ def main() -> None:
                 machine=platform.machine(), processor=platform.processor(), args=vars(args))
     path = RESULTS / ("positional-quick.json" if args.quick else "positional.json")
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"saved {path}")
+    write_markdown(path, rows, meta)
+    print(f"saved {path} and its Markdown tables")
 
 
 if __name__ == "__main__":
