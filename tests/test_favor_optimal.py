@@ -211,6 +211,9 @@ def test_causal_outputs_ignore_the_future_and_decode_matches():
 
 
 def test_causal_with_measured_rho_is_refused():
+    with pytest.raises(ValueError, match="fixed rho"):
+        PerformerAttention(16, 2, causal=True, feature_map=OptimalPositiveFeatures())
+    PerformerAttention(16, 2, causal=True, feature_map=OptimalPositiveFeatures(rho=0.2))
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="fixed rho"):
         favor_attention(q, q, q, draw_projection(4, 8, seed=0),

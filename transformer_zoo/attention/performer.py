@@ -23,6 +23,7 @@ from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.favor import NumeratorTransform, favor_attention
 from transformer_zoo.functional.favor_decode import FavorState, favor_decode_step
 from transformer_zoo.functional.feature_maps import FeatureMap, PositiveFeatures
+from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatures
 from transformer_zoo.functional.random_features import RowNorms, draw_projection
 from transformer_zoo.positional.base import Place, PositionalEncoding, QKTransform
 
@@ -100,6 +101,12 @@ class PerformerAttention(MultiHeadAttention):
                 "feature_map: expected a FeatureMap instance (PositiveFeatures(), "
                 "HyperbolicFeatures(), OptimalPositiveFeatures(), GeneralizedFeatures(fn)), "
                 f"got {feature_map!r}"
+            )
+        if causal and isinstance(feature_map, OptimalPositiveFeatures) and feature_map.rho is None:
+            raise ValueError(
+                "causal PerformerAttention with OptimalPositiveFeatures(rho=None): measuring rho "
+                "reads every key, future ones included; pass a fixed rho, e.g. "
+                "OptimalPositiveFeatures(rho=0.25)"
             )
         if not isinstance(rotary, RotaryMode):
             raise TypeError(f"rotary: expected a RotaryMode member, got {rotary!r}")
