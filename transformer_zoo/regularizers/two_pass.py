@@ -6,8 +6,8 @@ Dropout draws an independent mask for every element of the doubled batch, so yâ‚
 two dropout samples of f(x): the pair R-Drop (Liang et al. 2021, arXiv 2106.14448) and
 unsupervised SimCSE (Gao et al. 2021, arXiv 2104.08821) compare; fairseq's R-Drop and the
 SimCSE code both do this. It is the same arithmetic as two calls and saves only per-call
-overhead: ``benchmarks/rdrop_two_pass.py`` measured 0.9-1.05x on one CPU thread and 1.3-1.8x
-with two threads on a busy 2-core machine.
+overhead (``benchmarks/rdrop_two_pass.py``, results in ``benchmarks/results/rdrop_two_pass.md``:
+two calls / one doubled call = 0.89x on one CPU thread, 1.27x with two threads, busy machine).
 
 Every tensor argument (positional or keyword) is concatenated with itself along dim 0; other
 arguments pass through unchanged. A tensor shared by the whole batch, such as ``(n,)``
