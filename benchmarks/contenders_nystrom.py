@@ -60,9 +60,10 @@ def peer_nystrom_module(n: int) -> Step:
 
 def hf_nystromformer_module(n: int) -> Step:
     """HF's self-attention (6 iterations, fixed in its code) plus an output projection like
-    ours; its ``segment_means_seq_len`` must equal n (its own limitation), so set per length."""
+    ours; its ``segment_means_seq_len`` must equal n (its own limitation), so set per length,
+    and it cannot take more landmarks than tokens (the memory probe's n = 64 warm-up)."""
     config = NystromformerConfig(
-        hidden_size=D_MODEL, num_attention_heads=HEADS, num_landmarks=LANDMARKS,
+        hidden_size=D_MODEL, num_attention_heads=HEADS, num_landmarks=min(LANDMARKS, n),
         segment_means_seq_len=n, conv_kernel_size=CONV, attention_probs_dropout_prob=0.0,
     )
     attn = NystromformerSelfAttention(config)
