@@ -281,16 +281,25 @@ FUSED_PAIRS = [
 
 @pytest.mark.parametrize("pair", FUSED_PAIRS, ids=lambda p: repr(p[0]))
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_path_matches_generic_values_and_gradients(pair, padded, monkeypatch):
+@pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "16-row-tiles"])
+def test_fused_path_matches_generic_values_and_gradients(pair, padded, tiled, monkeypatch):
     import transformer_zoo.functional.favor as favor_module
+    import transformer_zoo.functional.favor_fused as fused_module
 
     calls = []
     fused_apply = favor_module.FusedFavor.apply
     monkeypatch.setattr(favor_module.FusedFavor, "apply",
                         lambda *a: calls.append(1) or fused_apply(*a))
-    q, k, v = (t.requires_grad_() for t in rand_qkv(2, 3, 10, 13, 8, scale=2.0))
-    valid = torch.rand(2, 13) > 0.3 if padded else None
-    q_valid = torch.rand(2, 10) > 0.3 if padded else None
+    n, m = (40, 45) if tiled else (10, 13)
+    if tiled:  # tiles of 16 rows: the online key max, rescaling and tile seams are exercised
+        monkeypatch.setattr(fused_module, "TILE_ELEMENTS", 1)
+    q, k, v = (t.requires_grad_() for t in rand_qkv(2, 3, n, m, 8, scale=2.0))
+    if tiled:  # the largest keys in the last tile: the running max must rescale the sum
+        k.data[:, :, -5:] *= 3.0
+    valid = torch.rand(2, m) > 0.3 if padded else None
+    q_valid = torch.rand(2, n) > 0.3 if padded else None
+    if padded and tiled:
+        valid[1, :20] = False  # a whole tile (and more) of padded keys for one sample
     w = draw_projection(24, 8, seed=4, dtype=F64)
     outs, grads = [], []
     for fmap in pair:

@@ -1,4 +1,4 @@
-"""Bidirectional FAVOR+ / FAVOR++ with positive features, fused, with a hand-written backward.
+"""Bidirectional FAVOR+ / FAVOR++ with positive features: fused, tiled, recomputing backward.
 
     out = (Q' (K'ᵀ [V, 1]))[:, :d] / (Q' (K'ᵀ [V, 1]))[:, d],
     K' = exp([B K̂, |K̂|²/2] [W, −1]ᵀ − c),  c_f = max over valid keys of column f,
@@ -9,21 +9,27 @@ pairs): ``PositiveFeatures`` (B = 1, β = 0), ``HyperbolicFeatures`` (W = [W, �
 ``OptimalPositiveFeatures`` (B = √(1 − 4A), β_f = A|ω_f|²; the key side's β cancels against its
 stabilizer, so the query side carries 2β). The same function as the generic path of
 ``favor_attention(..., causal=False)`` (Choromanski et al. 2021, arXiv 2009.14794; Likhosherstov
-et al. 2022, arXiv 2205.15317), computed with fewer passes over the
-``(b, h, n, F)`` feature tensors, which on a CPU cost as much as the matmuls:
+et al. 2022, arXiv 2205.15317), computed tile by tile along the sequence so that no
+``(b, h, n, F)`` feature tensor ever exists:
 
-- −|k̂|²/2 rides in the key projection matmul as an extra column, and the per-feature key
-  stabilizer c rides in the query projection the same way (no separate passes);
-- the stabilizer subtraction and exp run in place on the matmul output;
-- the ones column appended to V yields numerator and denominator from one matmul pair;
-- backward reuses the saved features: ∂P = ∂φ ⊙ φ in place, ∂k̂ = ∂P_k [W, −1] with the
-  first d columns times B and the last times k̂ (the |k̂|²/2 term), and no gradient flows into
-  the stabilizers (they cancel exactly, so their true gradient is 0) nor into B and β
-  (FAVOR++'s measured ρ is a stop-gradient on both paths).
+- keys, one tile at a time: K'ᵀ[V, 1] is accumulated with an online per-feature max (the
+  running sum is rescaled by exp(c_old − c_new) when a tile raises c, as in FlashAttention's
+  online softmax), so one pass gives the exact stabilizer of the whole sequence;
+- −|k̂|²/2 rides in the key projection matmul as an extra column, and c rides in the query
+  projection the same way; the ones column appended to V yields numerator and denominator
+  from one matmul pair; stabilizer subtraction and exp run in place;
+- only O(n·d + F·d) is saved for backward (out, 1/den, c, K'ᵀ[V, 1]); backward recomputes
+  each tile's features (two extra projection matmuls, against ten) and accumulates
+  ∂(K'ᵀ[V, 1]) over query tiles before the key tiles use it. No gradient flows into the
+  stabilizers (they cancel exactly, so their true gradient is 0) nor into B and β (FAVOR++'s
+  measured ρ is a stop-gradient on both paths).
+
+Tiles hold about ``TILE_ELEMENTS`` feature entries (b·h·rows·F): a few MB, so they stay in
+cache and below glibc's mmap threshold (no fresh pages, hence no page faults, per step).
 
 Shapes: q ``(b, h, n, d)``, k/v ``(b, h, m, d)`` (heads already expanded), W ``(F, d)``,
 valid ``(b, m)`` or None, B ``(b, h, 1, 1)`` or 0-d or None, β ``(…, F)`` or None. Exact to
-rounding against the unfused path (tests compare values and gradients).
+rounding against the unfused path (tests compare values and gradients, with several tiles).
 """
 
 from __future__ import annotations
@@ -31,60 +37,103 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+TILE_ELEMENTS = 1 << 20  # feature entries per tile (4 MiB in fp32)
+
+
+def _tiles(x: Tensor, f: int) -> list[slice]:
+    """Row slices along dim −2 of x (b, h, n, ·) holding about TILE_ELEMENTS features each.
+
+    Under torch.compile: one tile. A Python loop over a symbolic length would specialize the
+    graph on every new length, and the compiler plans the whole graph's memory itself."""
+    if torch.compiler.is_compiling():
+        return [slice(None)]
+    rows = max(16, TILE_ELEMENTS // max(1, x.shape[0] * x.shape[1] * f))
+    return [slice(s, s + rows) for s in range(0, x.shape[-2], rows)]
+
+
+def _key_logits(kh: Tensor, w_aug: Tensor, b_coef, valid: Tensor | None) -> Tensor:
+    """[B k̂, |k̂|²/2] [W, −1]ᵀ for one tile of keys, −inf at padded keys: (b, h, r, F)."""
+    kb = kh if b_coef is None else kh * b_coef
+    kl = torch.matmul(torch.cat([kb, kh.square().sum(-1, keepdim=True).mul_(0.5)], -1), w_aug.T)
+    if valid is not None:
+        kl.masked_fill_(~valid[:, None, :, None], float("-inf"))  # padded keys: φ = 0
+    return kl
+
+
+def _query_features(q: Tensor, w_q: Tensor, scale: float, b_coef) -> Tensor:
+    """exp([B q̂, 1] [W, c + 2β]ᵀ − max_row) for one tile of queries: (b, h, r, F).
+
+    The per-token max makes the largest term of every denominator exactly exp(0)·exp(0) = 1:
+    no underflow to 0/0."""
+    qb = q * scale if b_coef is None else q * scale * b_coef
+    qf = torch.matmul(torch.cat([qb, q.new_ones(*q.shape[:-1], 1)], -1), w_q.transpose(-2, -1))
+    return qf.sub_(qf.amax(-1, keepdim=True)).exp_()
+
 
 class FusedFavor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, w: Tensor, valid: Tensor | None,
                 b_coef: Tensor | None = None, bias: Tensor | None = None):
-        d = q.shape[-1]
+        d, f = q.shape[-1], w.shape[0]
         scale = d**-0.25
-        w_aug = torch.cat([w, w.new_full((w.shape[0], 1), -1.0)], -1)  # (F, d + 1)
-        kh = k * scale  # (b, h, m, d)
-        kb = kh if b_coef is None else kh * b_coef  # B k̂
-        kh_aug = torch.cat([kb, kh.square().sum(-1, keepdim=True).mul_(0.5)], -1)
-        kf = torch.matmul(kh_aug, w_aug.T)  # (b, h, m, F) = k̂ Wᵀ − |k̂|²/2
-        if valid is not None:
-            kf.masked_fill_(~valid[:, None, :, None], float("-inf"))  # padded keys: φ = 0
-        c = kf.amax(-2, keepdim=True)  # (b, h, 1, F): per-feature max over valid keys
-        c = torch.where(torch.isfinite(c), c, 0.0)
-        kf.sub_(c).exp_()
-        # queries: q̂ Wᵀ + c in one matmul, then the per-token max (the largest term of every
-        # denominator is exactly exp(0)·exp(0) = 1: no underflow to 0/0)
-        qb = q * scale if b_coef is None else q * scale * b_coef  # B q̂
-        q_aug = torch.cat([qb, q.new_ones(*q.shape[:-1], 1)], -1)  # (b, h, n, d + 1)
+        w_aug = torch.cat([w, w.new_full((f, 1), -1.0)], -1)  # (F, d + 1)
+        kv = q.new_zeros(*k.shape[:2], f, d + 1)  # Σ_j φ(k_j) [v_j, 1] at the running max
+        c = q.new_full((*k.shape[:2], 1, f), float("-inf"))  # running max (b, h, 1, F)
+        for t in _tiles(k, f):
+            kl = _key_logits(k[:, :, t] * scale, w_aug, b_coef,
+                             None if valid is None else valid[:, t])
+            c_new = torch.maximum(c, kl.amax(-2, keepdim=True))
+            c_sub = torch.where(torch.isfinite(c_new), c_new, 0.0)
+            kv.mul_(torch.where(torch.isfinite(c), (c - c_sub).exp(), 0.0).transpose(-2, -1))
+            vp = torch.cat([v[:, :, t], v.new_ones(*kl.shape[:-1], 1)], -1)
+            kv.add_(torch.matmul(kl.sub_(c_sub).exp_().transpose(-2, -1), vp))
+            c = c_new
+        c = torch.where(torch.isfinite(c), c, 0.0)  # no valid key at all: kv = 0, out = 0
         cq = c if bias is None else c + 2 * bias  # (b, h, 1, F)
         w_q = torch.cat([w.expand(*cq.shape[:2], *w.shape), cq.transpose(-2, -1)], -1)
-        qf = torch.matmul(q_aug, w_q.transpose(-2, -1))  # (b, h, n, F)
-        qf.sub_(qf.amax(-1, keepdim=True)).exp_()
-        vp = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)  # (b, h, m, d + 1)
-        kv = torch.matmul(kf.transpose(-2, -1), vp)  # (b, h, F, d + 1)
-        y = torch.matmul(qf, kv)  # (b, h, n, d + 1)
-        den = y[..., d:]
-        inv = torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)  # (b, h, n, 1)
-        out = y[..., :d] * inv
-        ctx.save_for_backward(qf, kf, kh, vp, kv, inv, out, w_aug)
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])  # (b, h, n, d_v)
+        inv = q.new_empty(*q.shape[:-1], 1)  # 1 / denominator, 0 where it is 0
+        for t in _tiles(q, f):
+            y = torch.matmul(_query_features(q[:, :, t], w_q, scale, b_coef), kv)
+            den = y[..., -1:]
+            inv_t = torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)
+            inv[:, :, t] = inv_t
+            out[:, :, t] = y[..., :-1] * inv_t
+        ctx.save_for_backward(q, k, v, valid, w_aug, w_q, kv, c, inv, out)
         ctx.scale, ctx.b_coef = scale, b_coef
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        qf, kf, kh, vp, kv, inv, out, w_aug = ctx.saved_tensors
-        b_coef = 1.0 if ctx.b_coef is None else ctx.b_coef
+        q, k, v, valid, w_aug, w_q, kv, c, inv, out = ctx.saved_tensors
+        scale, b_coef = ctx.scale, ctx.b_coef
+        b_mul = 1.0 if b_coef is None else b_coef
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        d = out.shape[-1]
-        dnum = grad * inv  # (b, h, n, d)
-        dden = (grad * out).sum(-1, keepdim=True).mul_(inv).neg_()  # (b, h, n, 1)
-        dy = torch.cat([dnum, dden], -1)  # (b, h, n, d + 1)
-        dq = dk = dv = None
-        if need_q:
-            dpq = torch.matmul(dy, kv.transpose(-2, -1)).mul_(qf)  # (b, h, n, F)
-            dq = torch.matmul(dpq, w_aug[:, :d]).mul_(ctx.scale) * b_coef  # c: no gradient
+        d, f = q.shape[-1], w_aug.shape[0]
+        dq = torch.empty_like(q) if need_q else None
+        dkv = kv.new_zeros(kv.shape)  # ∂L/∂(K'ᵀ[V, 1]), (b, h, F, d_v + 1)
+        for t in _tiles(q, f):
+            inv_t, g = inv[:, :, t], grad[:, :, t]
+            dden = (g * out[:, :, t]).sum(-1, keepdim=True).mul_(inv_t).neg_()  # (b, h, r, 1)
+            dy = torch.cat([g * inv_t, dden], -1)  # (b, h, r, d_v + 1)
+            qf = _query_features(q[:, :, t], w_q, scale, b_coef)  # recomputed
+            if need_k or need_v:
+                dkv.add_(torch.matmul(qf.transpose(-2, -1), dy))
+            if need_q:
+                dpq = torch.matmul(dy, kv.transpose(-2, -1)).mul_(qf)  # (b, h, r, F)
+                dq[:, :, t] = torch.matmul(dpq, w_aug[:, :d]).mul_(scale) * b_mul
+        dk = torch.empty_like(k) if need_k else None
+        dv = torch.empty_like(v) if need_v else None
         if need_k or need_v:
-            dkv = torch.matmul(qf.transpose(-2, -1), dy)  # (b, h, F, d + 1)
-            if need_v:
-                dv = torch.matmul(kf, dkv[..., :d])  # (b, h, m, d)
-            if need_k:
-                dpk = torch.matmul(vp, dkv.transpose(-2, -1)).mul_(kf)  # (b, h, m, F)
-                dk_aug = torch.matmul(dpk, w_aug)  # (b, h, m, d + 1); last col −Σ_F ∂P
-                dk = (dk_aug[..., :d] * b_coef + dk_aug[..., d:] * kh).mul_(ctx.scale)
+            for t in _tiles(k, f):
+                kh = k[:, :, t] * scale
+                kf = _key_logits(kh, w_aug, b_coef, None if valid is None else valid[:, t])
+                kf.sub_(c).exp_()  # recomputed features, exactly as in forward
+                if need_v:
+                    dv[:, :, t] = torch.matmul(kf, dkv[..., :-1])
+                if need_k:
+                    vp = torch.cat([v[:, :, t], v.new_ones(*kh.shape[:-1], 1)], -1)
+                    dpk = torch.matmul(vp, dkv.transpose(-2, -1)).mul_(kf)  # (b, h, r, F)
+                    dk_aug = torch.matmul(dpk, w_aug)  # (b, h, r, d + 1); last col −Σ_F ∂P
+                    dk[:, :, t] = (dk_aug[..., :d] * b_mul + dk_aug[..., d:] * kh).mul_(scale)
         return dq, dk, dv, None, None, None, None
