@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transformer_zoo import Encoder, EncoderConfig, T5RelativeBias
+from transformer_zoo import Encoder, EncoderConfig, SoftmaxAttention, T5RelativeBias
 from transformer_zoo.functional.relative import t5_relative_bucket
 
 
@@ -47,3 +47,16 @@ def test_validation():
         pe(torch.randn(1, 3, 4, 8), torch.arange(4), torch.arange(4))
     with pytest.raises(TypeError):
         T5RelativeBias(2)  # type: ignore[misc]
+
+
+def test_causal_buckets_need_causal_attention_and_equal_heads():
+    """Causal buckets send future keys to bucket 0: only right under a causal mask."""
+    pe = T5RelativeBias(n_heads=4, causal=True)
+    bias = pe(torch.randn(1, 4, 5, 2), torch.arange(5), torch.arange(5))
+    assert torch.equal(bias[0, :, 0, 4], bias[0, :, 0, 0])  # future == present, unmasked
+    with pytest.raises(ValueError, match="causal=True"):
+        SoftmaxAttention(16, 4, positional=pe)
+    with pytest.raises(ValueError, match="n_heads=2"):
+        SoftmaxAttention(16, 2, causal=True, positional=T5RelativeBias(n_heads=4, causal=True))
+    SoftmaxAttention(16, 4, causal=True, positional=pe)  # the intended pairings build
+    SoftmaxAttention(16, 4, positional=T5RelativeBias(n_heads=4))

@@ -26,6 +26,8 @@ et al. 2022, arXiv 2205.15317), computed tile by tile along the sequence so that
 
 Tiles hold about ``TILE_ELEMENTS`` feature entries (b·h·rows·F): a few MB, so they stay in
 cache and below glibc's mmap threshold (no fresh pages, hence no page faults, per step).
+Problems whose feature tensors hold at most ``KEEP_ELEMENTS`` entries (and every problem under
+torch.compile) run as one tile and keep their features for backward instead.
 
 Shapes: q ``(b, h, n, d)``, k/v ``(b, h, m, d)`` (heads already expanded), W ``(F, d)``,
 valid ``(b, m)`` or None, B ``(b, h, 1, 1)`` or 0-d or None, β ``(…, F)`` or None. Exact to
@@ -38,14 +40,23 @@ import torch
 from torch import Tensor
 
 TILE_ELEMENTS = 1 << 20  # feature entries per tile (4 MiB in fp32)
+KEEP_ELEMENTS = 1 << 22  # up to this many per feature tensor: one tile, features saved
 
 
-def _tiles(x: Tensor, f: int) -> list[slice]:
-    """Row slices along dim −2 of x (b, h, n, ·) holding about TILE_ELEMENTS features each.
+def _tiled(q: Tensor, k: Tensor, f: int) -> bool:
+    """Tile (and recompute in backward) only when a feature tensor would be large.
 
-    Under torch.compile: one tile. A Python loop over a symbolic length would specialize the
-    graph on every new length, and the compiler plans the whole graph's memory itself."""
+    Small problems run as one tile and save their features (recomputing them would add two
+    projection matmuls to ten for nothing). Under torch.compile: one tile too, since a Python
+    loop over a symbolic length would specialize the graph on every new length."""
     if torch.compiler.is_compiling():
+        return False
+    return q.shape[0] * q.shape[1] * max(q.shape[-2], k.shape[-2]) * f > KEEP_ELEMENTS
+
+
+def _tiles(x: Tensor, f: int, tiled: bool) -> list[slice]:
+    """Row slices along dim −2 of x (b, h, n, ·) holding about TILE_ELEMENTS features each."""
+    if not tiled:
         return [slice(None)]
     rows = max(16, TILE_ELEMENTS // max(1, x.shape[0] * x.shape[1] * f))
     return [slice(s, s + rows) for s in range(0, x.shape[-2], rows)]
@@ -79,7 +90,8 @@ class FusedFavor(torch.autograd.Function):
         w_aug = torch.cat([w, w.new_full((f, 1), -1.0)], -1)  # (F, d + 1)
         kv = q.new_zeros(*k.shape[:2], f, d + 1)  # Σ_j φ(k_j) [v_j, 1] at the running max
         c = q.new_full((*k.shape[:2], 1, f), float("-inf"))  # running max (b, h, 1, F)
-        for t in _tiles(k, f):
+        tiled = _tiled(q, k, f)
+        for t in _tiles(k, f, tiled):
             kl = _key_logits(k[:, :, t] * scale, w_aug, b_coef,
                              None if valid is None else valid[:, t])
             c_new = torch.maximum(c, kl.amax(-2, keepdim=True))
@@ -93,30 +105,33 @@ class FusedFavor(torch.autograd.Function):
         w_q = torch.cat([w.expand(*cq.shape[:2], *w.shape), cq.transpose(-2, -1)], -1)
         out = q.new_empty(*q.shape[:-1], v.shape[-1])  # (b, h, n, d_v)
         inv = q.new_empty(*q.shape[:-1], 1)  # 1 / denominator, 0 where it is 0
-        for t in _tiles(q, f):
-            y = torch.matmul(_query_features(q[:, :, t], w_q, scale, b_coef), kv)
+        for t in _tiles(q, f, tiled):
+            qf = _query_features(q[:, :, t], w_q, scale, b_coef)
+            y = torch.matmul(qf, kv)
             den = y[..., -1:]
             inv_t = torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)
             inv[:, :, t] = inv_t
             out[:, :, t] = y[..., :-1] * inv_t
-        ctx.save_for_backward(q, k, v, valid, w_aug, w_q, kv, c, inv, out)
-        ctx.scale, ctx.b_coef = scale, b_coef
+        kept = (None, None) if tiled else (qf, kl)  # one tile: kl holds the final K' already
+        ctx.save_for_backward(q, k, v, valid, w_aug, w_q, kv, c, inv, out, *kept)
+        ctx.scale, ctx.b_coef, ctx.tiled = scale, b_coef, tiled
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        q, k, v, valid, w_aug, w_q, kv, c, inv, out = ctx.saved_tensors
-        scale, b_coef = ctx.scale, ctx.b_coef
+        q, k, v, valid, w_aug, w_q, kv, c, inv, out, qf_kept, kf_kept = ctx.saved_tensors
+        scale, b_coef, tiled = ctx.scale, ctx.b_coef, ctx.tiled
         b_mul = 1.0 if b_coef is None else b_coef
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         d, f = q.shape[-1], w_aug.shape[0]
         dq = torch.empty_like(q) if need_q else None
         dkv = kv.new_zeros(kv.shape)  # ∂L/∂(K'ᵀ[V, 1]), (b, h, F, d_v + 1)
-        for t in _tiles(q, f):
+        for t in _tiles(q, f, tiled):
             inv_t, g = inv[:, :, t], grad[:, :, t]
             dden = (g * out[:, :, t]).sum(-1, keepdim=True).mul_(inv_t).neg_()  # (b, h, r, 1)
             dy = torch.cat([g * inv_t, dden], -1)  # (b, h, r, d_v + 1)
-            qf = _query_features(q[:, :, t], w_q, scale, b_coef)  # recomputed
+            qf = qf_kept if qf_kept is not None else _query_features(q[:, :, t], w_q, scale,
+                                                                     b_coef)  # recomputed
             if need_k or need_v:
                 dkv.add_(torch.matmul(qf.transpose(-2, -1), dy))
             if need_q:
@@ -125,10 +140,13 @@ class FusedFavor(torch.autograd.Function):
         dk = torch.empty_like(k) if need_k else None
         dv = torch.empty_like(v) if need_v else None
         if need_k or need_v:
-            for t in _tiles(k, f):
+            for t in _tiles(k, f, tiled):
                 kh = k[:, :, t] * scale
-                kf = _key_logits(kh, w_aug, b_coef, None if valid is None else valid[:, t])
-                kf.sub_(c).exp_()  # recomputed features, exactly as in forward
+                if kf_kept is not None:
+                    kf = kf_kept
+                else:  # recomputed features, exactly as in forward
+                    kf = _key_logits(kh, w_aug, b_coef, None if valid is None else valid[:, t])
+                    kf.sub_(c).exp_()
                 if need_v:
                     dv[:, :, t] = torch.matmul(kf, dkv[..., :-1])
                 if need_k:

@@ -82,6 +82,20 @@ class T5RelativeBias(LogitBias):
             max_distance=self.max_distance,
         )
 
+    def check_attention(self, *, n_heads: int, causal: bool) -> None:
+        if n_heads != self.n_heads:
+            raise ValueError(
+                f"T5RelativeBias(n_heads={self.n_heads}) cannot serve an attention with "
+                f"n_heads={n_heads}: expected equal head counts (one table column per head)"
+            )
+        if self.causal and not causal:
+            raise ValueError(
+                "T5RelativeBias(causal=True) puts every future key in bucket 0, the query's "
+                "own: under bidirectional attention future keys would be indistinguishable "
+                "from the present token. Build the attention with causal=True, or use "
+                "T5RelativeBias(causal=False) (separate buckets per direction)"
+            )
+
     def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         check_rank(q, "q", 4, "(batch, heads, seq, head_dim)")
         if q.shape[1] != self.n_heads:
