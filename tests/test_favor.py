@@ -314,6 +314,26 @@ def test_fused_path_matches_generic_values_and_gradients(pair, padded, tiled, mo
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "16-row-tiles"])
+def test_fused_path_value_width_may_differ_from_head_dim(tiled, monkeypatch):
+    """v (b, h, m, d_v) with d_v != d: the fused kernel's K'ᵀ[V, 1] is (F, d_v + 1)."""
+    import transformer_zoo.functional.favor_fused as fused_module
+
+    if tiled:
+        monkeypatch.setattr(fused_module, "TILE_ELEMENTS", 1)
+        monkeypatch.setattr(fused_module, "KEEP_ELEMENTS", 0)
+    gen = torch.Generator().manual_seed(7)
+    q, k = (torch.randn(1, 2, n, 8, generator=gen, dtype=F64).requires_grad_() for n in (40, 45))
+    v = torch.randn(1, 2, 45, 5, generator=gen, dtype=F64).requires_grad_()
+    w = draw_projection(16, 8, seed=1, dtype=F64)
+    got = favor_attention(q, k, v, w)
+    want = favor_attention(q, k, v, w, feature_map=UnfusedPositive())
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), (q, k, v)),
+                    torch.autograd.grad(want.sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("fmap", [PositiveFeatures(), UnfusedPositive(), HyperbolicFeatures()],
                          ids=repr)
 def test_bidirectional_denominator_never_underflows_at_extreme_norms(fmap):

@@ -88,7 +88,7 @@ class FusedFavor(torch.autograd.Function):
         d, f = q.shape[-1], w.shape[0]
         scale = d**-0.25
         w_aug = torch.cat([w, w.new_full((f, 1), -1.0)], -1)  # (F, d + 1)
-        kv = q.new_zeros(*k.shape[:2], f, d + 1)  # Σ_j φ(k_j) [v_j, 1] at the running max
+        kv = q.new_zeros(*k.shape[:2], f, v.shape[-1] + 1)  # Σ_j φ(k_j) [v_j, 1], running max
         c = q.new_full((*k.shape[:2], 1, f), float("-inf"))  # running max (b, h, 1, F)
         tiled = _tiled(q, k, f)
         for t in _tiles(k, f, tiled):
