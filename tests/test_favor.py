@@ -397,3 +397,30 @@ def test_bidirectional_is_key_permutation_invariant_and_query_equivariant():
     pk, pq = torch.randperm(11), torch.randperm(9)
     torch.testing.assert_close(favor_attention(q, k[:, :, pk], v[:, :, pk], w), out)
     torch.testing.assert_close(favor_attention(q[:, :, pq], k, v, w), out[:, :, pq])
+
+
+def test_fused_path_learnable_projection_gets_its_gradient():
+    """A W that requires grad takes the generic path: ∂W equals the unfused map's."""
+    q, k, v = rand_qkv(1, 2, 9, 11, 8)
+    w = draw_projection(16, 8, seed=2, dtype=F64).requires_grad_()
+    grads = []
+    for fmap in (PositiveFeatures(), UnfusedPositive()):
+        out = favor_attention(q, k, v, w, feature_map=fmap)
+        grads.append(torch.autograd.grad((out * out).sum(), w)[0])
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("pair", FUSED_PAIRS[:3], ids=lambda p: repr(p[0]))
+def test_fused_path_second_order_gradients_match_generic(pair):
+    """create_graph=True through the fused Function: a gradient penalty's gradient is exact."""
+    q, k, v = (t.requires_grad_() for t in rand_qkv(2, 3, 9, 11, 8, scale=2.0))
+    valid = torch.rand(2, 11) > 0.3
+    w = draw_projection(12, 8, seed=2, dtype=F64)
+    grads = []
+    for fmap in pair:
+        out = favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=valid)
+        gq, gk = torch.autograd.grad((out * out).sum(), (q, k), create_graph=True)
+        grads.append(torch.autograd.grad(gq.square().sum() + gk.sum(), (q, k, v)))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

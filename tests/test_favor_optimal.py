@@ -304,3 +304,24 @@ def test_validation():
                         query_padding_mask=torch.ones(2, 4, dtype=torch.bool))
     assert OptimalPositiveFeatures().num_features(8) == 16
     assert OptimalPositiveFeatures(antithetic=False).num_features(8) == 8
+
+
+def test_measured_rho_ignores_padded_rows_of_any_content():
+    """Padded keys holding 1e20 (or inf) must not reach ρ: mask before squaring."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=gen) for _ in range(3))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[0, 4:] = False
+    k_bad = k.clone()
+    k_bad[0, :, 4:] = 1e20
+    k_bad[0, :, 5, 0] = float("inf")
+    rho_bad = mean_pair_rho(q, k_bad, None, valid)
+    torch.testing.assert_close(rho_bad, mean_pair_rho(q, k, None, valid))
+    torch.testing.assert_close(rho_bad[0], mean_pair_rho(q[:1], k[:1, :, :4], None, None)[0])
+    w = draw_projection(8, 8, seed=0)
+    out = favor_attention(q, k_bad, v, w, feature_map=OptimalPositiveFeatures(),
+                          key_padding_mask=valid)
+    want = favor_attention(q[:1], k[:1, :, :4], v[:1, :, :4], w,
+                           feature_map=OptimalPositiveFeatures())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:1], want, rtol=1e-5, atol=1e-5)

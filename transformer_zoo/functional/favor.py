@@ -190,7 +190,8 @@ def favor_attention(
                 key_padding_mask=key_padding_mask, causal=False,
             )
             affine = _fused_affine(feature_map, projection.to(dtype))
-            if affine is not None:  # the same function, fewer passes (favor_fused.py)
+            if affine is not None and not projection.requires_grad:  # fused: no ∂W
+                # the same function in tiles, fewer passes (favor_fused.py)
                 out = FusedFavor.apply(q, k, v, affine[0], key_padding_mask, *affine[1:])
                 return out.to(out_dtype)
         qf, kf, g = favor_features(

@@ -32,6 +32,9 @@ torch.compile) run as one tile and keep their features for backward instead.
 Shapes: q ``(b, h, n, d)``, k/v ``(b, h, m, d)`` (heads already expanded), W ``(F, d)``,
 valid ``(b, m)`` or None, B ``(b, h, 1, 1)`` or 0-d or None, β ``(…, F)`` or None. Exact to
 rounding against the unfused path (tests compare values and gradients, with several tiles).
+Gradients flow to q, k, v only (``favor_attention`` takes the generic path for a W that
+requires grad). Under ``create_graph=True`` backward differentiates ``_reference`` (the same
+function written with plain autograd ops, untiled), so higher-order gradients are exact too.
 """
 
 from __future__ import annotations
@@ -81,6 +84,28 @@ def _query_features(q: Tensor, w_q: Tensor, scale: float, b_coef) -> Tensor:
     return qf.sub_(qf.amax(-1, keepdim=True)).exp_()
 
 
+def _reference(q: Tensor, k: Tensor, v: Tensor, w_aug: Tensor, valid: Tensor | None, b_coef,
+               bias: Tensor | None, scale: float) -> Tensor:
+    """The same output with plain differentiable ops (untiled; stabilizers detached, as they
+    cancel): what backward differentiates when a graph of the gradient is requested."""
+    d = q.shape[-1]
+    kh = k * scale
+    kb = kh if b_coef is None else kh * b_coef
+    kl = torch.matmul(torch.cat([kb, kh.square().sum(-1, keepdim=True) * 0.5], -1), w_aug.T)
+    if valid is not None:
+        kl = kl.masked_fill(~valid[:, None, :, None], float("-inf"))
+    c = kl.detach().amax(-2, keepdim=True)
+    c = torch.where(torch.isfinite(c), c, 0.0)
+    cq = c if bias is None else c + 2 * bias
+    qb = q * scale if b_coef is None else q * scale * b_coef
+    ql = torch.matmul(qb, w_aug[:, :d].T) + cq
+    qf = torch.exp(ql - ql.detach().amax(-1, keepdim=True))
+    vp = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+    y = torch.matmul(qf, torch.matmul(torch.exp(kl - c).transpose(-2, -1), vp))
+    den = y[..., -1:]
+    return y[..., :-1] * torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)
+
+
 class FusedFavor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, w: Tensor, valid: Tensor | None,
@@ -114,13 +139,21 @@ class FusedFavor(torch.autograd.Function):
             out[:, :, t] = y[..., :-1] * inv_t
         kept = (None, None) if tiled else (qf, kl)  # one tile: kl holds the final K' already
         ctx.save_for_backward(q, k, v, valid, w_aug, w_q, kv, c, inv, out, *kept)
-        ctx.scale, ctx.b_coef, ctx.tiled = scale, b_coef, tiled
+        ctx.scale, ctx.b_coef, ctx.tiled, ctx.bias = scale, b_coef, tiled, bias
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         q, k, v, valid, w_aug, w_q, kv, c, inv, out, qf_kept, kf_kept = ctx.saved_tensors
         scale, b_coef, tiled = ctx.scale, ctx.b_coef, ctx.tiled
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            inputs = [x for x, need in zip((q, k, v), ctx.needs_input_grad[:3], strict=True)
+                      if need]
+            with torch.enable_grad():
+                ref = _reference(q, k, v, w_aug, valid, b_coef, ctx.bias, scale)
+                found = iter(torch.autograd.grad(ref, inputs, grad, create_graph=True))
+            return (*(next(found) if need else None for need in ctx.needs_input_grad[:3]),
+                    None, None, None, None)
         b_mul = 1.0 if b_coef is None else b_coef
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         d, f = q.shape[-1], w_aug.shape[0]

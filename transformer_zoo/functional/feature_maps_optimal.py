@@ -53,10 +53,10 @@ def mean_pair_rho(
     def moments(x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         if mask is None:
             return x.square().sum(-1).mean(-1), x.mean(-2)  # (b, h), (b, h, d)
-        w = mask[:, None, :, None].to(x.dtype)  # (b, 1, n, 1)
-        count = w.sum(-2).clamp_min(1)  # (b, 1, 1)
-        sq = (x.square().sum(-1, keepdim=True) * w).sum(-2) / count  # (b, h, 1)
-        return sq.squeeze(-1), (x * w).sum(-2) / count
+        keep = mask[:, None, :, None]  # (b, 1, n, 1)
+        x = torch.where(keep, x, 0.0)  # padded rows of any content (even inf) count as 0
+        count = keep.sum(-2).to(x.dtype).clamp_min(1)  # (b, 1, 1)
+        return x.square().sum(-1).sum(-1) / count.squeeze(-1), x.sum(-2) / count
 
     x = q_hat.detach()
     y = k_hat.detach()
