@@ -314,6 +314,32 @@ def test_fused_path_matches_generic_values_and_gradients(pair, padded, tiled, mo
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("pair", FUSED_PAIRS, ids=lambda p: repr(p[0]))
+@pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "16-row-tiles"])
+def test_fused_path_with_reduced_matmul_precision_adds_offsets_outside(pair, tiled, monkeypatch):
+    """Under set_float32_matmul_precision("high") the kernel adds |k̂|²/2 and c + 2β after
+    the matmuls (TF32 would round them); same function, values and gradients."""
+    import transformer_zoo.functional.favor_fused as fused_module
+
+    if tiled:
+        monkeypatch.setattr(fused_module, "TILE_ELEMENTS", 1)
+        monkeypatch.setattr(fused_module, "KEEP_ELEMENTS", 0)
+    q, k, v = (t.requires_grad_() for t in rand_qkv(2, 3, 40, 45, 8, scale=2.0))
+    valid = torch.rand(2, 45) > 0.3
+    w = draw_projection(24, 8, seed=4, dtype=F64)
+    results = []
+    before = torch.get_float32_matmul_precision()
+    for fmap, precision in ((pair[0], "high"), (pair[1], before)):
+        torch.set_float32_matmul_precision(precision)
+        try:
+            out = favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=valid)
+            results.append((out, *torch.autograd.grad((out * out).sum(), (q, k, v))))
+        finally:
+            torch.set_float32_matmul_precision(before)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "16-row-tiles"])
 def test_fused_path_value_width_may_differ_from_head_dim(tiled, monkeypatch):
     """v (b, h, m, d_v) with d_v != d: the fused kernel's K'ᵀ[V, 1] is (F, d_v + 1)."""

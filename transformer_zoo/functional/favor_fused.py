@@ -65,22 +65,35 @@ def _tiles(x: Tensor, f: int, tiled: bool) -> list[slice]:
     return [slice(s, s + rows) for s in range(0, x.shape[-2], rows)]
 
 
-def _key_logits(kh: Tensor, w_aug: Tensor, b_coef, valid: Tensor | None) -> Tensor:
-    """[B k̂, |k̂|²/2] [W, −1]ᵀ for one tile of keys, −inf at padded keys: (b, h, r, F)."""
+def _key_logits(kh: Tensor, w_aug: Tensor, b_coef, valid: Tensor | None,
+                exact: bool) -> Tensor:
+    """[B k̂, |k̂|²/2] [W, −1]ᵀ for one tile of keys, −inf at padded keys: (b, h, r, F).
+
+    ``exact``: add −|k̂|²/2 after the matmul instead of as an extra column, for matmuls that
+    round their inputs (TF32 or bf16 under ``torch.set_float32_matmul_precision("high")``):
+    a large offset rounded to a 10-bit mantissa would change every feature by a factor."""
     kb = kh if b_coef is None else kh * b_coef
-    kl = torch.matmul(torch.cat([kb, kh.square().sum(-1, keepdim=True).mul_(0.5)], -1), w_aug.T)
+    half_sq = kh.square().sum(-1, keepdim=True).mul_(0.5)  # (b, h, r, 1)
+    if exact:
+        kl = torch.matmul(kb, w_aug[:, :-1].T).sub_(half_sq)
+    else:
+        kl = torch.matmul(torch.cat([kb, half_sq], -1), w_aug.T)
     if valid is not None:
         kl.masked_fill_(~valid[:, None, :, None], float("-inf"))  # padded keys: φ = 0
     return kl
 
 
-def _query_features(q: Tensor, w_q: Tensor, scale: float, b_coef) -> Tensor:
+def _query_features(q: Tensor, w_q: Tensor, scale: float, b_coef, exact: bool) -> Tensor:
     """exp([B q̂, 1] [W, c + 2β]ᵀ − max_row) for one tile of queries: (b, h, r, F).
 
     The per-token max makes the largest term of every denominator exactly exp(0)·exp(0) = 1:
-    no underflow to 0/0."""
+    no underflow to 0/0. ``exact``: c + 2β added after the matmul (see ``_key_logits``)."""
     qb = q * scale if b_coef is None else q * scale * b_coef
-    qf = torch.matmul(torch.cat([qb, q.new_ones(*q.shape[:-1], 1)], -1), w_q.transpose(-2, -1))
+    if exact:
+        qf = torch.matmul(qb, w_q[..., :-1].transpose(-2, -1)).add_(w_q[..., -1].unsqueeze(-2))
+    else:
+        qf = torch.matmul(torch.cat([qb, q.new_ones(*q.shape[:-1], 1)], -1),
+                          w_q.transpose(-2, -1))
     return qf.sub_(qf.amax(-1, keepdim=True)).exp_()
 
 
@@ -116,9 +129,10 @@ class FusedFavor(torch.autograd.Function):
         kv = q.new_zeros(*k.shape[:2], f, v.shape[-1] + 1)  # Σ_j φ(k_j) [v_j, 1], running max
         c = q.new_full((*k.shape[:2], 1, f), float("-inf"))  # running max (b, h, 1, F)
         tiled = _tiled(q, k, f)
+        exact = torch.get_float32_matmul_precision() != "highest"  # offsets outside matmuls
         for t in _tiles(k, f, tiled):
             kl = _key_logits(k[:, :, t] * scale, w_aug, b_coef,
-                             None if valid is None else valid[:, t])
+                             None if valid is None else valid[:, t], exact)
             c_new = torch.maximum(c, kl.amax(-2, keepdim=True))
             c_sub = torch.where(torch.isfinite(c_new), c_new, 0.0)
             kv.mul_(torch.where(torch.isfinite(c), (c - c_sub).exp(), 0.0).transpose(-2, -1))
@@ -131,7 +145,7 @@ class FusedFavor(torch.autograd.Function):
         out = q.new_empty(*q.shape[:-1], v.shape[-1])  # (b, h, n, d_v)
         inv = q.new_empty(*q.shape[:-1], 1)  # 1 / denominator, 0 where it is 0
         for t in _tiles(q, f, tiled):
-            qf = _query_features(q[:, :, t], w_q, scale, b_coef)
+            qf = _query_features(q[:, :, t], w_q, scale, b_coef, exact)
             y = torch.matmul(qf, kv)
             den = y[..., -1:]
             inv_t = torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)
@@ -140,12 +154,13 @@ class FusedFavor(torch.autograd.Function):
         kept = (None, None) if tiled else (qf, kl)  # one tile: kl holds the final K' already
         ctx.save_for_backward(q, k, v, valid, w_aug, w_q, kv, c, inv, out, *kept)
         ctx.scale, ctx.b_coef, ctx.tiled, ctx.bias = scale, b_coef, tiled, bias
+        ctx.exact = exact
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         q, k, v, valid, w_aug, w_q, kv, c, inv, out, qf_kept, kf_kept = ctx.saved_tensors
-        scale, b_coef, tiled = ctx.scale, ctx.b_coef, ctx.tiled
+        scale, b_coef, tiled, exact = ctx.scale, ctx.b_coef, ctx.tiled, ctx.exact
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             inputs = [x for x, need in zip((q, k, v), ctx.needs_input_grad[:3], strict=True)
                       if need]
@@ -164,7 +179,7 @@ class FusedFavor(torch.autograd.Function):
             dden = (g * out[:, :, t]).sum(-1, keepdim=True).mul_(inv_t).neg_()  # (b, h, r, 1)
             dy = torch.cat([g * inv_t, dden], -1)  # (b, h, r, d_v + 1)
             qf = qf_kept if qf_kept is not None else _query_features(q[:, :, t], w_q, scale,
-                                                                     b_coef)  # recomputed
+                                                                     b_coef, exact)
             if need_k or need_v:
                 dkv.add_(torch.matmul(qf.transpose(-2, -1), dy))
             if need_q:
@@ -178,7 +193,8 @@ class FusedFavor(torch.autograd.Function):
                 if kf_kept is not None:
                     kf = kf_kept
                 else:  # recomputed features, exactly as in forward
-                    kf = _key_logits(kh, w_aug, b_coef, None if valid is None else valid[:, t])
+                    kf = _key_logits(kh, w_aug, b_coef,
+                                     None if valid is None else valid[:, t], exact)
                     kf.sub_(c).exp_()
                 if need_v:
                     dv[:, :, t] = torch.matmul(kf, dkv[..., :-1])
