@@ -57,6 +57,14 @@ def _tiled(q: Tensor, k: Tensor, f: int) -> bool:
     return q.shape[0] * q.shape[1] * max(q.shape[-2], k.shape[-2]) * f > KEEP_ELEMENTS
 
 
+def _offsets_outside_matmuls() -> bool:
+    """Whether the large offsets (|k̂|²/2, c + 2β) must skip the matmuls: when fp32 matmuls may
+    round their inputs (TF32/bf16 under reduced matmul precision), and under torch.compile,
+    where the compiler fuses the separate add anyway (and the precision query cannot be
+    traced)."""
+    return torch.compiler.is_compiling() or torch.get_float32_matmul_precision() != "highest"
+
+
 def _tiles(x: Tensor, f: int, tiled: bool) -> list[slice]:
     """Row slices along dim −2 of x (b, h, n, ·) holding about TILE_ELEMENTS features each."""
     if not tiled:
@@ -129,7 +137,7 @@ class FusedFavor(torch.autograd.Function):
         kv = q.new_zeros(*k.shape[:2], f, v.shape[-1] + 1)  # Σ_j φ(k_j) [v_j, 1], running max
         c = q.new_full((*k.shape[:2], 1, f), float("-inf"))  # running max (b, h, 1, F)
         tiled = _tiled(q, k, f)
-        exact = torch.get_float32_matmul_precision() != "highest"  # offsets outside matmuls
+        exact = _offsets_outside_matmuls()
         for t in _tiles(k, f, tiled):
             kl = _key_logits(k[:, :, t] * scale, w_aug, b_coef,
                              None if valid is None else valid[:, t], exact)
