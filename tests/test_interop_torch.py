@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import transformer_zoo
-from transformer_zoo import MultiHeadAttention, Place, SoftmaxAttention
+from transformer_zoo import (
+    MultiHeadAttention,
+    NystromAttention,
+    PerformerAttention,
+    Place,
+    SoftmaxAttention,
+)
 from transformer_zoo.interop import MultiheadAttentionCompat, swap_attention
 from transformer_zoo.interop._masks import split_additive
 
@@ -159,16 +165,18 @@ def test_full_transformer_with_cross_attention():
     float_masks=st.booleans(),
     per_head=st.booleans(),
     average=st.booleans(),
-    cross=st.booleans(),
+    cross=st.sampled_from(["no", "kdim == vdim", "kdim != vdim"]),
     unbatched=st.booleans(),
     inputs=st.sampled_from(["self", "shared_kv", "separate"]),
     need_weights=st.booleans(),
 )
 def test_direct_call_matches_multihead_attention(batch_first, float_masks, per_head, average,
                                                  cross, unbatched, inputs, need_weights):
-    kdim = 24 if cross else None
-    ref = nn.MultiheadAttention(D, H, kdim=kdim, vdim=kdim, batch_first=batch_first)
+    kdim = None if cross == "no" else 24
+    vdim = 12 if cross == "kdim != vdim" else kdim
+    ref = nn.MultiheadAttention(D, H, kdim=kdim, vdim=vdim, batch_first=batch_first)
     ours = MultiheadAttentionCompat.from_torch(ref, SoftmaxAttention)
+    cross = cross != "no"
     b, n, m = 3, 5, 7 if cross else 5
     e_kv = kdim or D
 
@@ -181,7 +189,7 @@ def test_direct_call_matches_multihead_attention(batch_first, float_masks, per_h
         q = k = v = seq(n, D)  # the three code paths: module forward, with context, attend
     else:
         q, k = seq(n, D), seq(m, e_kv)
-        v = k if inputs != "separate" else seq(m, e_kv)
+        v = k if inputs != "separate" and vdim == kdim else seq(m, vdim or D)
     kpm = padding(b, m)
     am = torch.rand((b * H if per_head else 1), n, m) < 0.3
     am[..., 0] = False  # every query keeps key 0
@@ -304,9 +312,6 @@ def test_noncausal_kernel_with_causal_mask_names_the_module():
 def test_bad_targets_raise_naming_the_path():
     model = nn.Module()
     model.block = nn.Module()
-    model.block.attn = nn.MultiheadAttention(D, H, kdim=16, vdim=24)
-    with pytest.raises(ValueError, match=r"block\.attn: kdim=16 and vdim=24 differ"):
-        swap_attention(model, SoftmaxAttention)
     model.block.attn = nn.MultiheadAttention(D, H, add_bias_kv=True)
     with pytest.raises(ValueError, match=r"block\.attn: add_bias_kv"):
         swap_attention(model, SoftmaxAttention)
@@ -349,3 +354,30 @@ def test_split_additive_is_exact(blocked, with_bias, use_min):
     ours = torch.softmax((logits + (0 if bias is None else bias)).masked_fill(~allowed, -torch.inf),
                          dim=-1)
     torch.testing.assert_close(ours, torch.softmax(logits + mask, dim=-1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("attention", [SoftmaxAttention, functools.partial(
+    PerformerAttention, nb_features=16), functools.partial(NystromAttention, num_landmarks=4,
+                                                          conv_kernel=None)],
+    ids=["softmax", "performer", "nystrom"])
+def test_keys_and_values_of_different_widths(attention):
+    """kdim != vdim: keys and values get one projection each, with torch's weights."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(D, H, kdim=16, vdim=24, batch_first=True)
+    ours = MultiheadAttentionCompat.from_torch(ref, attention, path="dec.cross")
+    q, k, v = torch.randn(3, 5, D), torch.randn(3, 7, 16), torch.randn(3, 7, 24)
+    kpm = padding(3, 7)
+    out, _ = ours(q, k, v, key_padding_mask=kpm, need_weights=False)
+    out.sum().backward()
+    assert ours.value_proj.weight.grad is not None and torch.isfinite(out).all()
+    if attention is SoftmaxAttention:
+        out_ref, _ = ref(q, k, v, key_padding_mask=kpm, need_weights=False)
+        torch.testing.assert_close(out, out_ref, atol=TOL, rtol=0)
+        torch.testing.assert_close(ours.in_proj_bias, ref.in_proj_bias)
+        out_ref.sum().backward()
+        torch.testing.assert_close(ours.value_proj.weight.grad, ref.v_proj_weight.grad,
+                                   atol=TOL, rtol=0)
+        torch.testing.assert_close(ours.attention.kv_proj.weight.grad, ref.k_proj_weight.grad,
+                                   atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match=r"dec\.cross: expected .* value \(N, S, 24\)"):
+        ours(q, k, k)

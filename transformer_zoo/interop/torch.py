@@ -75,7 +75,8 @@ class MultiheadAttentionCompat(nn.Module):
             ``attention(embed_dim, num_heads, dropout=..., bias=..., kv_dim=kdim)`` (use
             ``functools.partial`` for kernel options).
         embed_dim, num_heads, dropout, bias, kdim, vdim, batch_first: as ``nn.MultiheadAttention``.
-            ``kdim`` must equal ``vdim`` (our modules project keys and values from one width).
+            With ``kdim != vdim`` the wrapped module's ``kv_proj`` projects keys only and this
+            module's ``value_proj`` projects values (the kernel is driven through ``attend``).
         path: where this module sits in its model; named in every error message.
 
     ``need_weights=True`` returns the weights (before dropout) for plain ``SoftmaxAttention``
@@ -100,17 +101,17 @@ class MultiheadAttentionCompat(nn.Module):
         kdim = embed_dim if kdim is None else kdim
         vdim = embed_dim if vdim is None else vdim
         self.path = path or type(self).__name__
-        if kdim != vdim:
-            raise ValueError(
-                f"{self.path}: kdim={kdim} and vdim={vdim} differ; transformer_zoo attention "
-                "projects keys and values from one width (kv_dim), so it cannot replace this module"
-            )
         inner = attention(embed_dim, num_heads, dropout=dropout, bias=bias, kv_dim=kdim)
         if not isinstance(inner, MultiHeadAttention):
             raise TypeError(
                 f"{self.path}: attention must build a transformer_zoo MultiHeadAttention, "
                 f"got {type(inner).__name__}"
             )
+        self.value_proj: nn.Linear | None = None
+        if kdim != vdim:  # keys and values from different widths: one projection each
+            width = inner.n_heads * inner.head_dim
+            inner.kv_proj = nn.Linear(kdim, width, bias=bias)  # keys only
+            self.value_proj = nn.Linear(vdim, width, bias=bias)
         self.attention = inner
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, inner.head_dim
         self.kdim, self.vdim, self.dropout = kdim, vdim, inner.dropout
@@ -122,7 +123,9 @@ class MultiheadAttentionCompat(nn.Module):
     def in_proj_bias(self) -> Tensor | None:
         """Read by nn.TransformerEncoderLayer's fast-path check (before _qkv_same_embed_dim)."""
         q, kv = self.attention.q_proj.bias, self.attention.kv_proj.bias
-        return None if q is None else torch.cat([q, kv])
+        if q is None:
+            return None
+        return torch.cat([q, kv] if self.value_proj is None else [q, kv, self.value_proj.bias])
 
     @classmethod
     def from_torch(
@@ -146,13 +149,18 @@ class MultiheadAttentionCompat(nn.Module):
                 w_q, w_k, w_v = mha.in_proj_weight.split(e)
             else:
                 w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+            split = new.value_proj is not None
             inner.q_proj.weight.copy_(w_q)
-            inner.kv_proj.weight.copy_(torch.cat([w_k, w_v]))
+            inner.kv_proj.weight.copy_(w_k if split else torch.cat([w_k, w_v]))
+            if split:
+                new.value_proj.weight.copy_(w_v)
             inner.out_proj.weight.copy_(mha.out_proj.weight)
             if mha.in_proj_bias is not None:
                 b_q, b_k, b_v = mha.in_proj_bias.split(e)
                 inner.q_proj.bias.copy_(b_q)
-                inner.kv_proj.bias.copy_(torch.cat([b_k, b_v]))
+                inner.kv_proj.bias.copy_(b_k if split else torch.cat([b_k, b_v]))
+                if split:
+                    new.value_proj.bias.copy_(b_v)
                 inner.out_proj.bias.copy_(mha.out_proj.bias)
         return new.train(mha.training)
 
@@ -187,10 +195,12 @@ class MultiheadAttentionCompat(nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         b, n, e = query.shape
         m = key.shape[1]
-        if e != self.embed_dim or key.shape[:2] != value.shape[:2] or key.shape[0] != b:
-            raise ValueError(f"{self.path}: expected query (N, L, {self.embed_dim}) and key/value "
-                             f"(N, S, {self.kdim}); got {tuple(query.shape)}, "
-                             f"{tuple(key.shape)}, {tuple(value.shape)} (batch first)")
+        if (e != self.embed_dim or key.shape[:2] != value.shape[:2] or key.shape[0] != b
+                or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim):
+            raise ValueError(f"{self.path}: expected query (N, L, {self.embed_dim}), key "
+                             f"(N, S, {self.kdim}) and value (N, S, {self.vdim}); got "
+                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)} "
+                             "(batch first)")
         kpm, allowed, bias, causal = torch_masks(key_padding_mask, attn_mask, is_causal,
                                                  b, self.num_heads, n, m, where=self.path)
         self._check_kernel(allowed, bias, causal)
@@ -224,11 +234,15 @@ class MultiheadAttentionCompat(nn.Module):
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(N, L|S, E) inputs -> q, k, v ``(N, h, L|S, d)`` with the wrapped module's weights."""
         inner, h = self.attention, self.num_heads
-        w_k, w_v = inner.kv_proj.weight.chunk(2)
-        b_k, b_v = (None, None) if inner.kv_proj.bias is None else inner.kv_proj.bias.chunk(2)
+        if self.value_proj is None:
+            w_k, w_v = inner.kv_proj.weight.chunk(2)
+            b_k, b_v = (None, None) if inner.kv_proj.bias is None else inner.kv_proj.bias.chunk(2)
+            k, v = F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        else:
+            k, v = inner.kv_proj(key), self.value_proj(value)
         q = rearrange(inner.q_proj(query), "b n (h d) -> b h n d", h=h)
-        k = rearrange(F.linear(key, w_k, b_k), "b m (h d) -> b h m d", h=h)
-        v = rearrange(F.linear(value, w_v, b_v), "b m (h d) -> b h m d", h=h)
+        k = rearrange(k, "b m (h d) -> b h m d", h=h)
+        v = rearrange(v, "b m (h d) -> b h m d", h=h)
         return q, k, v
 
     def extra_repr(self) -> str:
