@@ -189,9 +189,10 @@ def favor_attention(
                 q * scale, k * scale, query_padding_mask=query_padding_mask,
                 key_padding_mask=key_padding_mask, causal=False,
             )
-            affine = _fused_affine(feature_map, projection.to(dtype))
-            if affine is not None and not projection.requires_grad:  # fused: no ∂W
-                # the same function in tiles, fewer passes (favor_fused.py)
+            # fused (favor_fused.py: the same function in tiles, fewer passes) unless W needs ∂W
+            affine = None if projection.requires_grad else _fused_affine(feature_map,
+                                                                           projection.to(dtype))
+            if affine is not None:
                 out = FusedFavor.apply(q, k, v, affine[0], key_padding_mask, *affine[1:])
                 return out.to(out_dtype)
         qf, kf, g = favor_features(

@@ -91,40 +91,42 @@ def _key_logits(kh: Tensor, w_aug: Tensor, b_coef, valid: Tensor | None,
     return kl
 
 
-def _query_features(q: Tensor, w_q: Tensor, scale: float, b_coef, exact: bool) -> Tensor:
-    """exp([B q̂, 1] [W, c + 2β]ᵀ − max_row) for one tile of queries: (b, h, r, F).
-
-    The per-token max makes the largest term of every denominator exactly exp(0)·exp(0) = 1:
-    no underflow to 0/0. ``exact``: c + 2β added after the matmul (see ``_key_logits``)."""
+def _query_logits(q: Tensor, w_q: Tensor, scale: float, b_coef, exact: bool) -> Tensor:
+    """[B q̂, 1] [W, c + 2β]ᵀ for one tile of queries: (b, h, r, F). ``exact``: c + 2β added
+    after the matmul (see ``_key_logits``)."""
     qb = q * scale if b_coef is None else q * scale * b_coef
     if exact:
-        qf = torch.matmul(qb, w_q[..., :-1].transpose(-2, -1)).add_(w_q[..., -1].unsqueeze(-2))
-    else:
-        qf = torch.matmul(torch.cat([qb, q.new_ones(*q.shape[:-1], 1)], -1),
-                          w_q.transpose(-2, -1))
-    return qf.sub_(qf.amax(-1, keepdim=True)).exp_()
+        return torch.matmul(qb, w_q[..., :-1].transpose(-2, -1)).add_(w_q[..., -1].unsqueeze(-2))
+    return torch.matmul(_with_ones(qb), w_q.transpose(-2, -1))
 
 
-def _reference(q: Tensor, k: Tensor, v: Tensor, w_aug: Tensor, valid: Tensor | None, b_coef,
-               bias: Tensor | None, scale: float) -> Tensor:
-    """The same output with plain differentiable ops (untiled; stabilizers detached, as they
-    cancel): what backward differentiates when a graph of the gradient is requested."""
-    d = q.shape[-1]
-    kh = k * scale
-    kb = kh if b_coef is None else kh * b_coef
-    kl = torch.matmul(torch.cat([kb, kh.square().sum(-1, keepdim=True) * 0.5], -1), w_aug.T)
-    if valid is not None:
-        kl = kl.masked_fill(~valid[:, None, :, None], float("-inf"))
-    c = kl.detach().amax(-2, keepdim=True)
-    c = torch.where(torch.isfinite(c), c, 0.0)
-    cq = c if bias is None else c + 2 * bias
-    qb = q * scale if b_coef is None else q * scale * b_coef
-    ql = torch.matmul(qb, w_aug[:, :d].T) + cq
-    qf = torch.exp(ql - ql.detach().amax(-1, keepdim=True))
-    vp = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-    y = torch.matmul(qf, torch.matmul(torch.exp(kl - c).transpose(-2, -1), vp))
-    den = y[..., -1:]
-    return y[..., :-1] * torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)
+def _query_features(q: Tensor, w_q: Tensor, scale: float, b_coef, exact: bool) -> Tensor:
+    """exp(query logits − max_row): the per-token max makes the largest term of every
+    denominator exactly exp(0)·exp(0) = 1, so no underflow to 0/0."""
+    ql = _query_logits(q, w_q, scale, b_coef, exact)
+    return ql.sub_(ql.amax(-1, keepdim=True)).exp_()
+
+
+def _with_ones(x: Tensor) -> Tensor:
+    """[x, 1] along the last dim: the ones column that turns a numerator into a denominator."""
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], -1)
+
+
+def _safe_inverse(den: Tensor) -> Tensor:
+    """1 / den where den > 0, else 0 (no valid key: the output is 0, never NaN)."""
+    return torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)
+
+
+def _reference(q: Tensor, k: Tensor, v: Tensor, w_aug: Tensor, w_q: Tensor, c: Tensor,
+               valid: Tensor | None, b_coef, scale: float, exact: bool) -> Tensor:
+    """The same output with differentiable ops, untiled, with the forward's stabilizers
+    (constants: they cancel): what backward differentiates when a graph of the gradient is
+    requested."""
+    kf = (_key_logits(k * scale, w_aug, b_coef, valid, exact) - c).exp()
+    ql = _query_logits(q, w_q, scale, b_coef, exact)
+    qf = (ql - ql.detach().amax(-1, keepdim=True)).exp()
+    y = torch.matmul(qf, torch.matmul(kf.transpose(-2, -1), _with_ones(v)))
+    return y[..., :-1] * _safe_inverse(y[..., -1:])
 
 
 class FusedFavor(torch.autograd.Function):
@@ -144,8 +146,7 @@ class FusedFavor(torch.autograd.Function):
             c_new = torch.maximum(c, kl.amax(-2, keepdim=True))
             c_sub = torch.where(torch.isfinite(c_new), c_new, 0.0)
             kv.mul_(torch.where(torch.isfinite(c), (c - c_sub).exp(), 0.0).transpose(-2, -1))
-            vp = torch.cat([v[:, :, t], v.new_ones(*kl.shape[:-1], 1)], -1)
-            kv.add_(torch.matmul(kl.sub_(c_sub).exp_().transpose(-2, -1), vp))
+            kv.add_(torch.matmul(kl.sub_(c_sub).exp_().transpose(-2, -1), _with_ones(v[:, :, t])))
             c = c_new
         c = torch.where(torch.isfinite(c), c, 0.0)  # no valid key at all: kv = 0, out = 0
         cq = c if bias is None else c + 2 * bias  # (b, h, 1, F)
@@ -155,14 +156,12 @@ class FusedFavor(torch.autograd.Function):
         for t in _tiles(q, f, tiled):
             qf = _query_features(q[:, :, t], w_q, scale, b_coef, exact)
             y = torch.matmul(qf, kv)
-            den = y[..., -1:]
-            inv_t = torch.where(den > 0, 1.0 / torch.where(den > 0, den, 1.0), 0.0)
+            inv_t = _safe_inverse(y[..., -1:])
             inv[:, :, t] = inv_t
             out[:, :, t] = y[..., :-1] * inv_t
         kept = (None, None) if tiled else (qf, kl)  # one tile: kl holds the final K' already
         ctx.save_for_backward(q, k, v, valid, w_aug, w_q, kv, c, inv, out, *kept)
-        ctx.scale, ctx.b_coef, ctx.tiled, ctx.bias = scale, b_coef, tiled, bias
-        ctx.exact = exact
+        ctx.scale, ctx.b_coef, ctx.tiled, ctx.exact = scale, b_coef, tiled, exact
         return out
 
     @staticmethod
@@ -173,7 +172,7 @@ class FusedFavor(torch.autograd.Function):
             inputs = [x for x, need in zip((q, k, v), ctx.needs_input_grad[:3], strict=True)
                       if need]
             with torch.enable_grad():
-                ref = _reference(q, k, v, w_aug, valid, b_coef, ctx.bias, scale)
+                ref = _reference(q, k, v, w_aug, w_q, c, valid, b_coef, scale, exact)
                 found = iter(torch.autograd.grad(ref, inputs, grad, create_graph=True))
             return (*(next(found) if need else None for need in ctx.needs_input_grad[:3]),
                     None, None, None, None)
@@ -207,8 +206,7 @@ class FusedFavor(torch.autograd.Function):
                 if need_v:
                     dv[:, :, t] = torch.matmul(kf, dkv[..., :-1])
                 if need_k:
-                    vp = torch.cat([v[:, :, t], v.new_ones(*kh.shape[:-1], 1)], -1)
-                    dpk = torch.matmul(vp, dkv.transpose(-2, -1)).mul_(kf)  # (b, h, r, F)
+                    dpk = torch.matmul(_with_ones(v[:, :, t]), dkv.transpose(-2, -1)).mul_(kf)
                     dk_aug = torch.matmul(dpk, w_aug)  # (b, h, r, d + 1); last col −Σ_F ∂P
                     dk[:, :, t] = (dk_aug[..., :d] * b_mul + dk_aug[..., d:] * kh).mul_(scale)
         return dq, dk, dv, None, None, None, None
