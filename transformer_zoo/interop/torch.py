@@ -9,10 +9,10 @@ equation ``nn.MultiheadAttention`` computes; only ``Kernel`` changes.
 value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)`` ->
 ``(output, weights or None)`` — and runs the ``MultiHeadAttention`` it wraps (its forward
 when keys and values are one tensor, else its projections and ``attend``).
-``swap_attention`` replaces every ``nn.MultiheadAttention``
-in a model with one, copying the weights. With ``SoftmaxAttention`` the swap is exact (tests:
-outputs and gradients of an ``nn.TransformerEncoder`` agree to 1e-5); other kernels are as
-exact as their ``attend``.
+``swap_attention`` (``swap.py``) replaces every ``nn.MultiheadAttention`` in a model with one,
+copying the weights. With ``SoftmaxAttention`` the swap is exact (tests: outputs and gradients
+of an ``nn.TransformerEncoder`` agree to 1e-5); other kernels are as exact as their
+``attend``.
 
 Mask conversion (torch: True = masked out; ours: True = may attend): boolean masks are
 inverted; float masks split into blocked entries (-inf or the dtype's lowest value) and a
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -247,62 +246,3 @@ class MultiheadAttentionCompat(nn.Module):
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}, batch_first={self.batch_first}"
-
-
-@dataclass
-class SwapReport:
-    """What ``swap_attention`` did: replaced module paths and encoders taken off nested tensors."""
-
-    replaced: list[str] = field(default_factory=list)
-    nested_tensor_disabled: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"replaced {len(self.replaced)} nn.MultiheadAttention module(s):"]
-        lines += [f"  {p}" for p in self.replaced]
-        lines += [f"  nested-tensor fast path disabled on {p}" for p in self.nested_tensor_disabled]
-        return "\n".join(lines)
-
-
-def swap_attention(
-    model: nn.Module,
-    attention: AttentionFactory,
-    *,
-    where: Callable[[str, nn.MultiheadAttention], bool] | None = None,
-) -> SwapReport:
-    """Replace every ``nn.MultiheadAttention`` in ``model`` (in place) by a compat module.
-
-    Args:
-        model: any module; self- and cross-attention are both replaced.
-        attention: the ``MultiHeadAttention`` subclass or factory (see
-            ``MultiheadAttentionCompat``), e.g. ``SoftmaxAttention`` or
-            ``functools.partial(PerformerAttention, nb_features=256)``.
-        where: optional filter ``where(path, module) -> bool``; only modules it accepts are
-            replaced.
-
-    Each replacement keeps the weights, device, dtype and train/eval mode. Every
-    ``nn.TransformerEncoder`` that contains a replaced module gets ``use_nested_tensor = False``:
-    its eval-mode nested-tensor path reads ``in_proj_weight`` and would bypass our attention.
-    Raises ValueError naming the module path for targets that cannot be swapped.
-    """
-    report = SwapReport()
-    targets = [
-        (path, mod) for path, mod in model.named_modules(remove_duplicate=False)
-        if isinstance(mod, nn.MultiheadAttention) and (where is None or where(path, mod))
-    ]
-    built: dict[int, MultiheadAttentionCompat] = {}  # a shared module stays shared
-    for path, mha in targets:
-        if not path:
-            raise ValueError("swap_attention: model is itself an nn.MultiheadAttention; build a "
-                             "MultiheadAttentionCompat.from_torch(model, attention) instead")
-        parent_path, _, name = path.rpartition(".")
-        if id(mha) not in built:
-            built[id(mha)] = MultiheadAttentionCompat.from_torch(mha, attention, path=path)
-        setattr(model.get_submodule(parent_path), name, built[id(mha)])
-        report.replaced.append(path)
-    for path, mod in model.named_modules():
-        if isinstance(mod, nn.TransformerEncoder) and any(
-            isinstance(sub, MultiheadAttentionCompat) for sub in mod.modules()
-        ):
-            mod.use_nested_tensor = False
-            report.nested_tensor_disabled.append(path or "<model>")
-    return report
