@@ -279,21 +279,32 @@ FUSED_PAIRS = [
 ]
 
 
+def force_tiles(monkeypatch) -> None:
+    """Tiles of 16 rows, recomputed in backward: the online key max, its rescaling and the
+    tile seams are exercised at test sizes."""
+    import transformer_zoo.functional.favor_fused as fused_module
+
+    monkeypatch.setattr(fused_module, "TILE_ELEMENTS", 1)
+    monkeypatch.setattr(fused_module, "KEEP_ELEMENTS", 0)
+
+
 @pytest.mark.parametrize("pair", FUSED_PAIRS, ids=lambda p: repr(p[0]))
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "16-row-tiles"])
-def test_fused_path_matches_generic_values_and_gradients(pair, padded, tiled, monkeypatch):
+@pytest.mark.parametrize("precision", ["highest", "high"])
+def test_fused_path_matches_generic_values_and_gradients(pair, padded, tiled, precision,
+                                                         monkeypatch):
+    """Fused == generic. Under set_float32_matmul_precision("high") the fused kernel adds
+    |k̂|²/2 and c + 2β after the matmuls (TF32 would round them): the same function too."""
     import transformer_zoo.functional.favor as favor_module
-    import transformer_zoo.functional.favor_fused as fused_module
 
     calls = []
     fused_apply = favor_module.FusedFavor.apply
     monkeypatch.setattr(favor_module.FusedFavor, "apply",
                         lambda *a: calls.append(1) or fused_apply(*a))
     n, m = (40, 45) if tiled else (10, 13)
-    if tiled:  # tiles of 16 rows: the online key max, rescaling and tile seams are exercised
-        monkeypatch.setattr(fused_module, "TILE_ELEMENTS", 1)
-        monkeypatch.setattr(fused_module, "KEEP_ELEMENTS", 0)  # recompute in backward
+    if tiled:
+        force_tiles(monkeypatch)
     q, k, v = (t.requires_grad_() for t in rand_qkv(2, 3, n, m, 8, scale=2.0))
     if tiled:  # the largest keys in the last tile: the running max must rescale the sum
         k.data[:, :, -5:] *= 3.0
@@ -303,51 +314,27 @@ def test_fused_path_matches_generic_values_and_gradients(pair, padded, tiled, mo
         valid[1, :20] = False  # a whole tile (and more) of padded keys for one sample
     w = draw_projection(24, 8, seed=4, dtype=F64)
     outs, grads = [], []
-    for fmap in pair:
-        out = favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=valid,
-                              query_padding_mask=q_valid)
-        outs.append(out)
-        grads.append(torch.autograd.grad((out * torch.arange(8.0)).sum(), (q, k, v)))
+    before = torch.get_float32_matmul_precision()
+    for fmap, fmap_precision in ((pair[0], precision), (pair[1], before)):
+        torch.set_float32_matmul_precision(fmap_precision)
+        try:
+            out = favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=valid,
+                                  query_padding_mask=q_valid)
+            outs.append(out)
+            grads.append(torch.autograd.grad((out * torch.arange(8.0)).sum(), (q, k, v)))
+        finally:
+            torch.set_float32_matmul_precision(before)
     assert len(calls) == 1  # the first map took the fused path, its subclass did not
     torch.testing.assert_close(outs[0], outs[1])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("pair", FUSED_PAIRS, ids=lambda p: repr(p[0]))
-@pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "16-row-tiles"])
-def test_fused_path_with_reduced_matmul_precision_adds_offsets_outside(pair, tiled, monkeypatch):
-    """Under set_float32_matmul_precision("high") the kernel adds |k̂|²/2 and c + 2β after
-    the matmuls (TF32 would round them); same function, values and gradients."""
-    import transformer_zoo.functional.favor_fused as fused_module
-
-    if tiled:
-        monkeypatch.setattr(fused_module, "TILE_ELEMENTS", 1)
-        monkeypatch.setattr(fused_module, "KEEP_ELEMENTS", 0)
-    q, k, v = (t.requires_grad_() for t in rand_qkv(2, 3, 40, 45, 8, scale=2.0))
-    valid = torch.rand(2, 45) > 0.3
-    w = draw_projection(24, 8, seed=4, dtype=F64)
-    results = []
-    before = torch.get_float32_matmul_precision()
-    for fmap, precision in ((pair[0], "high"), (pair[1], before)):
-        torch.set_float32_matmul_precision(precision)
-        try:
-            out = favor_attention(q, k, v, w, feature_map=fmap, key_padding_mask=valid)
-            results.append((out, *torch.autograd.grad((out * out).sum(), (q, k, v))))
-        finally:
-            torch.set_float32_matmul_precision(before)
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b)
-
-
 @pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "16-row-tiles"])
 def test_fused_path_value_width_may_differ_from_head_dim(tiled, monkeypatch):
     """v (b, h, m, d_v) with d_v != d: the fused kernel's K'ᵀ[V, 1] is (F, d_v + 1)."""
-    import transformer_zoo.functional.favor_fused as fused_module
-
     if tiled:
-        monkeypatch.setattr(fused_module, "TILE_ELEMENTS", 1)
-        monkeypatch.setattr(fused_module, "KEEP_ELEMENTS", 0)
+        force_tiles(monkeypatch)
     gen = torch.Generator().manual_seed(7)
     q, k = (torch.randn(1, 2, n, 8, generator=gen, dtype=F64).requires_grad_() for n in (40, 45))
     v = torch.randn(1, 2, 45, 5, generator=gen, dtype=F64).requires_grad_()
