@@ -14,10 +14,13 @@ from torch import Tensor, nn
 
 import transformer_zoo
 from transformer_zoo import (
+    ALiBi,
     MultiHeadAttention,
     NystromAttention,
     PerformerAttention,
     Place,
+    RotaryEmbedding,
+    ShawRelativePosition,
     SoftmaxAttention,
 )
 from transformer_zoo.interop import MultiheadAttentionCompat, swap_attention
@@ -221,7 +224,61 @@ def test_general_float_mask_goes_in_as_bias():
     out_ours, w = ours(x, x, x, attn_mask=bias, key_padding_mask=kpm, need_weights=False)
     assert w is None
     torch.testing.assert_close(out_ours, out_ref, atol=TOL, rtol=0)
-    assert ours.attention.positional is None  # the per-call bias is removed again
+    assert ours.attention.call_bias is None  # the per-call bias is removed again
+
+
+ENCODINGS = {
+    "rotary": lambda: RotaryEmbedding(head_dim=D // H),
+    "alibi": lambda: ALiBi(n_heads=H),
+    "shaw": lambda: ShawRelativePosition(head_dim=D // H, max_distance=3, init_std=0.5),
+}
+
+
+def reference_with_encoding(ours: MultiheadAttentionCompat, q, k, v, mask: Tensor) -> Tensor:
+    """Slow fp64 reference: softmax(q̃k̃ᵀ/√d + B_encoding + mask) V (+ Shaw's value term)."""
+    inner, h = ours.attention, H
+    w_k, w_v = inner.kv_proj.weight.chunk(2)
+    b_k, b_v = inner.kv_proj.bias.chunk(2)
+    split = lambda t: t.unflatten(-1, (h, -1)).transpose(1, 2)  # noqa: E731  (b, h, n, d)
+    qh, kh = split(inner.q_proj(q)), split(F.linear(k, w_k, b_k))
+    vh = split(F.linear(v, w_v, b_v))
+    pq, pk = torch.arange(q.shape[1]), torch.arange(k.shape[1])
+    pe = inner.positional
+    bias = torch.zeros(())
+    if isinstance(pe, RotaryEmbedding):
+        qh, kh = pe(qh, kh, pq, pk)
+    else:
+        bias = pe(qh, pq, pk)
+    weights = torch.softmax(qh @ kh.mT / (D // H) ** 0.5 + bias + mask, dim=-1)
+    out = weights @ vh
+    if getattr(pe, "has_value_term", False):
+        out = out + pe.value_term(weights, pq, pk)
+    return inner.out_proj(out.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+@pytest.mark.parametrize("inputs", ["self", "separate"])
+def test_float_mask_adds_to_the_wrapped_encoding(encoding, inputs):
+    """A float attn_mask and the wrapped attention's own encoding both apply (they sum)."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(D, H, batch_first=True).double()
+    factory = functools.partial(SoftmaxAttention, positional=ENCODINGS[encoding]())
+    ours = MultiheadAttentionCompat.from_torch(ref, factory)
+    plain = MultiheadAttentionCompat.from_torch(ref, SoftmaxAttention)
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    q, k, v = (x, x, x) if inputs == "self" else (x, x.clone(), x.clone())
+    kw = dict(need_weights=False)
+    alone = ours(q, k, v, **kw)[0]
+    # a constant offset is a no-op for softmax: the encoding must survive it
+    offset = ours(q, k, v, attn_mask=torch.full((6, 6), 1e-3, dtype=torch.float64), **kw)[0]
+    torch.testing.assert_close(offset, alone, atol=1e-12, rtol=0)
+    assert (offset - plain(q, k, v, **kw)[0]).abs().max() > 1e-3  # the encoding matters here
+    mask = torch.randn(6, 6, dtype=torch.float64)
+    mask[0, 2] = float("-inf")
+    out = ours(q, k, v, attn_mask=mask, **kw)[0]
+    torch.testing.assert_close(out, reference_with_encoding(ours, q, k, v, mask),
+                               atol=1e-12, rtol=0)
+    assert ours.attention.call_bias is None
 
 
 def test_is_causal_without_mask_applies_causal():

@@ -64,6 +64,10 @@ class MultiHeadAttention(nn.Module):
     accepts: ClassVar[frozenset[Place]] = frozenset(Place)
     #: Whether ``causal=True`` is defined for this kernel.
     supports_causal: ClassVar[bool] = True
+    #: An additive ``(b|1, h|1, n, m)`` logit term for the current call only (a float
+    #: ``attn_mask`` from ``interop.MultiheadAttentionCompat``); ``logit_bias`` adds it to the
+    #: encoding's bias. None outside such a call.
+    call_bias: Tensor | None = None
 
     def __init__(
         self,
@@ -137,10 +141,16 @@ class MultiHeadAttention(nn.Module):
         return q, k
 
     def logit_bias(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
-        """The ``LogitBias`` encoding's ``(b|1, h, n, m)`` bias, or None."""
+        """The ``LogitBias`` encoding's ``(b|1, h, n, m)`` bias plus ``call_bias``, or None.
+
+        Both apply: an additive mask never replaces the encoding (nor a rotary transform).
+        """
+        bias = None
         if isinstance(self.positional, LogitBias):
-            return self.positional(q, q_positions, k_positions)
-        return None
+            bias = self.positional(q, q_positions, k_positions)
+        if self.call_bias is None:
+            return bias
+        return self.call_bias if bias is None else bias + self.call_bias
 
     def attention_dropout(self) -> float:
         return self.dropout if self.training else 0.0

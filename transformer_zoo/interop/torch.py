@@ -16,10 +16,11 @@ of an ``nn.TransformerEncoder`` agree to 1e-5); other kernels are as exact as th
 
 Mask conversion (torch: True = masked out; ours: True = may attend): boolean masks are
 inverted; float masks split into blocked entries (-inf or the dtype's lowest value) and a
-residual bias, which only kernels accepting ``Place.BIAS`` can take. A mask equal to the causal
-pattern becomes the kernel's causal flag, so causal-capable kernels (Performer) run their own
-causal algorithm. Shapes: N batch, L query length, S key length, E embed_dim, h heads, d head
-dim; inside, q/k/v are ``(N, h, L|S, d)``.
+residual bias, which only kernels accepting ``Place.BIAS`` can take; it is added to the
+wrapped module's own positional bias (``MultiHeadAttention.call_bias``), never replaces it. A
+mask equal to the causal pattern becomes the kernel's causal flag, so causal-capable kernels
+(Performer) run their own causal algorithm. Shapes: N batch, L query length, S key length,
+E embed_dim, h heads, d head dim; inside, q/k/v are ``(N, h, L|S, d)``.
 """
 
 from __future__ import annotations
@@ -37,33 +38,22 @@ from transformer_zoo.attention.softmax import SoftmaxAttention
 from transformer_zoo.functional.masks import merge_masks, padding_to_attn_mask
 from transformer_zoo.functional.softmax import explicit_softmax_attention
 from transformer_zoo.interop._masks import torch_masks
-from transformer_zoo.positional.base import LogitBias, Place
+from transformer_zoo.positional.base import Place
 
 AttentionFactory = Callable[..., MultiHeadAttention]
 
 
-class _CallBias(LogitBias):
-    """Carries one call's additive float mask into ``attend`` through the LogitBias hook."""
-
-    def __init__(self, bias: Tensor) -> None:
-        super().__init__()
-        self.bias = bias
-
-    def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
-        return self.bias  # (N|1, h|1, L, S)
-
-
 @contextmanager
 def _per_call(attention: MultiHeadAttention, causal: bool, bias: Tensor | None) -> Iterator[None]:
-    """Set the kernel's causal flag and logit bias for one call, then restore them."""
-    old_causal, old_positional = attention.causal, attention.positional
+    """Set the kernel's causal flag and extra logit bias (``call_bias``, which ``logit_bias``
+    adds to the encoding's own) for one call, then restore them."""
+    old_causal, old_bias = attention.causal, attention.call_bias
     attention.causal = old_causal or causal
-    if bias is not None:
-        attention.positional = _CallBias(bias)
+    attention.call_bias = bias
     try:
         yield
     finally:
-        attention.causal, attention.positional = old_causal, old_positional
+        attention.causal, attention.call_bias = old_causal, old_bias
 
 
 class MultiheadAttentionCompat(nn.Module):
