@@ -15,6 +15,7 @@ from transformer_zoo import (
     MultiHeadAttention,
     Place,
     QKTransform,
+    ShawRelativePosition,
     SinusoidalPositionalEncoding,
     SoftmaxAttention,
     check_pair,
@@ -161,6 +162,44 @@ def test_attn_mask_combines_with_padding_and_causal():
     plain.load_state_dict(attn.state_dict())
     torch.testing.assert_close(attn(x, mask=keep, attn_mask=extra),
                                plain(x, attn_mask=combined.expand(2, 4, 5, 5)))
+
+
+@pytest.mark.parametrize("shaw", [False, True])  # Shaw's value term takes the explicit path
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(), (5,), (1,), (4, 5), (4, 1), (4, 1, 5), (1, 4, 5), (2, 1, 4, 5), (2, 4, 4, 5)],
+    ids=str,
+)
+def test_attn_mask_of_every_rank_equals_the_expanded_mask(shape, causal, shaw):
+    """(b, h, n, m) = (2, 4, 4, 5): every rank 0..4 broadcasts with trailing dims aligned."""
+    g = torch.Generator().manual_seed(len(shape))
+    pe = ShawRelativePosition(head_dim=4, max_distance=3) if shaw else None
+    attn = make(causal=causal, positional=pe)
+    x, c = torch.randn(2, 4, 16, generator=g, dtype=F64), torch.randn(2, 5, 16, generator=g,
+                                                                       dtype=F64)
+    pads = (None, torch.tensor([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.bool))
+    masks = (torch.rand(shape, generator=g) < 0.6, torch.zeros(shape, dtype=torch.bool))
+    for keep in pads:
+        for allowed in masks:
+            out = attn(x, context=c, mask=keep, attn_mask=allowed)
+            full = allowed.expand(2, 4, 4, 5).contiguous()
+            want = attn(x, context=c, mask=keep, attn_mask=full)
+            torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+            assert torch.isfinite(out).all()
+
+
+def test_attend_receives_a_4d_attn_mask():
+    seen = []
+
+    class Probe(SoftmaxAttention):
+        def attend(self, q, k, v, *, attn_mask, **kw):
+            seen.append(None if attn_mask is None else tuple(attn_mask.shape))
+            return super().attend(q, k, v, attn_mask=attn_mask, **kw)
+
+    probe, x = Probe(16, 4), torch.randn(2, 3, 16)
+    for shape in [(), (3,), (3, 3), (4, 1, 3)]:
+        probe(x, attn_mask=torch.ones(shape, dtype=torch.bool))
+    assert seen == [(1, 1, 1, 1), (1, 1, 1, 3), (1, 1, 3, 3), (1, 4, 1, 3)]
 
 
 def test_head_dim_decoupled_from_d_model():

@@ -203,11 +203,28 @@ def test_encoder_bad_forward(inp, kw, error, match):
         enc(inp, **kw)
 
 
+@pytest.mark.parametrize(
+    ("shape", "view"),
+    [((), (1, 1, 1, 1)), ((5,), (1, 1, 1, 5)), ((1,), (1, 1, 1, 1)), ((4, 1), (1, 1, 4, 1)),
+     ((3, 4, 5), (1, 3, 4, 5)), ((2, 1, 4, 5), (2, 1, 4, 5))],
+)
+def test_check_broadcastable_returns_a_full_rank_view(shape, view):
+    t = torch.rand(shape)
+    out = check_broadcastable(t, "t", (2, 3, 4, 5), "(b, h, n, m)")
+    assert out.shape == view
+    assert out.data_ptr() == t.data_ptr() and torch.equal(out.reshape(shape), t)  # a view
+
+
 def test_check_helpers_directly():
     with pytest.raises(ValueError, match=r"expected a shape broadcastable to L = \(2, 3\), "
                                           r"got \(4,\)"):
         check_broadcastable(torch.ones(4), "t", (2, 3), "L")
     check_broadcastable(torch.ones(1, 3), "t", (2, 3), "L")
+    with pytest.raises(TypeError, match="t: expected a torch.Tensor, got float"):
+        check_broadcastable(1.0, "t", (2, 3), "L")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"got \(1, 2, 3\) \(at most 2 dims; trailing dims "
+                                          r"aligned, each equal to the target's or 1\)"):
+        check_broadcastable(torch.ones(1, 2, 3), "t", (2, 3), "L")
     assert check_positive_int(3, "n") == 3
     with pytest.raises(ValueError, match="n: expected a positive int, got -2"):
         check_positive_int(-2, "n")

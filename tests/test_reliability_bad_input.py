@@ -91,6 +91,8 @@ ATTENTION_ONLY = [
      ["attn_mask"]),
     ("attn-mask-shape", lambda m: m(x(), attn_mask=ones(N, N + 1)), ValueError,
      ["attn_mask"]),
+    ("attn-mask-rank-5", lambda m: m(x(), attn_mask=ones(1, 1, 1, N, N)), ValueError,
+     ["attn_mask"]),
 ]
 
 

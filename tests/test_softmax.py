@@ -75,11 +75,13 @@ def problems(draw, *, with_mask=True, with_bias=True):
     v = torch.randn(b, h_kv, m, d_v, generator=g, dtype=F64)
     mask = bias = None
     if with_mask:
-        shape = draw(st.sampled_from([None, (b, 1, 1, m), (b, h, n, m), (n, m), (1, h, 1, m)]))
+        shape = draw(st.sampled_from([None, (b, 1, 1, m), (b, h, n, m), (n, m), (1, h, 1, m),
+                                      (), (m,), (h, 1, m)]))
         if shape is not None:
             mask = torch.rand(shape, generator=g) < 0.7
     if with_bias:
-        shape = draw(st.sampled_from([None, (1, h, n, m), (b, 1, n, m), (n, m)]))
+        shape = draw(st.sampled_from([None, (1, h, n, m), (b, 1, n, m), (n, m), (), (m,),
+                                      (1, n, 1)]))
         if shape is not None:
             bias = 2 * torch.randn(shape, generator=g, dtype=F64)
     causal = draw(st.booleans())
@@ -117,6 +119,85 @@ def test_fp32_close_to_fp64_reference(p):
     out = softmax_attention(q, k, v, causal=p["causal"], scale=p["scale"])
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+# Every rank 0..4 of mask and bias (trailing dims aligned, as torch broadcasts) for
+# (b, h, n, m) = (2, 3, 4, 5); each is also compared with its explicitly expanded form.
+B, H, N, M = 2, 3, 4, 5
+SHAPES_BY_RANK = [
+    [()],
+    [(M,), (1,)],
+    [(N, M), (1, M), (N, 1)],
+    [(H, N, M), (1, 1, M), (H, 1, 1)],
+    [(B, H, N, M), (B, 1, 1, M), (1, H, N, 1)],
+]
+ALL_SHAPES = [shape for shapes in SHAPES_BY_RANK for shape in shapes]
+
+
+def _kernel(name):
+    if name == "sdpa":
+        return softmax_attention
+    return lambda *a, **kw: explicit_softmax_attention(*a, **kw)[0]
+
+
+def _broadcast_problem(seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, 6, generator=g, dtype=F64)
+    k, v = (torch.randn(B, H, M, 6, generator=g, dtype=F64) for _ in range(2))
+    return g, q, k, v
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=str)
+def test_mask_of_every_rank_broadcasts(shape, kernel, causal):
+    g, q, k, v = _broadcast_problem(len(shape))
+    f = _kernel(kernel)
+    for trial in range(3):  # random, then all False (every row dead), then all True
+        mask = torch.rand(shape, generator=g) < 0.6 if trial == 0 else torch.full(shape, trial == 2)
+        out = f(q, k, v, mask=mask, causal=causal)
+        ref, _ = reference_attention(q, k, v, mask=mask, causal=causal)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        expanded = f(q, k, v, mask=mask.expand(B, H, N, M).contiguous(), causal=causal)
+        torch.testing.assert_close(out, expanded, rtol=1e-12, atol=1e-12)
+        if trial == 1:
+            assert torch.equal(out, torch.zeros_like(out))  # fully masked rows give 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=str)
+def test_bias_of_every_rank_broadcasts(shape, kernel, causal):
+    g, q, k, v = _broadcast_problem(10 + len(shape))
+    f = _kernel(kernel)
+    bias = 2 * torch.randn(shape, generator=g, dtype=F64)
+    mask = torch.rand(B, 1, N, M, generator=g) < 0.7
+    for m_ in (None, mask):
+        out = f(q, k, v, bias=bias, mask=m_, causal=causal)
+        ref, _ = reference_attention(q, k, v, bias=bias, mask=m_, causal=causal)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        expanded = f(q, k, v, bias=bias.expand(B, H, N, M).contiguous(), mask=m_,
+                     causal=causal)
+        torch.testing.assert_close(out, expanded, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
+def test_low_rank_mask_and_bias_together_with_gradients(kernel):
+    """A (m,) mask with a 0-d bias: one dead key column, gradients finite and equal to the
+    expanded problem's."""
+    _, q, k, v = _broadcast_problem(7)
+    f = _kernel(kernel)
+    mask = torch.tensor([True, False, True, True, False])
+    grads = []
+    for m_, b_ in ((mask, torch.tensor(0.5, dtype=F64)),
+                   (mask.expand(B, H, N, M), torch.full((B, H, N, M), 0.5, dtype=F64))):
+        qq = q.clone().requires_grad_()
+        out = f(qq, k, v, mask=m_, bias=b_)
+        out.square().sum().backward()
+        grads.append((out, qq.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(grads[0][1]).all()
 
 
 def test_causal_mask_is_bottom_right_aligned():

@@ -59,8 +59,15 @@ def check_bool_mask(mask: Tensor, name: str) -> None:
         )
 
 
-def check_broadcastable(x: Tensor, name: str, target: tuple[int, ...], legend: str) -> None:
-    """``x`` must broadcast to ``target`` without growing it and have at most its rank."""
+def check_broadcastable(x: Tensor, name: str, target: tuple[int, ...], legend: str) -> Tensor:
+    """``x`` must broadcast to ``target`` without growing it and have at most its rank.
+
+    Standard (trailing-dims) broadcasting: a ``(m,)`` tensor broadcasts over the last axis, a
+    0-d tensor over everything. Returns ``x`` as a view with leading singleton dims added up
+    to ``len(target)``, so every consumer (SDPA included, which indexes dims -2 and -1) sees
+    the full rank; callers that only validate may ignore the result.
+    """
+    check_tensor(x, name)
     ok = x.ndim <= len(target)
     if ok:
         try:
@@ -70,8 +77,10 @@ def check_broadcastable(x: Tensor, name: str, target: tuple[int, ...], legend: s
     if not ok:
         raise ValueError(
             f"{name}: expected a shape broadcastable to {legend} = {target}, "
-            f"got {tuple(x.shape)}"
+            f"got {tuple(x.shape)} (at most {len(target)} dims; trailing dims aligned, each "
+            "equal to the target's or 1)"
         )
+    return x[(None,) * (len(target) - x.ndim)]
 
 
 def check_key_padding_mask(mask: Tensor, batch: int, k_len: int, name: str = "mask") -> None:

@@ -54,7 +54,9 @@ class MultiHeadAttention(nn.Module):
     Forward (all keyword-only after x):
         context: ``(b, m, kv_dim)`` keys/values source; None = self-attention.
         mask: key padding mask ``(b, m)``, True = real token.
-        attn_mask: boolean ``(b|1, h|1, n, m)`` (or ``(n, m)``), True = may attend.
+        attn_mask: boolean, True = may attend, any shape broadcastable to ``(b, h, n, m)``
+            with at most 4 dims, trailing dims aligned: ``(b|1, h|1, n|1, m|1)``, ``(n, m)``,
+            ``(m,)`` (per key), 0-d. ``attend`` receives it as a 4-D view.
         positions: int64 ``(n,)`` or ``(b, n)`` query positions (default ``arange(n)``).
         context_positions: int64 key positions (default: ``positions`` for self-attention,
             ``arange(m)`` for cross-attention).
@@ -124,6 +126,9 @@ class MultiHeadAttention(nn.Module):
         query_padding_mask: Tensor | None = None,
     ) -> Tensor:
         """q, k, v ``(b, h, n|m, d)`` -> ``(b, h, n, d)``; masks True = may attend.
+
+        ``attn_mask`` is None or 4-D, broadcastable to ``(b, h, n, m)``; ``key_padding_mask``
+        is ``(b, m)``.
 
         ``query_padding_mask`` ``(b, n)`` (True = real query) is given in self-attention, where
         the key padding mask also marks padded queries; kernels that pool over queries
@@ -197,7 +202,9 @@ class MultiHeadAttention(nn.Module):
         if attn_mask is not None:
             check_bool_mask(attn_mask, "attn_mask")
             check_same_device("attn_mask", attn_mask, "x", x.device)
-            check_broadcastable(attn_mask, "attn_mask", (b, self.n_heads, n, m), "(b, h, n, m)")
+            # any rank 0..4 (trailing dims aligned); ``attend`` always receives a 4-D view
+            attn_mask = check_broadcastable(attn_mask, "attn_mask", (b, self.n_heads, n, m),
+                                            "(b, h, n, m)")
         if positions is None:
             positions = torch.arange(n, device=x.device)
         check_positions(positions, b, n)

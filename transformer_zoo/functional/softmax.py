@@ -10,6 +10,8 @@ n query length, m key length, d head dim, d_v value head dim.
 - q ``(b, h, n, d)``, k ``(b, h_kv, m, d)``, v ``(b, h_kv, m, d_v)`` -> ``(b, h, n, d_v)``.
 - ``mask``: boolean, True = may attend, broadcastable to ``(b, h, n, m)``.
 - ``bias``: additive logits, broadcastable to ``(b, h, n, m)``.
+- Broadcastable: any rank 0..4, trailing dims aligned, each dim equal or 1 (``(m,)`` is one
+  value per key, 3-D is ``(h, n, m)``); the same result as the expanded tensor.
 - ``causal``: query i may attend key j only when j <= i + (m - n) (bottom-right aligned).
 
 Exact. A query row with no key to attend returns 0 (and gradient 0), never NaN.
@@ -82,19 +84,22 @@ def _prepare(
     bias: Tensor | None,
     causal: bool,
     dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Validate; return (k, v with h heads, boolean mask incl. causal or None, 4-D bias or None)."""
     b, h, n, m, _ = check_qkv(q, k, v)
     check_probability(dropout_p, "dropout_p")
     target = (b, h, n, m)
+    # Any rank 0..4 broadcasts (trailing dims aligned: (m,) is over keys); both come back as
+    # 4-D views, so SDPA and the row guard below never see a rank they would misread.
     if mask is not None:
         check_bool_mask(mask, "mask")
-        check_broadcastable(mask, "mask", target, "(b, h, n, m)")
+        mask = check_broadcastable(mask, "mask", target, "(b, h, n, m)")
     if bias is not None:
-        check_broadcastable(bias, "bias", target, "(b, h, n, m)")
+        bias = check_broadcastable(bias, "bias", target, "(b, h, n, m)")
         check_floating(bias, "bias")
     k, v = expand_kv_heads(k, v, h)
     full = merge_masks(mask, causal_mask(n, m, device=q.device) if causal else None)
-    return k, v, full
+    return k, v, full, bias
 
 
 def _row_guard(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,7 +123,7 @@ def softmax_attention(
 
     Returns ``(b, h, n, d_v)``. Fully masked query rows give 0.
     """
-    k, v, full = _prepare(q, k, v, mask, bias, causal, dropout_p)
+    k, v, full, bias = _prepare(q, k, v, mask, bias, causal, dropout_p)
     n, m = q.shape[-2], k.shape[-2]
     if full is None and bias is None:
         # Fast path: SDPA's own causal kernel is top-left aligned, equal to ours when n == m.
@@ -161,7 +166,7 @@ def explicit_softmax_attention(
     Used where the weights themselves are needed (Shaw's value term, ``need_weights``) and as
     a readable reference. Dropout applies to the weights only when ``training``.
     """
-    k, v, full = _prepare(q, k, v, mask, bias, causal, dropout_p)
+    k, v, full, bias = _prepare(q, k, v, mask, bias, causal, dropout_p)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     # Logits and softmax in fp32 (at least, autocast or not): rounding logits of size
     # |q||k|/√d ~ 100s to bf16 (ulp 0.5-2) would move the weights by O(1) at the q/k norms
