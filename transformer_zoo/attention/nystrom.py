@@ -1,7 +1,9 @@
-"""Nyström attention (module): segment-mean landmarks, iterative pseudoinverse, conv residual.
+"""Nyström attention (module): segment-mean landmarks, regularised pseudoinverse, conv residual.
 
     head_i = softmax(Q K̃ᵀ/√d) · Z · softmax(Q̃ Kᵀ/√d) · V  +  DepthwiseConv_k(V)
-    Z = Moore–Penrose iteration on softmax(Q̃ K̃ᵀ/√d),  Q̃, K̃ = segment means of Q, K
+    Z = Moore–Penrose iteration on A = softmax(Q̃ K̃ᵀ/√d)      (pinv_iterations steps), or
+    Z = (AᵀA + λ²I)⁻¹ Aᵀ,  λ = pinv_ridge · σ₁(A)              (pinv_iterations=None)
+    Q̃, K̃ = segment means of Q, K
 
 Xiong et al. 2021, "Nyströmformer: A Nyström-Based Algorithm for Approximating
 Self-Attention", arXiv 2102.03902. The kernel is ``functional.nystrom_attention``; this module
@@ -23,8 +25,7 @@ from torch import Tensor, nn
 
 from transformer_zoo._checks import check_positive_int
 from transformer_zoo.attention.multihead import MultiHeadAttention
-from transformer_zoo.functional.nystrom import nystrom_attention
-from transformer_zoo.functional.pinv import check_pinv_iterations
+from transformer_zoo.functional.nystrom import check_pinv_options, nystrom_attention
 from transformer_zoo.positional.base import Place, PositionalEncoding
 
 
@@ -33,8 +34,13 @@ class NystromAttention(MultiHeadAttention):
 
     Args:
         num_landmarks: m, landmarks per sample (segment means over each sample's real tokens).
-        pinv_iterations: steps of the iterative pseudoinverse (default 6, as in the paper);
-            None = exact ``torch.linalg.pinv``.
+        pinv_iterations: steps of the iterative pseudoinverse (default 6, as in the paper),
+            or None for the direct ridge-regularised pseudoinverse. More steps are *not* more
+            accurate: they converge to the exact pinv, which amplifies kernel_2's near-singular
+            directions (12 steps: a worse pretrained model than 6; docs/nystrom.md).
+        pinv_ridge: with ``pinv_iterations=None``, the ridge λ / σ₁(A) (default 0.1, the best
+            measured on all-MiniLM-L6-v2); 0 is the exact ``torch.linalg.pinv``, which
+            degrades real models badly. Passing it with an int ``pinv_iterations`` raises.
         conv_kernel: odd length of the depthwise convolution over V added to the output
             (33 in the paper), or None for no convolution. Needs self-attention lengths.
 
@@ -59,6 +65,7 @@ class NystromAttention(MultiHeadAttention):
         *,
         num_landmarks: int = 64,
         pinv_iterations: int | None = 6,
+        pinv_ridge: float | None = None,
         conv_kernel: int | None = 33,
         dropout: float = 0.0,
         bias: bool = True,
@@ -78,7 +85,7 @@ class NystromAttention(MultiHeadAttention):
             positional=positional, kv_dim=kv_dim, head_dim=head_dim,
         )
         self.num_landmarks = check_positive_int(num_landmarks, "num_landmarks")
-        self.pinv_iterations = check_pinv_iterations(pinv_iterations)
+        self.pinv_iterations, self.pinv_ridge = check_pinv_options(pinv_iterations, pinv_ridge)
         self.conv: nn.Conv2d | None = None
         if conv_kernel is not None:
             check_positive_int(conv_kernel, "conv_kernel")
@@ -136,6 +143,7 @@ class NystromAttention(MultiHeadAttention):
             key_padding_mask=key_padding_mask,
             query_padding_mask=query_padding_mask,
             pinv_iterations=self.pinv_iterations,
+            pinv_ridge=self.pinv_ridge,
             dropout_p=self.attention_dropout(),
         )  # (b, h, n, d)
         if self.conv is not None:
@@ -148,5 +156,6 @@ class NystromAttention(MultiHeadAttention):
         kernel = None if self.conv is None else self.conv.kernel_size[0]
         return (
             f"{super().extra_repr()}, num_landmarks={self.num_landmarks}, "
-            f"pinv_iterations={self.pinv_iterations}, conv_kernel={kernel}"
+            f"pinv_iterations={self.pinv_iterations}, pinv_ridge={self.pinv_ridge}, "
+            f"conv_kernel={kernel}"
         )

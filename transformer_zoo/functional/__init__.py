@@ -17,7 +17,7 @@ from transformer_zoo.functional.gaussian import (
 )
 from transformer_zoo.functional.masks import causal_mask, merge_masks, padding_to_attn_mask
 from transformer_zoo.functional.nystrom import NystromFactors, nystrom_attention
-from transformer_zoo.functional.pinv import iterative_pinv
+from transformer_zoo.functional.pinv import iterative_pinv, regularized_pinv
 from transformer_zoo.functional.random_features import (
     RowNorms,
     draw_projection,
@@ -75,6 +75,7 @@ __all__ = [
     "padding_to_attn_mask",
     "permute_rotary_weight",
     "rdrop_mse",
+    "regularized_pinv",
     "relative_positions",
     "rotary_angles",
     "rotary_frequencies",

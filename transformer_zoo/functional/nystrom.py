@@ -18,9 +18,19 @@ Exact vs approximate:
 - a sample whose valid key count L ≤ m is computed exactly: each key is its own landmark, and
   Z·softmax(Q̃Kᵀ)·V is replaced by the landmark values themselves (Ŝ = kernel 1 = S). When
   every sample fits, the whole call is ``softmax_attention`` (SDPA).
-- otherwise approximate: Z is the iterative pseudoinverse (``functional.pinv``), computed in
-  fp32 (autocast off), or ``torch.linalg.pinv`` when ``pinv_iterations=None``. Entries of Ŝ
-  can be negative and its rows sum to 1 only approximately.
+- otherwise approximate: Z is computed in fp32 (autocast off), by ``pinv_iterations`` steps
+  of the iterative pseudoinverse (``functional.iterative_pinv``; the paper's 6 by default) or,
+  with ``pinv_iterations=None``, by the ridge-regularised pseudoinverse
+  ``functional.regularized_pinv(kernel_2, ridge=pinv_ridge)`` (``DEFAULT_PINV_RIDGE`` = 0.1
+  unless given; ``pinv_ridge=0`` is the exact ``torch.linalg.pinv``). Entries of Ŝ can be
+  negative and its rows sum to 1 only approximately.
+
+kernel_2 of real queries and keys is badly conditioned (all-MiniLM-L6-v2: median condition
+number ~1e3–1e5 per layer at 64 landmarks, benchmarks/results/nystrom_conditioning.md), and
+kernel_1, kernel_3 are not in the range that its smallest singular directions would need, so
+the *exact* pseudoinverse (or many iterations, which converge to it) amplifies them: on
+MiniLM a far worse model than 6 iterations. Both the truncated iteration and the ridge damp
+those directions; that is why they work, and why more iterations are not more accurate.
 
 The product is evaluated as kernel_1 @ (Z @ (kernel_3 @ V)): the same matrix as
 (kernel_1 @ Z) @ (kernel_3 @ V) in O(n·m·d + m²·d) instead of O(n·m² + n·m·d).
@@ -41,8 +51,41 @@ from torch import Tensor
 
 from transformer_zoo._checks import check_key_padding_mask, check_positive_int, check_probability
 from transformer_zoo.functional.masks import padding_to_attn_mask
-from transformer_zoo.functional.pinv import check_pinv_iterations, iterative_pinv
+from transformer_zoo.functional.pinv import (
+    check_pinv_iterations,
+    check_pinv_ridge,
+    iterative_pinv,
+    regularized_pinv,
+)
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads, softmax_attention
+
+#: Ridge of the direct pseudoinverse (``pinv_iterations=None``) unless ``pinv_ridge`` is given:
+#: λ = 0.1 · σ₁(kernel_2), chosen on all-MiniLM-L6-v2 at 64 landmarks (benchmarks/
+#: interop_zero_shot.py, selection passages; docs/nystrom.md has the sweep).
+DEFAULT_PINV_RIDGE = 0.1
+
+
+def check_pinv_options(pinv_iterations: object, pinv_ridge: object) -> tuple[int | None,
+                                                                              float | None]:
+    """Validate the pair: ``pinv_ridge`` regularises only the direct (non-iterative) pinv."""
+    iterations = check_pinv_iterations(pinv_iterations)
+    ridge = check_pinv_ridge(pinv_ridge)
+    if iterations is not None and ridge is not None:
+        raise ValueError(
+            f"pinv_ridge={ridge} regularises the direct pseudoinverse, which pinv_iterations="
+            f"None selects; got pinv_iterations={iterations} (the iteration is regularised by "
+            f"its number of steps). Pass pinv_iterations=None with pinv_ridge, or drop pinv_ridge"
+        )
+    return iterations, ridge
+
+
+def nystrom_pinv(kernel_2: Tensor, pinv_iterations: int | None, pinv_ridge: float | None
+                 ) -> Tensor:
+    """Z ≈ kernel_2⁺: iterative (int steps) or ridge-regularised (``pinv_iterations=None``)."""
+    if pinv_iterations is not None:
+        return iterative_pinv(kernel_2, pinv_iterations)
+    ridge = DEFAULT_PINV_RIDGE if pinv_ridge is None else pinv_ridge
+    return regularized_pinv(kernel_2, ridge=ridge)
 
 
 class NystromFactors(NamedTuple):
@@ -104,6 +147,7 @@ def nystrom_attention(
     key_padding_mask: Tensor | None = None,
     query_padding_mask: Tensor | None = None,
     pinv_iterations: int | None = 6,
+    pinv_ridge: float | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
     return_factors: bool = False,
@@ -116,7 +160,15 @@ def nystrom_attention(
         key_padding_mask: ``(b, n_k)`` True = real key; padded keys take part in nothing.
         query_padding_mask: ``(b, n)`` True = real query; only real queries form Q̃ (pass the
             key mask here for self-attention). Padded queries still get an output row.
-        pinv_iterations: steps of the iterative pseudoinverse; None = ``torch.linalg.pinv``.
+        pinv_iterations: steps of the iterative pseudoinverse (6, the paper's, is the
+            default; more steps converge to the exact pinv and degrade real models: 12 steps
+            give mean cosine 0.71 instead of 0.91 on MiniLM), or None for the direct,
+            ridge-regularised pseudoinverse (``regularized_pinv``).
+        pinv_ridge: with ``pinv_iterations=None``, λ / σ₁(kernel_2); default
+            ``DEFAULT_PINV_RIDGE`` = 0.1, the best measured on MiniLM. ``0`` gives the exact
+            ``torch.linalg.pinv``, exact in the limit Q̃ = Q, K̃ = K but far worse on real
+            inputs (MiniLM: mean cosine 0.16); see docs/nystrom.md. An int
+            ``pinv_iterations`` with a ``pinv_ridge`` raises ValueError.
         scale: logit scale, default 1/√d.
         dropout_p: dropout on kernel 1's weights (on the attention weights on the exact path).
         return_factors: also return ``NystromFactors`` (kernel_1, z, kernel_3); for samples
@@ -129,7 +181,7 @@ def nystrom_attention(
     b, h, n, n_k, _ = check_qkv(q, k, v)
     m = check_positive_int(num_landmarks, "num_landmarks")
     check_probability(dropout_p, "dropout_p")
-    check_pinv_iterations(pinv_iterations)
+    pinv_iterations, pinv_ridge = check_pinv_options(pinv_iterations, pinv_ridge)
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, b, n_k, "key_padding_mask")
     if query_padding_mask is not None:
@@ -167,8 +219,7 @@ def nystrom_attention(
         kernel_2 = _masked_softmax(logits_2, k_live_cols)
         if q_live_rows is not None:
             kernel_2 = kernel_2 * q_live_rows  # empty query landmarks: zero rows
-        z = (torch.linalg.pinv(kernel_2) if pinv_iterations is None
-             else iterative_pinv(kernel_2, pinv_iterations))  # (b, h, m, m)
+        z = nystrom_pinv(kernel_2, pinv_iterations, pinv_ridge)  # (b, h, m, m)
 
     exact = key_len <= m  # (b,) samples whose keys are their own landmarks
     any_exact = compiling or bool(exact.any())

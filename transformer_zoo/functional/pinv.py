@@ -1,7 +1,8 @@
-"""Moore–Penrose pseudoinverse by the iteration of Razavi et al., as used by Nyströmformer.
+"""Pseudoinverses for Nyström attention: the iteration of Razavi et al. and a regularised one.
 
     Z₀ = Aᵀ / (‖A‖₁ ‖A‖∞)
-    Z_{j+1} = ¼ Z_j (13I − A Z_j (15I − A Z_j (7I − A Z_j)))
+    Z_{j+1} = ¼ Z_j (13I − A Z_j (15I − A Z_j (7I − A Z_j)))       iterative_pinv
+    Z_λ = (AᵀA + λ²I)⁻¹ Aᵀ,  λ = ridge · σ₁(A)                        regularized_pinv
 
 Razavi et al. 2014, "A new iterative method for finding approximate inverses of complex
 matrices"; used by Xiong et al. 2021, "Nyströmformer", arXiv 2102.03902, eq. (16).
@@ -18,9 +19,19 @@ batch element never changes another's result (the reference code and nystrom-att
 one max over the whole batch × heads tensor). Approximate after finitely many steps; a
 truncated iteration acts as a regulariser, so more steps are not always more accurate for the
 attention output.
+
+``regularized_pinv`` makes that regularisation explicit. In the SVD A = U Σ Vᵀ every
+pseudoinverse here is V φ(Σ) Uᵀ with a filter φ: the exact one has φ(σ) = 1/σ, which blows up
+the smallest singular values; Tikhonov (ridge) regularisation has φ(σ) = σ / (σ² + λ²), ≈ 1/σ
+for σ ≫ λ and ≈ σ/λ² → 0 below λ (the truncated iteration's filter σ·g(σ²) also → 0 as σ → 0);
+a relative cut-off has φ(σ) = 1/σ above rtol · σ₁ and 0 below. Tikhonov regularisation:
+Tikhonov & Arsenin 1977, "Solutions of Ill-Posed Problems"; Hansen 1998, "Rank-Deficient and
+Discrete Ill-Posed Problems", ch. 4–5 (filter factors).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -36,6 +47,17 @@ def check_pinv_iterations(value: object, *, allow_none: bool = True) -> int | No
         expected = "an int >= 0 or None (exact pinv)" if allow_none else "an int >= 0"
         raise ValueError(f"pinv_iterations: expected {expected}, got {value!r}")
     return value
+
+
+def check_pinv_ridge(value: object, *, allow_none: bool = True) -> float | None:
+    """A finite float >= 0 (or None where allowed); TypeError / ValueError otherwise."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"pinv_ridge: expected a float >= 0, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"pinv_ridge: expected a finite float >= 0, got {value!r}")
+    return float(value)
 
 
 def pinv_init(a: Tensor) -> Tensor:
@@ -72,3 +94,42 @@ def iterative_pinv(a: Tensor, iterations: int = 6) -> Tensor:
         inner = torch.baddbmm(az, az, inner, beta=15, alpha=-1)  # AZ (15I − ·)
         z = torch.baddbmm(z, z, inner, beta=3.25, alpha=-0.25)  # ¼ Z (13I − ·)
     return z.reshape(a.shape)
+
+
+def regularized_pinv(a: Tensor, *, ridge: float = 0.0, rtol: float = 0.0) -> Tensor:
+    """Tikhonov-regularised (``ridge``) or truncated (``rtol``) pseudoinverse, per matrix.
+
+    Args:
+        a: ``(..., m, m)`` floating tensor.
+        ridge: λ / σ₁(A) >= 0. ``Z = (AᵀA + λ²I)⁻¹ Aᵀ``, the minimiser of ‖AZ − I‖²_F + λ²‖Z‖²_F:
+            singular values below λ are damped instead of inverted. Solved as an m × m linear
+            system (condition number <= 1 + 1/ridge², so fp32 is accurate for ridge >= 1e-2);
+            the gradient is exact. A zero matrix gives 0.
+        rtol: with ``ridge=0``, singular values <= rtol · σ₁ are dropped
+            (``torch.linalg.pinv(a, rtol=...)``); rtol = 0 keeps all but the numerically zero
+            ones (torch's default cut-off, m · eps · σ₁), so ``ridge=0, rtol=0`` is the exact
+            pseudoinverse. Its gradient is torch's, which assumes the kept rank is constant.
+
+    Returns:
+        ``(..., m, m)``. Zero rows or columns of A (masked landmarks) give zero columns or rows.
+    """
+    check_tensor(a, "a")
+    check_floating(a, "a")
+    if a.ndim < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"a: expected square matrices (..., m, m), got {tuple(a.shape)}")
+    ridge = check_pinv_ridge(ridge, allow_none=False)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not 0 <= rtol < 1:
+        raise ValueError(f"rtol: expected a float in [0, 1), got {rtol!r}")
+    if ridge > 0 and rtol > 0:
+        raise ValueError(f"regularized_pinv: give ridge or rtol, not both (got ridge={ridge}, "
+                         f"rtol={rtol})")
+    m = a.shape[-1]
+    if ridge == 0:
+        floor = m * torch.finfo(a.dtype).eps
+        return torch.linalg.pinv(a, rtol=max(float(rtol), floor))
+    sigma_1 = torch.linalg.matrix_norm(a, ord=2)  # (...,) largest singular value
+    lam2 = (ridge * sigma_1).square().clamp_min(torch.finfo(a.dtype).tiny)  # (...,)
+    at = a.transpose(-2, -1)
+    eye = torch.eye(m, dtype=a.dtype, device=a.device)
+    gram = at @ a + lam2[..., None, None] * eye  # (..., m, m) symmetric positive definite
+    return torch.linalg.solve(gram, at)

@@ -169,17 +169,20 @@ class NystromKernel(ModuleKernel):
     a sample has at most ``num_landmarks`` real tokens (and no convolution).
 
     ``conv_kernel`` defaults to None: a pretrained model has no trained convolution, and a fresh
-    one would only add noise; set it to fine-tune with the paper's residual. Self-attention
-    without causality only (encoders); causal models raise.
+    one would only add noise; set it to fine-tune with the paper's residual. ``pinv_iterations``
+    and ``pinv_ridge`` as in ``NystromAttention`` (docs/nystrom.md compares them zero-shot).
+    Self-attention without causality only (encoders); causal models raise.
     """
 
     name: ClassVar[str] = "nystrom"
     num_landmarks: int = 64
     pinv_iterations: int | None = 6
+    pinv_ridge: float | None = None
     conv_kernel: int | None = None
 
     def build(self, module, heads, head_dim):
         return NystromAttention(
             heads * head_dim, heads, head_dim=head_dim, num_landmarks=self.num_landmarks,
-            pinv_iterations=self.pinv_iterations, conv_kernel=self.conv_kernel,
+            pinv_iterations=self.pinv_iterations, pinv_ridge=self.pinv_ridge,
+            conv_kernel=self.conv_kernel,
         )
