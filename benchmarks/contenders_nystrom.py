@@ -101,11 +101,13 @@ def peer_kernel(q: Tensor, k: Tensor, v: Tensor, m: int, iterations: int) -> Ten
 def landmark_sweep(n: int, landmarks: list[int], iterations: int = ITERATIONS
                    ) -> dict[str, list[float]]:
     """Relative error vs exact softmax for each landmark count: ours, ours with twice the
-    iterations, ours with an exact pinv, and nystrom-attention (when installed)."""
+    iterations, ours with an exact pinv, ours with the ridge pinv (``pinv_iterations=None``,
+    default ridge) and nystrom-attention (when installed)."""
     q, k, v = error_inputs(n)
     exact, _ = explicit_softmax_attention(q.double(), k.double(), v.double())
     more = f"ours ({2 * iterations} iterations)"
-    curves: dict[str, list[float]] = {"ours": [], more: [], "ours (exact pinv)": []}
+    ridge = "ours (ridge pinv, pinv_iterations=None)"
+    curves: dict[str, list[float]] = {"ours": [], more: [], "ours (exact pinv)": [], ridge: []}
     if PeerNystrom is not None:
         curves["nystrom-attention"] = []
     for m in landmarks:
@@ -116,6 +118,9 @@ def landmark_sweep(n: int, landmarks: list[int], iterations: int = ITERATIONS
                 nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=2 * iterations),
                 exact))
             curves["ours (exact pinv)"].append(relative_error(
+                nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=None, pinv_ridge=0.0),
+                exact))
+            curves[ridge].append(relative_error(
                 nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=None), exact))
         if PeerNystrom is not None:
             curves["nystrom-attention"].append(
