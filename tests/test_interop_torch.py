@@ -24,7 +24,7 @@ from transformer_zoo import (
     SoftmaxAttention,
 )
 from transformer_zoo.interop import MultiheadAttentionCompat, swap_attention
-from transformer_zoo.interop._masks import split_additive
+from transformer_zoo.interop._masks import settle_bias, split_additive
 
 TOL = 1e-5
 D, H, FF = 32, 4, 64
@@ -407,6 +407,7 @@ def test_split_additive_is_exact(blocked, with_bias, use_min):
     mask = mask.masked_fill(torch.rand(4, 6) < blocked, low)
     mask[:, 0] = 0.0  # every row keeps a key
     allowed, bias = split_additive(mask)
+    bias = settle_bias(bias, takes_bias=True, message="")  # eager: None when all zeros
     assert (bias is None) == (not with_bias)
     ours = torch.softmax((logits + (0 if bias is None else bias)).masked_fill(~allowed, -torch.inf),
                          dim=-1)
@@ -438,3 +439,58 @@ def test_keys_and_values_of_different_widths(attention):
                                    atol=TOL, rtol=0)
     with pytest.raises(ValueError, match=r"dec\.cross: expected .* value \(N, S, 24\)"):
         ours(q, k, k)
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is faster on a loaded machine
+    yield
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention, masks", [
+    (SoftmaxAttention, "padding"),
+    (functools.partial(PerformerAttention, nb_features=16), "causal+padding"),
+], ids=["softmax-padding", "performer-causal+padding"])
+def test_compile_fullgraph_swapped_encoder_with_padding(fresh_dynamo, attention, masks):
+    """No branch on mask values: one graph, outputs equal eager (torch passes float masks)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch.manual_seed(0)
+    model = encoder(batch_first=False)
+    swap_attention(model, attention)
+    x, kw = torch.randn(9, 3, D), {"src_key_padding_mask": padding(3, 9)}
+    if "causal" in masks:  # boolean like the padding mask (torch warns on mixed types)
+        kw.update(mask=torch.ones(9, 9, dtype=torch.bool).triu(1), is_causal=True)
+    counter = CompileCounter()
+    out = torch.compile(model, fullgraph=True, backend=counter)(x, **kw)
+    assert counter.frame_count == 1
+    torch.testing.assert_close(out, model(x, **kw), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_mask_assumptions_are_checked_at_run_time(fresh_dynamo):
+    """What eager decides from mask values, a compiled call checks with our message."""
+    x = torch.randn(3, 6, D)
+    performer = MultiheadAttentionCompat(functools.partial(PerformerAttention, nb_features=16),
+                                         D, H, batch_first=True, path="enc.attn")
+    run = torch.compile(lambda kpm: performer(x, x, x, key_padding_mask=kpm)[0], fullgraph=True,
+                        backend="eager")
+    zero_or_blocked = torch.zeros(3, 6).masked_fill(padding(3, 6), float("-inf"))
+    torch.testing.assert_close(run(zero_or_blocked), performer(x, x, x, key_padding_mask=(
+        zero_or_blocked != 0))[0], atol=1e-6, rtol=0)
+    with pytest.raises(RuntimeError, match=r"enc\.attn: got a float additive mask"):
+        run(zero_or_blocked + 0.5)
+    softmax = MultiheadAttentionCompat(SoftmaxAttention, D, H, batch_first=True, path="enc.sm")
+    run = torch.compile(lambda am: softmax(x, x, x, attn_mask=am, is_causal=True)[0],
+                        fullgraph=True, backend="eager")
+    causal = torch.ones(6, 6, dtype=torch.bool).triu(1)
+    torch.testing.assert_close(run(causal), softmax(x, x, x, attn_mask=causal)[0], atol=1e-6,
+                               rtol=0)
+    with pytest.raises(RuntimeError, match=r"enc\.sm: is_causal=True but attn_mask is not"):
+        run(causal.T.contiguous())

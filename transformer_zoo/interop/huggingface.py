@@ -37,7 +37,7 @@ from transformers.masking_utils import (
 
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.softmax import expand_kv_heads
-from transformer_zoo.interop._masks import split_additive
+from transformer_zoo.interop._masks import settle_bias, split_additive
 from transformer_zoo.interop.hf_kernels import (
     AttentionKernel,
     HFKernel,
@@ -80,7 +80,9 @@ def padding_only_mask(
     pad = kv_length + kv_offset - attention_mask.shape[-1]
     padding = torch.nn.functional.pad(attention_mask, (0, pad)) if pad > 0 else attention_mask
     padding = padding[:, kv_offset:kv_offset + kv_length].to(torch.bool)  # (b, m)
-    return None if bool(padding.all()) else padding[:, None, None, :]
+    if not torch.compiler.is_compiling() and bool(padding.all()):  # eager: skip a no-op mask
+        return None
+    return padding[:, None, None, :]
 
 
 def _attention_function(kernel_cls: type[HFKernel]) -> Callable:
@@ -108,6 +110,9 @@ def _attention_function(kernel_cls: type[HFKernel]) -> Callable:
         allowed, bias = attention_mask, None
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             allowed, bias = split_additive(attention_mask)
+            bias = settle_bias(bias, takes_bias=kernel_cls.dense_mask, message=(
+                f"{where}: takes key padding masks and the causal flag only, got a float "
+                "mask with values other than 0 and finfo.min"))
         if position_bias is not None:
             bias = position_bias if bias is None else bias + position_bias
         kpm = None

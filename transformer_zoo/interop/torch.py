@@ -160,8 +160,10 @@ class MultiheadAttentionCompat(nn.Module):
                              "attn_mask or is_causal=True was passed)")
         general = "a float additive mask" if bias is not None else "a non-causal attn_mask"
         if (allowed is not None or bias is not None) and Place.BIAS not in self.attention.accepts:
+            traced = (" (under torch.compile / torch.export a causal attn_mask is recognised "
+                      "only with is_causal=True)" if torch.compiler.is_compiling() else "")
             raise ValueError(f"{self.path}: {cls} got {general}; it supports only key padding "
-                             "masks and the causal mask")
+                             f"masks and the causal mask{traced}")
 
     # -- forward ------------------------------------------------------------------------------
     def forward(
@@ -190,8 +192,9 @@ class MultiheadAttentionCompat(nn.Module):
                              f"(N, S, {self.kdim}) and value (N, S, {self.vdim}); got "
                              f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)} "
                              "(batch first)")
-        kpm, allowed, bias, causal = torch_masks(key_padding_mask, attn_mask, is_causal,
-                                                 b, self.num_heads, n, m, where=self.path)
+        kpm, allowed, bias, causal = torch_masks(
+            key_padding_mask, attn_mask, is_causal, b, self.num_heads, n, m,
+            takes_bias=Place.BIAS in self.attention.accepts, where=self.path)
         self._check_kernel(allowed, bias, causal)
 
         inner, weights = self.attention, None
