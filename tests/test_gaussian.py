@@ -157,6 +157,80 @@ def test_gradcheck_and_finite_gradients_at_repeated_eigenvalues() -> None:
     torch.testing.assert_close(cov_q.grad, (1 - 2**-0.5) * eye)
 
 
+def test_w2_gradient_at_singular_cov_q_is_the_eps_limit() -> None:
+    """Σp = I, Σq = diag(1, 0): W₂² = ‖Δμ‖² + 1 and a finite gradient, the ε → 0 limit of the
+    gradient at Σq + εI, which converges like √ε (the eigenvalue 0 of C used to give NaN)."""
+    d = torch.float64
+    mu_p, mu_q = torch.zeros(2, dtype=d), torch.tensor([0.3, -0.4], dtype=d)
+
+    def value_and_grads(eps: float):
+        cov_p = torch.eye(2, dtype=d).requires_grad_()
+        cov_q = (torch.diag(torch.tensor([1.0, 0.0], dtype=d)) + eps * torch.eye(2, dtype=d))
+        cov_q.requires_grad_()
+        w2 = gaussian_wasserstein2(mu_p, cov_p, mu_q, cov_q)
+        w2.backward()
+        return w2.detach(), cov_p.grad, cov_q.grad
+
+    w2, grad_p, grad_q = value_and_grads(0.0)
+    assert w2.item() == pytest.approx(0.25 + 1.0, abs=1e-15)
+    assert torch.isfinite(grad_p).all() and torch.isfinite(grad_q).all()
+    # dW₂²/dΣp = I − T with T = Σq^½ the transport map: diag(0, 1)
+    torch.testing.assert_close(grad_p, torch.diag(torch.tensor([0.0, 1.0], dtype=d)))
+    for eps in (1e-4, 1e-6, 1e-8):
+        _, limit_p, limit_q = value_and_grads(eps)
+        assert (limit_p - grad_p).abs().max().item() <= 2 * eps**0.5
+        assert (limit_q - grad_q)[0].abs().max().item() <= 2 * eps**0.5  # row on range(Σq)
+    # on null(Σq) × null(Σq) the gradient has no finite limit (−1/√ε): we give the finite part
+    assert grad_q[1, 1].item() == 1.0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_w2_gradients_through_a_low_rank_cov_q_converge_to_ours(seed: int) -> None:
+    """Σq = XᵀX of rank 2 in 5-D (a sample covariance of 2 points): the gradients for Σp, the
+    means, X, and the rows of the Σq-gradient on range(Σq) equal the limit ε → 0 at XᵀX + εI
+    (which converges like √ε), and are finite."""
+    d, n, rank = torch.float64, 5, 2
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=g, dtype=d)
+    cov_p0 = a @ a.T / n + 0.2 * torch.eye(n, dtype=d)
+    x0 = torch.randn(rank, n, generator=g, dtype=d)
+    mu_p0, mu_q = torch.randn(2, n, generator=g, dtype=d)
+    _, _, vh = torch.linalg.svd(x0)
+    onto_range = vh[:rank].T @ vh[:rank]  # projector onto range(XᵀX)
+
+    def grads(eps: float) -> list[torch.Tensor]:
+        cov_p, x, mu_p = (t.clone().requires_grad_() for t in (cov_p0, x0, mu_p0))
+        cov_q = x.T @ x + eps * torch.eye(n, dtype=d)
+        cov_q.retain_grad()
+        gaussian_wasserstein2(mu_p, cov_p, mu_q, cov_q).backward()
+        return [cov_p.grad, x.grad, mu_p.grad, onto_range @ cov_q.grad]
+
+    ours = grads(0.0)
+    assert all(torch.isfinite(t).all() for t in ours)
+    errors = []
+    for eps in (1e-4, 1e-5, 1e-6, 1e-7, 1e-8):
+        errs = [(lim - t).abs().max().item() for lim, t in zip(grads(eps), ours, strict=True)]
+        assert max(errs) <= 5 * eps**0.5
+        errors.append(max(errs))
+    assert errors[-1] < errors[0] / 50  # √ε convergence over 4 decades: a factor of 100
+
+
+def test_singular_covariances_kl_and_bhattacharyya_are_infinite_errors() -> None:
+    """KL and Bhattacharyya with a singular covariance are +∞: a ValueError says so; W₂ with a
+    singular Σp says to pass it as Σq (W₂ is symmetric)."""
+    d = torch.float64
+    mu, eye = torch.zeros(2, dtype=d), torch.eye(2, dtype=d)
+    singular = torch.diag(torch.tensor([1.0, 0.0], dtype=d))
+    for fn in (gaussian_kl, gaussian_bhattacharyya):
+        for args in ((mu, eye, mu, singular), (mu, singular, mu, eye)):
+            with pytest.raises(ValueError, match=r"positive definite.*\+∞"):
+                fn(*args)
+    with pytest.raises(ValueError, match="cov_p.*pass a singular covariance as cov_q"):
+        gaussian_wasserstein2(mu, singular, mu, eye)
+    swapped = gaussian_wasserstein2(mu, eye, mu, singular)
+    assert swapped.item() == pytest.approx(1.0, abs=1e-15)  # ‖Σp^½ − Σq^½‖_F² = (1 − 0)²
+
+
 def test_validation() -> None:
     mu, cov = torch.zeros(3), torch.eye(3)
     with pytest.raises(ValueError, match="positive definite"):
