@@ -358,6 +358,63 @@ def test_shared_attention_stays_shared():
     assert isinstance(model["a"]["attn"], MultiheadAttentionCompat)
 
 
+def test_hooks_on_the_original_fire_after_the_swap():
+    """torch's test_transformerencoderlayer_no_fastpath_with_hooks, after swap_attention: hooks
+    registered on layer.self_attn fire on the replacement, with its call and output."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(D, H, FF, dropout=0.0, batch_first=True).eval()
+    reference = copy.deepcopy(layer)
+    calls: list[str] = []
+    outputs: list[Tensor] = []
+
+    def pre(module, args):
+        calls.append("pre")
+
+    def pre_kwargs(module, args, kwargs):
+        calls.append("pre_kwargs")
+        assert kwargs["need_weights"] is False  # TransformerEncoderLayer's own call
+        return (args[0] * 2, *args[1:]), kwargs  # a pre-hook may rewrite the inputs
+
+    def post(module, args, output):
+        calls.append("post")
+        outputs.append(output[0])
+
+    def post_kwargs(module, args, kwargs, output):
+        calls.append("post_kwargs")
+
+    def backward(module, grad_input, grad_output):
+        calls.append("backward")
+
+    attn = layer.self_attn
+    handles = [attn.register_forward_pre_hook(pre),
+               attn.register_forward_pre_hook(pre_kwargs, with_kwargs=True),
+               attn.register_forward_hook(post),
+               attn.register_forward_hook(post_kwargs, with_kwargs=True),
+               attn.register_full_backward_hook(backward)]
+    state_calls = []
+    attn.register_state_dict_post_hook(lambda module, state, prefix, local: state_calls.append(1))
+    swap_attention(layer, SoftmaxAttention)
+    assert isinstance(layer.self_attn, MultiheadAttentionCompat) and not attn._forward_hooks
+
+    x = torch.randn(2, 5, D, requires_grad=True)
+    out = layer(x)
+    assert calls == ["pre", "pre_kwargs", "post", "post_kwargs"]
+    # the rewritten query reached our attention: the output is torch's for query 2x
+    q = x.detach()
+    expected, _ = reference.self_attn(2 * q, q, q, need_weights=False)
+    torch.testing.assert_close(outputs[0], expected, atol=TOL, rtol=0)
+    out.sum().backward()
+    assert calls[-1] == "backward"
+    layer.state_dict()
+    assert state_calls == [1]
+
+    for handle in handles:  # the original handles still remove the hooks
+        handle.remove()
+    calls.clear()
+    layer(x)
+    assert calls == []
+
+
 def test_noncausal_kernel_with_causal_mask_names_the_module():
     model = encoder(batch_first=True)
     swap_attention(model, NonCausalToy)

@@ -1,7 +1,7 @@
 """``swap_attention``: replace every ``nn.MultiheadAttention`` in a model, weights kept.
 
 Walks ``model.named_modules()``, builds a ``MultiheadAttentionCompat`` (``torch.py``) for each
-target with its weights, device, dtype and mode, keeps shared modules shared, and takes every
+target with its weights, device, dtype, mode and hooks, keeps shared modules shared, and takes every
 ``nn.TransformerEncoder`` it touches off the nested-tensor path (which would bypass it).
 """
 
@@ -29,6 +29,25 @@ class SwapReport:
         return "\n".join(lines)
 
 
+# Every per-module hook table of nn.Module (torch 2.x): forward, pre-forward (and their kwargs
+# and always-called flags), backward, state_dict and load_state_dict hooks.
+_HOOK_TABLES = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+    "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def _move_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Hand ``source``'s hook tables to ``target`` (the same dicts: handles still remove)."""
+    fresh = nn.Module()
+    for table in _HOOK_TABLES:
+        if table in vars(source):
+            setattr(target, table, vars(source)[table])
+            setattr(source, table, getattr(fresh, table))
+
+
 def swap_attention(
     model: nn.Module,
     attention: AttentionFactory,
@@ -45,7 +64,11 @@ def swap_attention(
         where: optional filter ``where(path, module) -> bool``; only modules it accepts are
             replaced.
 
-    Each replacement keeps the weights, device, dtype and train/eval mode. Every
+    Each replacement keeps the weights, device, dtype and train/eval mode, and takes over the
+    original's hooks (forward, pre-forward, with or without kwargs, backward, state_dict):
+    they fire on the replacement with the same call and output, and their handles still
+    remove them. State-dict hooks see the replacement's keys (``attention.q_proj.weight``,
+    ...), not ``in_proj_weight``. Every
     ``nn.TransformerEncoder`` that contains a replaced module gets ``use_nested_tensor = False``:
     its eval-mode nested-tensor path reads ``in_proj_weight`` and would bypass our attention.
     Raises ValueError naming the module path for targets that cannot be swapped.
@@ -63,6 +86,7 @@ def swap_attention(
         parent_path, _, name = path.rpartition(".")
         if id(mha) not in built:
             built[id(mha)] = MultiheadAttentionCompat.from_torch(mha, attention, path=path)
+            _move_hooks(mha, built[id(mha)])
         setattr(model.get_submodule(parent_path), name, built[id(mha)])
         report.replaced.append(path)
     for path, mod in model.named_modules():
