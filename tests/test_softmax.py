@@ -1,8 +1,8 @@
 """The softmax attention kernel against a slow reference written here, in fp64.
 
 The reference walks every (batch, head, query) row: it collects the keys that row may attend
-(mask AND bottom-right causal), takes the softmax over exactly those logits and returns 0 for
-a row with none. It shares no code with the package.
+(mask AND bottom-right causal AND a bias above −inf), takes the softmax over exactly those
+logits and returns 0 for a row with none. It shares no code with the package.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def reference_attention(q, k, v, *, mask=None, bias=None, causal=False, scale=No
                 keys = [
                     j for j in range(m)
                     if allowed[bi, hi, i, j] and (not causal or j - (m - n) <= i)
+                    and (bias_full is None or bias_full[bi, hi, i, j] > -math.inf)
                 ]
                 if not keys:
                     continue
@@ -247,6 +248,84 @@ def test_fully_masked_rows_are_zero_with_finite_gradients(with_bias, kernel):
         assert torch.isfinite(t.grad).all()
     assert torch.equal(q.grad[0, 1, 2], torch.zeros(8, dtype=F64))  # dead row: no gradient
     assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+
+
+def _dead_row_problem():
+    """Rows whose every logit is −inf, through the bias alone, the mask alone, or both."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 5, 4, generator=g, dtype=F64)
+    k = torch.randn(2, 2, 6, 4, generator=g, dtype=F64)
+    v = torch.randn(2, 2, 6, 3, generator=g, dtype=F64)
+    bias = torch.randn(2, 2, 5, 6, generator=g, dtype=F64)
+    mask = torch.ones(2, 1, 5, 6, dtype=torch.bool)
+    bias[0, 0, 1] = -math.inf  # bias alone kills the row
+    bias[0, 1, 2, :3] = -math.inf  # partly −inf: a live row over keys 3..5
+    mask[1, 0, 3] = False  # mask alone kills the row (both heads)
+    mask[1, 0, 4, 3:] = False  # mixed: the mask leaves keys 0..2 ...
+    bias[1, 1, 4, :3] = -math.inf  # ... and head 1's bias kills exactly those
+    bias[1, 0, 0] = -math.inf  # and a −inf bias row under a partly open mask
+    mask[1, 0, 0, ::2] = False
+    dead = [(0, 0, 1), (1, 0, 3), (1, 1, 3), (1, 1, 4), (1, 0, 0)]
+    return q, k, v, bias, mask, dead
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_minus_inf_bias_rows_give_zero_in_both_kernels(with_mask):
+    q, k, v, bias, mask, dead = _dead_row_problem()
+    if not with_mask:
+        mask = None
+        dead = [(0, 0, 1), (1, 0, 0)]
+    ref, ref_w = reference_attention(q, k, v, mask=mask, bias=bias)
+    sdpa = softmax_attention(q, k, v, mask=mask, bias=bias)
+    out, weights = explicit_softmax_attention(q, k, v, mask=mask, bias=bias)
+    for got in (sdpa, out, weights):
+        assert torch.isfinite(got).all()
+    torch.testing.assert_close(sdpa, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-10, atol=1e-12)
+    for row in dead:
+        assert torch.equal(out[row], torch.zeros(3, dtype=F64))
+        assert torch.equal(sdpa[row], torch.zeros(3, dtype=F64))
+        assert torch.equal(weights[row], torch.zeros(6, dtype=F64))
+    sums = weights.sum(-1)
+    assert torch.all(((sums - 1).abs() < 1e-12) | (sums == 0))
+    assert (sums == 0).sum() == len(dead)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit", "weights"])
+def test_minus_inf_bias_rows_have_finite_zero_gradients(kernel):
+    q, k, v, bias, mask, dead = _dead_row_problem()
+    q, k, v, bias = (t.clone().requires_grad_() for t in (q, k, v, bias))
+    if kernel == "sdpa":
+        out = softmax_attention(q, k, v, mask=mask, bias=bias)
+    else:
+        out, weights = explicit_softmax_attention(q, k, v, mask=mask, bias=bias)
+        out = weights if kernel == "weights" else out
+    out.square().sum().backward()
+    for t in (q, k, bias) if kernel == "weights" else (q, k, v, bias):  # weights: v unused
+        assert torch.isfinite(t.grad).all()
+    for row in dead:
+        assert torch.equal(q.grad[row], torch.zeros(4, dtype=F64))
+        assert torch.equal(bias.grad[row], torch.zeros(6, dtype=F64))
+
+    def f(q, k, v):
+        if kernel == "sdpa":
+            return softmax_attention(q, k, v, mask=mask, bias=bias.detach())
+        return explicit_softmax_attention(q, k, v, mask=mask, bias=bias.detach())
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_finite_minimum_bias_row_averages_its_values(dtype):
+    """``finfo.min`` is finite: unlike −inf it leaves the row live (HF eager behaviour)."""
+    q, k, v = torch.randn(1, 2, 3, 4, dtype=dtype), *torch.randn(2, 1, 2, 5, 4, dtype=dtype)
+    bias = torch.zeros(1, 2, 3, 5, dtype=dtype)
+    bias[0, 1, 2] = torch.finfo(dtype).min
+    out, weights = explicit_softmax_attention(q, k, v, bias=bias)
+    for got in (out, softmax_attention(q, k, v, bias=bias)):
+        torch.testing.assert_close(got[0, 1, 2], v[0, 1].mean(0))
+    torch.testing.assert_close(weights[0, 1, 2], torch.full((5,), 0.2, dtype=dtype))
 
 
 def test_gradcheck_kernel_mask_bias_causal_gqa():

@@ -14,7 +14,8 @@ n query length, m key length, d head dim, d_v value head dim.
   value per key, 3-D is ``(h, n, m)``); the same result as the expanded tensor.
 - ``causal``: query i may attend key j only when j <= i + (m - n) (bottom-right aligned).
 
-Exact. A query row with no key to attend returns 0 (and gradient 0), never NaN.
+Exact. A query row with no finite logit (every key masked, or a −inf bias on every key the
+mask leaves) returns 0 (and gradient 0) in both kernels, never NaN; its weights are 0.
 ``softmax_attention`` runs on ``F.scaled_dot_product_attention``;
 ``explicit_softmax_attention`` spells the softmax out and also returns the weights.
 """
@@ -102,10 +103,27 @@ def _prepare(
     return k, v, full, bias
 
 
-def _row_guard(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Open fully masked rows (so softmax stays finite) and remember them to zero later."""
-    live = mask.any(dim=-1, keepdim=True)  # (.., n, 1)
-    return mask | ~live, live
+def _guarded_mask(
+    full: Tensor | None, bias: Tensor | None, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None]:
+    """The mask both kernels apply, with dead rows opened, and ``live`` ``(.., n, 1)``.
+
+    A row is dead when no logit is left finite: every key masked, or a −inf bias on every key
+    the mask leaves. Dead rows are opened (mask all True, bias 0) so the softmax stays finite
+    in value and gradient on every backend, and ``live`` zeroes them afterwards. Returns the
+    boolean mask when there is no bias, else the additive float mask in ``dtype`` (−inf where
+    masked); ``(None, None)`` when there is neither.
+    """
+    if bias is None:
+        if full is None:
+            return None, None
+        live = full.any(dim=-1, keepdim=True)
+        return full | ~live, live
+    add = bias.to(dtype)
+    if full is not None:
+        add = torch.where(full, add, float("-inf"))  # broadcasts both
+    live = (add > float("-inf")).any(dim=-1, keepdim=True)
+    return add.masked_fill(~live, 0.0), live
 
 
 def softmax_attention(
@@ -121,7 +139,7 @@ def softmax_attention(
 ) -> Tensor:
     """Softmax attention on ``F.scaled_dot_product_attention``; see the module docstring.
 
-    Returns ``(b, h, n, d_v)``. Fully masked query rows give 0.
+    Returns ``(b, h, n, d_v)``. Query rows with no finite logit give 0.
     """
     k, v, full, bias = _prepare(q, k, v, mask, bias, causal, dropout_p)
     n, m = q.shape[-2], k.shape[-2]
@@ -133,14 +151,7 @@ def softmax_attention(
             return F.scaled_dot_product_attention(
                 q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale
             )
-    live = None
-    if full is not None:
-        full, live = _row_guard(full)
-    attn_mask: Tensor | None = full
-    if bias is not None:
-        attn_mask = bias.to(q.dtype)
-        if full is not None:
-            attn_mask = torch.where(full, attn_mask, float("-inf"))  # broadcasts both
+    attn_mask, live = _guarded_mask(full, bias, q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          scale=scale)
     if live is not None:
@@ -162,7 +173,8 @@ def explicit_softmax_attention(
 ) -> tuple[Tensor, Tensor]:
     """The same attention with the softmax written out; returns ``(out, weights)``.
 
-    ``weights`` is ``(b, h, n, m)`` after masking, before dropout; fully masked rows are 0.
+    ``weights`` is ``(b, h, n, m)`` after masking, before dropout; a row with no finite logit
+    (fully masked, or all −inf bias) is 0, as is its output.
     Used where the weights themselves are needed (Shaw's value term, ``need_weights``) and as
     a readable reference. Dropout applies to the weights only when ``training``.
     """
@@ -174,12 +186,12 @@ def explicit_softmax_attention(
     acc = torch.promote_types(q.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
         logits = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale  # (b, h, n, m)
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype)
-    live = None
-    if full is not None:
-        full, live = _row_guard(full)
-        logits = logits.masked_fill(~full, float("-inf"))
+    allowed, live = _guarded_mask(full, bias, logits.dtype)  # the same rule as the SDPA path
+    if allowed is not None:
+        if allowed.dtype == torch.bool:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        else:
+            logits = logits + allowed  # the bias, −inf where masked, 0 on dead rows
     weights = torch.softmax(logits, dim=-1)
     if live is not None:
         weights = weights * live
