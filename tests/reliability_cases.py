@@ -482,6 +482,8 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
         supports_causal=False,
     ),
     "iterative_pinv": KernelCase(lambda: ((torch.randn(2, 2, 4, 4).softmax(-1),), {})),
+    "regularized_pinv": KernelCase(
+        lambda: ((torch.randn(2, 2, 4, 4).softmax(-1),), dict(ridge=0.1))),
     "pinv_init": KernelCase(lambda: ((torch.randn(2, 2, 4, 4).softmax(-1),), {})),
     "segment_ids": KernelCase(lambda: ((padding_mask(2, 6, _gen(2)), 2, 6, 4,
                                         torch.device("cpu")), {})),
