@@ -130,6 +130,16 @@ x = torch.randn(2, 3, 8)
          r"context: expected \(batch, k_len, kv_dim\) = \(2, \*, 8\), got \(2, 5, 7\)"),
         (x, {"context": torch.randn(3, 5, 8)}, ValueError, r"= \(2, \*, 8\), got \(3, 5, 8\)"),
         (x, {"context": torch.randn(5, 8)}, ValueError, "context: expected a 3-D tensor"),
+        (x, {"context": torch.randn(2, 5, 8).double()}, TypeError,
+         "context has dtype torch.float64 but the parameters are torch.float32"),
+        (x, {"context": torch.randn(2, 5, 8).half()}, TypeError,
+         "context has dtype torch.float16 but the parameters are torch.float32"),
+        (x, {"context": torch.ones(2, 5, 8, dtype=torch.int64)}, TypeError,
+         "context: expected a floating-point tensor, got dtype torch.int64"),
+        (x, {"context": torch.ones(2, 5, 8, dtype=torch.bool)}, TypeError,
+         "context: expected a floating-point tensor, got dtype torch.bool"),
+        (x, {"context": torch.randn(2, 5, 8, device="meta")}, ValueError,
+         "context: expected device cpu"),
         (x, {"context": torch.randn(2, 5, 8), "context_positions": torch.arange(3)}, ValueError,
          r"context_positions: expected shape \(seq,\) = \(5,\) .*got \(3,\)"),
     ],
@@ -137,6 +147,23 @@ x = torch.randn(2, 3, 8)
 def test_attention_bad_forward(inp, kw, error, match):
     with pytest.raises(error, match=match):
         attn(inp, **kw)
+
+
+@pytest.mark.parametrize("which", ["x", "context"])
+def test_autocast_takes_what_it_casts_and_names_float64(which):
+    cross = SoftmaxAttention(8, 2, kv_dim=6)
+    c = torch.randn(2, 5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):  # autocast casts these
+            inputs = {"x": x, "context": c}
+            inputs[which] = inputs[which].to(dtype)
+            assert cross(inputs["x"], context=inputs["context"]).dtype == torch.bfloat16
+        inputs = {"x": x, "context": c}
+        inputs[which] = inputs[which].double()
+        with pytest.raises(TypeError, match=f"{which} has dtype torch.float64 but the "
+                                            "parameters are torch.float32, and torch.autocast "
+                                            "does not cast float64; cast it to torch.float32"):
+            cross(inputs["x"], context=inputs["context"])
 
 
 # -- encoder -----------------------------------------------------------------------------------

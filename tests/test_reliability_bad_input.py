@@ -86,6 +86,12 @@ ATTENTION_ONLY = [
     ("context-batch", lambda m: m(x(), context=x(B + 1, N, D)), ValueError,
      [f"({B + 1}, {N}, {D})"]),
     ("context-empty", lambda m: m(x(), context=x(B, 0, D)), ValueError, ["0"]),
+    ("context-float64", lambda m: m(x(), context=x(dtype=torch.float64)), TypeError,
+     ["context", "float64", "float32"]),
+    ("context-int", lambda m: m(x(), context=ones(B, N, D, dtype=torch.int64)), TypeError,
+     ["context", "floating", "int64"]),
+    ("context-device", lambda m: m(x(), context=x(device="meta")), ValueError,
+     ["context", "meta", "cpu"]),
     # kernels without n × m logits (Performer, Nyström) reject attn_mask outright
     ("attn-mask-float", lambda m: m(x(), attn_mask=torch.ones(N, N)), (TypeError, ValueError),
      ["attn_mask"]),

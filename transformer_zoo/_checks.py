@@ -46,6 +46,24 @@ def check_floating(x: Tensor, name: str) -> None:
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
 
 
+def check_param_dtype(x: Tensor, name: str, dtype: torch.dtype) -> None:
+    """``x`` is floating and has the parameters' ``dtype``; under autocast any floating dtype
+    autocast casts (fp32, fp16, bf16; it leaves float64 alone)."""
+    check_floating(x, name)
+    if x.dtype == dtype:
+        return
+    if not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the parameters are {dtype}; "
+            "cast one to the other (or use torch.autocast)"
+        )
+    if x.dtype == torch.float64:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the parameters are {dtype}, and torch.autocast "
+            f"does not cast float64; cast it to {dtype}"
+        )
+
+
 def check_same_dtype(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
     if a.dtype != b.dtype:
         raise TypeError(f"{name_a} and {name_b} must share a dtype, got {a.dtype} and {b.dtype}")

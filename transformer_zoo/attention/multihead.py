@@ -27,12 +27,14 @@ from transformer_zoo._checks import (
     check_floating,
     check_key_padding_mask,
     check_nonempty,
+    check_param_dtype,
     check_positions,
     check_positive_int,
     check_probability,
     check_rank,
     check_same_device,
 )
+from transformer_zoo._scripting import refuse_scripting
 from transformer_zoo.compat import check_pair
 from transformer_zoo.positional.base import LogitBias, Place, PositionalEncoding, QKTransform
 
@@ -52,7 +54,9 @@ class MultiHeadAttention(nn.Module):
         head_dim: per-head width (defaults to d_model // n_heads).
 
     Forward (all keyword-only after x):
-        context: ``(b, m, kv_dim)`` keys/values source; None = self-attention.
+        context: ``(b, m, kv_dim)`` keys/values source; None = self-attention. Checked as x
+            is: floating, the parameters' dtype (any dtype autocast casts, under autocast),
+            x's device.
         mask: key padding mask ``(b, m)``, True = real token.
         attn_mask: boolean, True = may attend, any shape broadcastable to ``(b, h, n, m)``
             with at most 4 dims, trailing dims aligned: ``(b|1, h|1, n|1, m|1)``, ``(n, m)``,
@@ -61,6 +65,8 @@ class MultiHeadAttention(nn.Module):
         context_positions: int64 key positions (default: ``positions`` for self-attention,
             ``arange(m)`` for cross-attention).
     """
+
+    __prepare_scriptable__ = refuse_scripting  # TorchScript unsupported: raise, name export
 
     #: Positional-encoding places this kernel accepts (the compatibility table reads this).
     accepts: ClassVar[frozenset[Place]] = frozenset(Place)
@@ -178,23 +184,21 @@ class MultiHeadAttention(nn.Module):
         if width != self.d_model:
             raise ValueError(f"x: expected last dim d_model={self.d_model}, got {tuple(x.shape)}")
         check_same_device("x", x, "the parameters", self.q_proj.weight.device)
-        if x.dtype != self.q_proj.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(
-                f"x has dtype {x.dtype} but the parameters are {self.q_proj.weight.dtype}; "
-                "cast one to the other (or use torch.autocast)"
-            )
+        check_param_dtype(x, "x", self.q_proj.weight.dtype)
         self_attention = context is None
         if context is None:
             context = x
-        else:
+        else:  # the same checks as x, against kv_proj
             check_rank(context, "context", 3, "(batch, k_len, kv_dim)")
+            check_floating(context, "context")
             check_nonempty(context, "context", "(batch, k_len, kv_dim)")
-            check_same_device("context", context, "x", x.device)
             if context.shape[0] != b or context.shape[-1] != self.kv_dim:
                 raise ValueError(
                     f"context: expected (batch, k_len, kv_dim) = ({b}, *, {self.kv_dim}), "
                     f"got {tuple(context.shape)}"
                 )
+            check_same_device("context", context, "x", x.device)
+            check_param_dtype(context, "context", self.kv_proj.weight.dtype)
         m = context.shape[1]
         if mask is not None:
             check_key_padding_mask(mask, b, m)
