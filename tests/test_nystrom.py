@@ -22,10 +22,16 @@ from transformer_zoo.functional import (
     explicit_softmax_attention,
     iterative_pinv,
     nystrom_attention,
+    regularized_pinv,
 )
-from transformer_zoo.functional.nystrom import segment_ids
+from transformer_zoo.functional.nystrom import DEFAULT_PINV_RIDGE, segment_ids
 
 F64 = torch.float64
+
+
+#: (pinv_iterations, pinv_ridge): the paper's iteration, too many steps, a single step, the
+#: default ridge, the exact pinv and a strong ridge
+PINV_SETTINGS = [(6, None), (12, None), (1, None), (None, None), (None, 0.0), (None, 0.3)]
 
 
 def qkv(b: int, h: int, n: int, d: int, *, scale: float = 1.0, dtype=F64, n_k: int | None = None):
@@ -104,6 +110,142 @@ def test_rows_of_s_hat_sum_to_one():
     _, factors = nystrom_attention(q, k, v, num_landmarks=16, return_factors=True)
     rows = factors.attention_matrix().sum(-1)  # (b, h, n)
     assert (rows - 1).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("pinv_iterations,pinv_ridge", PINV_SETTINGS)
+@pytest.mark.parametrize("longest", [12, 50])  # every sample fits / one sample is approximate
+def test_exact_whatever_the_pinv_setting(pinv_iterations, pinv_ridge, longest):
+    m, lengths = 12, [longest, 12, 7, 1]  # samples of different lengths, padded
+    q, k, v = qkv(4, 2, longest, 8)
+    mask = lengths_mask(lengths, longest)
+    ref, weights = explicit_softmax_attention(q, k, v, mask=mask[:, None, None, :])
+    for factors in (False, True):
+        got = nystrom_attention(q, k, v, num_landmarks=m, key_padding_mask=mask,
+                                query_padding_mask=mask, pinv_iterations=pinv_iterations,
+                                pinv_ridge=pinv_ridge, return_factors=factors)
+        out = got[0] if factors else got
+        fits = slice(1, None) if longest > m else slice(None)
+        torch.testing.assert_close(out[fits], ref[fits], rtol=1e-12, atol=1e-12)
+        assert torch.isfinite(out).all()
+        if factors:
+            torch.testing.assert_close(got[1].attention_matrix()[fits], weights[fits],
+                                       rtol=1e-12, atol=1e-12)
+    if longest > m:
+        assert (out[0] - ref[0]).abs().max() > 1e-3  # the long sample really is approximated
+
+
+@pytest.mark.parametrize("pinv_iterations,pinv_ridge", PINV_SETTINGS)
+def test_gradients_finite_for_every_pinv_setting(pinv_iterations, pinv_ridge):
+    torch.manual_seed(0)
+    q, k, v = (t.requires_grad_() for t in qkv(4, 2, 40, 8, scale=2.0, dtype=torch.float32))
+    mask = lengths_mask([40, 25, 3, 0], 40)  # approximate, approximate, exact, no keys
+    out = nystrom_attention(q, k, v, num_landmarks=8, key_padding_mask=mask,
+                            query_padding_mask=mask, pinv_iterations=pinv_iterations,
+                            pinv_ridge=pinv_ridge)
+    assert torch.isfinite(out).all() and out[3].abs().max() == 0
+    (out * mask[:, None, :, None]).square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+    assert q.grad[:2].abs().max() > 0
+
+
+@given(st.integers(1, 24), st.integers(0, 2**16))
+def test_regularized_pinv_equals_torch_pinv_on_well_conditioned_matrices(m, seed):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(3, m, m, generator=g, dtype=F64) + 3 * m**0.5 * torch.eye(m, dtype=F64)
+    assert torch.linalg.cond(a).max() < 10  # well-conditioned
+    exact = torch.linalg.pinv(a, rtol=0.0)
+    torch.testing.assert_close(regularized_pinv(a), exact, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(regularized_pinv(a, rtol=1e-3), exact, rtol=1e-12, atol=1e-12)
+    near = regularized_pinv(a, ridge=1e-7)  # the ridge path tends to the pinv as ridge -> 0
+    torch.testing.assert_close(near, exact, rtol=1e-9, atol=1e-9)
+    assert (regularized_pinv(a, ridge=0.3) - exact).abs().max() > 1e-4  # ridge is visible
+
+
+def test_regularized_pinv_is_the_tikhonov_or_truncated_svd_filter():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(2, 6, 6, dtype=F64))
+    w, _ = torch.linalg.qr(torch.randn(2, 6, 6, dtype=F64))
+    sigma = torch.tensor([3.0, 1.0, 0.5, 0.05, 1e-3, 1e-6], dtype=F64)
+    a = u * sigma @ w.mT  # A = U Σ Wᵀ, condition number 3e6
+    lam = 0.1 * sigma[0]
+    tikhonov = w * (sigma / (sigma**2 + lam**2)) @ u.mT
+    torch.testing.assert_close(regularized_pinv(a, ridge=0.1), tikhonov, rtol=1e-9, atol=1e-9)
+    truncated = w * torch.where(sigma > 0.1 * sigma[0], 1 / sigma, 0) @ u.mT
+    torch.testing.assert_close(regularized_pinv(a, rtol=0.1), truncated, rtol=1e-9, atol=1e-9)
+    for ridge in (0.0, 0.1):  # scale-equivariant: (cA)⁺ = A⁺ / c
+        torch.testing.assert_close(regularized_pinv(1e3 * a, ridge=ridge),
+                                   regularized_pinv(a, ridge=ridge) / 1e3, rtol=1e-6, atol=1e-9)
+
+
+def test_regularized_pinv_keeps_masked_landmarks_out():
+    a = torch.randn(2, 5, 5).softmax(-1)
+    a[0, :, 3] = 0  # an empty key landmark: zero column
+    a[0, 1, :] = 0  # an empty query landmark: zero row
+    a[1] = 0  # a sample without keys
+    for options in (dict(ridge=0.1), dict(ridge=1e-3), dict(), dict(rtol=0.1)):
+        z = regularized_pinv(a, **options)
+        assert torch.isfinite(z).all() and z[1].abs().max() == 0
+        assert z[0, 3, :].abs().max() <= 1e-6 and z[0, :, 1].abs().max() <= 1e-6
+    z = regularized_pinv(a, ridge=0.1)
+    assert z[0, 3, :].abs().max() == 0 and z[0, :, 1].abs().max() == 0  # exactly, by the solve
+
+
+def test_gradcheck_ridge_pinv_fp64():
+    a = (torch.randn(2, 5, 5, dtype=F64) * 2).softmax(-1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: regularized_pinv(a, ridge=0.1), (a,),
+                                    fast_mode=True)
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 11, 4, scale=0.7))
+    mask = lengths_mask([11, 8], 11)
+
+    def fn(q, k, v):
+        return nystrom_attention(q, k, v, num_landmarks=3, key_padding_mask=mask,
+                                 query_padding_mask=mask, pinv_iterations=None)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_ridge_beats_the_exact_pinv_on_an_ill_conditioned_kernel_2():
+    # Peaky attention with segment means of 8 tokens: softmax(Q̃K̃ᵀ/√d) is close to a matrix of
+    # low rank (condition number ~1e3-1e4), and its exact pinv amplifies the mismatch of
+    # kernel_1 and kernel_3 along the small singular directions (error > 1: worse than zero).
+    torch.manual_seed(0)
+    q, k, v = qkv(1, 4, 512, 64, scale=2.0)
+    ref, _ = explicit_softmax_attention(q, k, v)
+
+    def error(**options):
+        out = nystrom_attention(q, k, v, num_landmarks=64, **options)
+        return float((out - ref).norm() / ref.norm())
+
+    exact = error(pinv_iterations=None, pinv_ridge=0.0)
+    ridge = error(pinv_iterations=None)
+    assert exact > 3 and ridge < 1.1 and ridge < error(pinv_iterations=12)
+
+
+def test_pinv_options_are_validated():
+    with pytest.raises(ValueError, match="pinv_iterations=None"):
+        nystrom_attention(*qkv(1, 1, 20, 4), num_landmarks=4, pinv_ridge=0.1)
+    with pytest.raises(ValueError, match="pinv_iterations=None"):
+        NystromAttention(16, 2, pinv_iterations=6, pinv_ridge=0.1)
+    with pytest.raises(ValueError, match="pinv_ridge"):
+        NystromAttention(16, 2, pinv_iterations=None, pinv_ridge=-0.1)
+    with pytest.raises(TypeError, match="pinv_ridge"):
+        NystromAttention(16, 2, pinv_iterations=None, pinv_ridge="0.1")
+    with pytest.raises(ValueError, match="ridge or rtol"):
+        regularized_pinv(torch.eye(3), ridge=0.1, rtol=0.1)
+    with pytest.raises(ValueError, match="rtol"):
+        regularized_pinv(torch.eye(3), rtol=1.5)
+    model = NystromAttention(16, 2, pinv_iterations=None)
+    assert model.pinv_ridge is None and "pinv_ridge=None" in repr(model)
+    assert DEFAULT_PINV_RIDGE == 0.1
+    from transformer_zoo.interop.hf_kernels import NystromKernel
+
+    inner = NystromKernel(pinv_iterations=None, pinv_ridge=0.3).build(None, 2, 8)
+    assert inner.pinv_iterations is None and inner.pinv_ridge == 0.3
+    x = torch.randn(1, 30, 16)
+    ridged = NystromAttention(16, 2, num_landmarks=4, pinv_iterations=None).eval()
+    exact = NystromAttention(16, 2, num_landmarks=4, pinv_iterations=None, pinv_ridge=0.0).eval()
+    exact.load_state_dict(ridged.state_dict())
+    assert not torch.allclose(ridged(x), exact(x))  # the module passes pinv_ridge on
 
 
 # -- independence and invariance ------------------------------------------------------------
