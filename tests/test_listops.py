@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -205,16 +206,89 @@ def test_variants_are_objects_with_and_without_rdrop() -> None:
     assert len(variants) % 2 == 0 and all(callable(v.attention) for v in variants)
 
 
+def render_terminal(text: str) -> list[str]:
+    """The screen a terminal shows after ``text``: ``\\r``, ``\\n`` and cursor-up (``ESC[nA``)
+    move the cursor, other characters overwrite the cell under it. Enough for tqdm's output."""
+    screen: list[list[str]] = [[]]
+    row = col = 0
+    for token in re.findall(r"\x1b\[(\d*)A|(\r)|(\n)|([^\r\n\x1b])", text):
+        up, cr, lf, char = token
+        if cr:
+            col = 0
+        elif lf:
+            row, col = row + 1, 0
+        elif char:
+            line = screen[row]
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = char
+            col += 1
+        else:
+            row = max(0, row - int(up or 1))
+        while len(screen) <= row:
+            screen.append([])
+    return ["".join(line).rstrip() for line in screen]
+
+
+def test_terminal_renderer() -> None:
+    assert render_terminal("ab\rc\nxy\x1b[Az\n\n") == ["cbz", "xy", ""]
+
+
+def test_run_bars_draw_one_line_per_run_and_close_before_the_table(monkeypatch) -> None:
+    import io
+
+    from benchmarks.listops.progress import RunBars
+
+    stream = io.StringIO()
+    names = ["softmax", "softmax+rdrop", "nystrom-16"]
+    with RunBars(names, [5, 5, 5], file=stream) as bars:
+        report = [bars.reporter(i) for i in range(3)]
+        report[1](0, "training")
+        report[2](0, "training")
+        for done in range(1, 6):  # run 2 finishes first, then 1, then 0 starts and finishes
+            report[2](done, "loss=2.1")
+        report[2](5, "test acc 0.300")
+        for done in range(1, 6):
+            report[1](done, "")
+        report[0](0, "training")
+        report[0](3, "")
+        report[0](3, "")  # a repeated report changes nothing
+        report[0](5, "test acc 0.250")
+        clock = bars.bars[2].format_dict["elapsed"]
+        monkeypatch.setattr(bars.bars[2], "_time", lambda: 1e12)  # tqdm's clock, much later
+        assert bars.bars[2].format_dict["elapsed"] == clock  # a finished run's clock stopped
+        monkeypatch.undo()
+    stream.write("| table |\n|---|\n")
+    screen = [line for line in render_terminal(stream.getvalue()) if line]
+    assert len(screen) == 5, screen
+    for name, line in zip(names, screen, strict=False):
+        assert line.startswith(name.ljust(13) + ":") and "100%" in line and "5/5" in line
+    assert "test acc 0.250" in screen[0] and "test acc 0.300" in screen[2]
+    assert screen[3:] == ["| table |", "|---|"]
+
+    quiet = io.StringIO()
+    with RunBars(names, [5, 5, 5], enabled=False, file=quiet) as bars:
+        bars.update(0, 5, "done")
+    assert quiet.getvalue() == ""
+
+
 @pytest.mark.slow
 def test_smoke_run_writes_results(tmp_path: Path) -> None:
+    """The whole job in its worker processes: results written, and what a terminal shows is
+    the header, one finished bar per run and then the table, intact (all on one stream)."""
+    import os
+
+    from benchmarks.listops.report import markdown_table
+
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.listops", "--smoke", "--quiet", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.listops", "--smoke", "--out", str(tmp_path)],
         cwd=ROOT,
-        capture_output=True,
-        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # bars (stderr) and table (stdout) in the order written
         timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout.decode()  # not text=True: universal newlines would turn \r into \n
+    assert proc.returncode == 0, output[-3000:]
     result = json.loads((tmp_path / "listops.json").read_text())
     assert (tmp_path / "listops.png").stat().st_size > 0
     table = (tmp_path / "listops.md").read_text()
@@ -223,8 +297,17 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
     for run in result["runs"]:
         assert 0.0 <= run["test_accuracy"] <= 1.0
         assert run["steps_per_second"] > 0
-        assert run["variant"] in table and run["variant"] in proc.stdout
+        assert run["variant"] in table
     assert "majority class" in table
+
+    screen = [line for line in render_terminal(output) if line]
+    assert screen[0].startswith("ListOps smoke:")
+    bars = screen[1 : 1 + len(names)]
+    for name, line in zip(names, bars, strict=True):  # one line per run, in order, finished
+        assert line.split(":")[0].strip() == name and "100%" in line and "test acc" in line
+    rows = markdown_table(result).splitlines()
+    assert screen[1 + len(names) : 1 + len(names) + len(rows)] == rows  # the table, intact
+    assert len(screen) == 2 + len(names) + len(rows)  # and then only the closing line
 
 
 def test_variants_cover_every_attention_with_and_without_rdrop() -> None:

@@ -21,8 +21,9 @@ import torch
 
 from .data import LRA_CONFIG, ListOpsConfig, Split, majority_baseline, make_splits
 from .model import ModelConfig
+from .progress import RunBars
 from .report import markdown_table, write_all
-from .train import TrainConfig, run_in_processes, train_variant
+from .train import TrainConfig, run_in_processes, run_units, train_variant
 from .variants import build_variants
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -170,22 +171,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"ListOps {mode}: {len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])} "
         f"expressions, mean test length {data['mean_length']['test']:.0f} tokens, "
-        f"ready in {time.perf_counter() - begin:.1f} s"
+        f"ready in {time.perf_counter() - begin:.1f} s",
+        flush=True,  # before the bars, which go to stderr
     )
     model_cfg = ModelConfig()
     variants = build_variants(full=args.full, rdrop_alpha=args.rdrop_alpha)
-    calls = [
-        ((v, splits, model_cfg, train_cfg), {"progress": not args.quiet, "position": i})
-        for i, v in enumerate(variants)
-    ]
-    if args.no_isolate:
-        runs = [train_variant(*a, **kw) for a, kw in calls]
-    else:
-        jobs = 1 if args.device.startswith("cuda") else max(1, args.jobs)
-        # R-Drop runs cost about twice as much: start them first so the workers finish together
-        order = sorted(range(len(calls)), key=lambda i: -variants[i].rdrop_alpha)
-        done = run_in_processes(train_variant, [calls[i] for i in order], jobs=jobs)
-        runs = [run for _, run in sorted(zip(order, done, strict=True))]
+    call_args = [(v, splits, model_cfg, train_cfg) for v in variants]
+    units = run_units(splits, train_cfg)
+    # one bar per run, all drawn here (workers only report), all closed before the table
+    with RunBars([v.name for v in variants], [units] * len(variants),
+                 enabled=not args.quiet) as bars:
+        if args.no_isolate:
+            runs = [train_variant(*a, progress=bars.reporter(i)) for i, a in enumerate(call_args)]
+        else:
+            jobs = 1 if args.device.startswith("cuda") else max(1, args.jobs)
+            # R-Drop runs cost about twice as much: start them first so the workers finish
+            # together
+            order = sorted(range(len(variants)), key=lambda i: -variants[i].rdrop_alpha)
+            done = run_in_processes(
+                train_variant, [(call_args[i], {}) for i in order], jobs=jobs,
+                progress=None if args.quiet else lambda j, n, note: bars.update(order[j], n, note),
+            )
+            runs = [run for _, run in sorted(zip(order, done, strict=True))]
     result = {
         "benchmark": "listops",
         "mode": mode,

@@ -11,10 +11,12 @@ import copy
 import math
 import multiprocessing
 import resource
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from .data import PAD_ID, Split
 from .model import ListOpsClassifier, ModelConfig
+from .progress import Progress
 from .variants import Variant, rdrop_loss
 
 
@@ -75,14 +78,34 @@ def _batch(split: Split, index: Tensor, device: str) -> tuple[Tensor, Tensor, Te
     return tokens, tokens != PAD_ID, split.labels[index].to(device)
 
 
+def eval_batches(split: Split, batch_size: int) -> int:
+    """How many batches ``accuracy`` runs over ``split``."""
+    return -(-len(split) // batch_size)
+
+
+def run_units(splits: dict[str, Split], cfg: TrainConfig) -> int:
+    """The units of work ``train_variant`` reports: training steps, then evaluation batches."""
+    return cfg.steps + sum(eval_batches(splits[s], cfg.eval_batch_size) for s in ("valid", "test"))
+
+
 @torch.no_grad()
-def accuracy(model: ListOpsClassifier, split: Split, *, batch_size: int, device: str) -> float:
+def accuracy(
+    model: ListOpsClassifier,
+    split: Split,
+    *,
+    batch_size: int,
+    device: str,
+    tick: Callable[[], None] | None = None,
+) -> float:
+    """Accuracy over ``split``; ``tick()`` after each batch."""
     model.eval()
     order = torch.argsort(split.lengths)  # similar lengths together: less padding
     correct = 0
     for start in range(0, len(split), batch_size):
         tokens, mask, labels = _batch(split, order[start : start + batch_size], device)
         correct += int((model(tokens, mask).argmax(-1) == labels).sum())
+        if tick is not None:
+            tick()
     return correct / len(split)
 
 
@@ -104,12 +127,15 @@ def train_variant(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     *,
-    progress: bool = True,
-    position: int = 0,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Train ``variant`` for ``train_cfg.steps`` steps; return its metrics as a dict."""
-    from tqdm.auto import tqdm
+    """Train ``variant`` for ``train_cfg.steps`` steps; return its metrics as a dict.
 
+    ``progress(done, note)``, when given, hears of every finished unit of work
+    (``run_units``: the training steps, then the evaluation batches). This function draws
+    nothing itself: the caller owns the bars (``progress.RunBars``).
+    """
+    report: Progress = progress or (lambda done, note: None)
     torch.set_num_threads(train_cfg.threads)
     torch.manual_seed(train_cfg.seed)
     device = train_cfg.device
@@ -129,10 +155,10 @@ def train_variant(
 
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(train_cfg.steps), desc=variant.name, disable=not progress, position=position)
+    report(0, "training")
     start, cpu_start = time.perf_counter(), time.process_time()
     batches = bucketed_batches(train.lengths, train_cfg.batch_size, gen)
-    for _ in bar:
+    for step in range(1, train_cfg.steps + 1):
         index = next(batches)
         tokens, mask, labels = _batch(train, index, device)
         if variant.rdrop_alpha > 0:  # both dropout passes in one forward: duplicate the batch
@@ -147,13 +173,11 @@ def train_variant(
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
-        if len(losses) % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.3f}")
+        report(step, f"loss={sum(losses[-20:]) / len(losses[-20:]):.3f}" if step % 20 == 0 else "")
     if cuda:
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start  # all threads: robust to a busy machine
-    bar.close()
 
     if cuda:
         peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
@@ -162,6 +186,18 @@ def train_variant(
         peak_mb = _peak_rss_mb() - rss_before
         memory_kind = "cpu peak RSS growth"
     tail = losses[-max(1, len(losses) // 10) :]
+    done = train_cfg.steps
+    report(done, "evaluating")
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        report(done, "")
+
+    evaluate = partial(accuracy, model, batch_size=train_cfg.eval_batch_size, device=device,
+                       tick=tick)
+    valid_accuracy, test_accuracy = evaluate(splits["valid"]), evaluate(splits["test"])
+    report(done, f"test acc {test_accuracy:.3f}")
     return {
         "variant": variant.name,
         "attention": getattr(variant.attention, "func", variant.attention).__name__,
@@ -173,12 +209,8 @@ def train_variant(
         "steps_per_second": train_cfg.steps / train_seconds,
         "train_cpu_seconds": cpu_seconds,
         "final_train_loss": sum(tail) / len(tail),
-        "valid_accuracy": accuracy(
-            model, splits["valid"], batch_size=train_cfg.eval_batch_size, device=device
-        ),
-        "test_accuracy": accuracy(
-            model, splits["test"], batch_size=train_cfg.eval_batch_size, device=device
-        ),
+        "valid_accuracy": valid_accuracy,
+        "test_accuracy": test_accuracy,
         "peak_memory_mb": peak_mb,
         "memory_kind": memory_kind,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -186,12 +218,62 @@ def train_variant(
     }
 
 
+_QUEUE: Any = None  # in a worker process: where its calls' progress reports go
+
+
+def _set_queue(queue: Any) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def _send(index: int, done: int, note: str) -> None:
+    _QUEUE.put((index, done, note))
+
+
+def _call_reporting(index: int, fn: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+    return fn(*args, progress=partial(_send, index), **kwargs)
+
+
 def run_in_processes(
-    fn: Callable[..., Any], calls: list[tuple[tuple[Any, ...], dict[str, Any]]], *, jobs: int
+    fn: Callable[..., Any],
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    *,
+    jobs: int,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> list[Any]:
     """``[fn(*args, **kwargs) for args, kwargs in calls]``, ``jobs`` calls at a time, each in a
-    fresh spawned process so that its peak memory is its own; results in ``calls`` order."""
+    fresh spawned process so that its peak memory is its own; results in ``calls`` order.
+
+    With ``progress``, call ``i`` gets ``progress=`` a ``Progress`` whose reports travel by a
+    queue to this process, where a thread hands them to ``progress(i, done, note)``; every
+    report has been handed over when this returns. The workers draw nothing.
+    """
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(fn, *args, **kwargs) for args, kwargs in calls]
-        return [f.result() for f in futures]
+    queue = context.Queue() if progress is not None else None
+    listener = None
+    if progress is not None:
+
+        def listen() -> None:
+            for message in iter(queue.get, None):
+                progress(*message)
+
+        listener = threading.Thread(target=listen, name="listops-progress", daemon=True)
+        listener.start()
+    try:
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=context, max_tasks_per_child=1,
+            initializer=_set_queue, initargs=(queue,),
+        ) as pool:
+            futures = [
+                pool.submit(fn, *args, **kwargs) if queue is None
+                else pool.submit(_call_reporting, i, fn, args, kwargs)
+                for i, (args, kwargs) in enumerate(calls)
+            ]
+            results = [f.result() for f in futures]
+        # the pool has joined its workers, which flushed their queue on exit: None comes last
+    finally:
+        if listener is not None:
+            queue.put(None)
+            listener.join()
+    return results
