@@ -1,5 +1,6 @@
 """BERT-whitening: exact whitening on the fitted set, truncation, streaming, invariances."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -64,10 +65,89 @@ def test_partial_fit_over_chunks_equals_fit(chunks: list[int], seed: int) -> Non
 def test_row_by_row_streaming_recurrence() -> None:
     x = correlated(30, 4, 3)
     w = Whitening()
-    for row in x:  # one row at a time: the post's recurrence exactly
+    for row in x:  # one row at a time: Welford's update
         w.partial_fit(row[None].float())
     torch.testing.assert_close(w.running_cov, torch.cov(x.float().double().T, correction=0))
     torch.testing.assert_close(w(x.float()), Whitening().fit(x.float())(x.float()))
+
+
+def unit_spread(n: int, d: int, offset: float, seed: int) -> torch.Tensor:
+    """fp64 data with mean ``offset`` in every coordinate and singular values of the mixing in
+    [0.5, 2]: the spread is ~1 whatever the offset."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    scales = 0.5 + 1.5 * torch.rand(d, generator=g, dtype=torch.float64)
+    return offset + torch.randn(n, d, generator=g, dtype=torch.float64) @ (u * scales)
+
+
+def numpy_whitening(x: np.ndarray) -> np.ndarray:
+    """The numpy recipe of the BERT-whitening post: np.cov, then SVD."""
+    u, s, _ = np.linalg.svd(np.cov(x.T))
+    return (x - x.mean(0, keepdims=True)) @ (u / np.sqrt(s))
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e2, 1e4, 1e5, 1e6])
+def test_fp64_data_far_from_zero_is_whitened_to_fp64_accuracy(offset: float) -> None:
+    """A mean of 1e6 against unit spread: fit, partial_fit in chunks and row by row all give
+    cov(y) = I to ≤ 1e-9 and agree with np.cov + SVD; fp64 data keeps fp64 buffers. (The
+    uncentred E[xxᵀ] − μμᵀ gave 6e-5 at 1e5 and 3e-3 at 1e6, with fp32 buffers.)"""
+    n, d = 300, 6
+    x = unit_spread(n, d, offset, seed=int(offset) % 97)
+    eye = torch.eye(d, dtype=torch.float64)
+    whole = Whitening().fit(x)  # no .double(): fp64 data alone gives fp64 buffers
+    assert whole.kernel.dtype == whole.bias.dtype == torch.float64
+    y = whole(x)
+    assert y.dtype == torch.float64
+    assert (torch.cov(y.T) - eye).abs().max().item() <= 1e-12
+    assert y.mean(0).abs().max().item() <= 1e-9
+    ref = torch.from_numpy(numpy_whitening(x.numpy()))  # signs are a convention: compare |y|
+    shift_tol = 1e-13 + 2e-15 * offset  # y differs by the two means' rounding, ~ulp(offset)
+    assert (y.abs() - ref.abs()).abs().max().item() <= shift_tol
+    chunked, rows = Whitening(), Whitening()
+    for part in x.split([1, 50, 7, 142, 100]):
+        chunked.partial_fit(part)
+    for row in x:
+        rows.partial_fit(row[None])
+    for streamed in (chunked, rows):
+        assert (torch.cov(streamed(x).T) - eye).abs().max().item() <= 1e-9
+        torch.testing.assert_close(streamed.running_mean, whole.running_mean, rtol=0,
+                                   atol=shift_tol)
+        torch.testing.assert_close(streamed.running_cov, whole.running_cov, rtol=0, atol=1e-10)
+        torch.testing.assert_close(streamed.kernel, whole.kernel, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4, 1e6])
+def test_fp32_data_far_from_zero_stays_fp32(offset: float) -> None:
+    """fp32 data gives fp32 buffers and outputs, white to fp32 rounding at any offset."""
+    x = unit_spread(500, 6, offset, seed=1).float()
+    w = Whitening().fit(x)
+    y = w(x)
+    assert w.kernel.dtype == w.bias.dtype == y.dtype == torch.float32
+    assert (torch.cov(y.double().T) - torch.eye(6, dtype=torch.float64)).abs().max() <= 1e-6
+
+
+def test_fp64_checkpoint_keeps_its_precision_and_old_checkpoints_load() -> None:
+    """A fresh module (fp32 buffers) takes an fp64 checkpoint without rounding it; a checkpoint
+    in the earlier layout (fp32 kernel and bias, fp64 statistics: the same five buffers)
+    loads and resumes streaming."""
+    x = unit_spread(200, 5, 1e5, seed=2)
+    w = Whitening(n_components=3).fit(x)
+    fresh = Whitening(n_components=3)
+    fresh.load_state_dict(w.state_dict())
+    assert fresh.kernel.dtype == torch.float64
+    torch.testing.assert_close(fresh(x), w(x), rtol=0, atol=0)
+    x = unit_spread(200, 5, 3.0, seed=2)
+    w = Whitening(n_components=3).fit(x)
+    old = {k: v.float() if k in ("kernel", "bias") else v for k, v in w.state_dict().items()}
+    legacy = Whitening(n_components=3)
+    legacy.load_state_dict(old)
+    assert legacy.kernel.dtype == torch.float32
+    torch.testing.assert_close(legacy(x.float()), w(x).float())
+    more = unit_spread(50, 5, 3.0, seed=3)
+    legacy.partial_fit(more)  # fp64 data: kernel and bias widen to fp64
+    refit = Whitening(n_components=3).fit(torch.cat([x, more]))
+    assert legacy.kernel.dtype == torch.float64
+    torch.testing.assert_close(legacy.kernel, refit.kernel)
 
 
 @given(st.integers(2, 6), st.integers(0, 999))
