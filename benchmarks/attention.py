@@ -21,7 +21,9 @@ blocks (``benchmarks/memory.py`` documents and justifies the method).
 
 Error hook: a contenders module may define ``errors(n) -> dict[str, float]`` (relative error
 against exact softmax attention); the harness prints those in a separate table.
-Results go to ``--out`` (JSON) and the same path with ``.png`` (time and memory vs length).
+Results: ``benchmarks/runs/attention.json`` (untracked), or ``--out``, with the ``.md`` table
+and the ``.png`` plot (time and memory vs length) beside it; ``--update-results`` refreshes the
+committed ``benchmarks/results/attention.*`` instead.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -57,6 +58,7 @@ from benchmarks.common import (
     Step,
 )
 from benchmarks.memory import fwd_bwd, measure_memory
+from benchmarks.outputs import add_output_options, output_path
 
 #: The contender modules, by explicit name; the last two are optional.
 MODULES = (
@@ -64,7 +66,7 @@ MODULES = (
     "benchmarks.contenders_performer",
     "benchmarks.contenders_nystrom",
 )
-DEFAULT_OUT = Path("benchmarks/results/attention.json")
+OUTPUT = "attention.json"
 
 
 def load_modules() -> list[ModuleType]:
@@ -139,7 +141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "spent this long in timed steps at a length")
     p.add_argument("--contenders", nargs="+", metavar="NAME",
                    help="only these contenders (default: all found)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON path; PNG beside it")
+    add_output_options(p, OUTPUT)  # the JSON; the .md and .png go beside it
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds for one memory subprocess; a contender that fails or times "
@@ -165,6 +167,7 @@ def _cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    out = output_path(args, OUTPUT)  # before any work: a refused --out fails at once
     if args.threads:
         torch.set_num_threads(args.threads)
     from tqdm import tqdm
@@ -256,11 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
         "errors": {str(n): per for n, per in errors.items()},
         "total_seconds": time.perf_counter() - started,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown_report(report, tables, error_table))
-    plot(results, args.out.with_suffix(".png"), threads)
-    print(f"wrote {args.out} and the .md and .png beside it ({report['total_seconds']:.0f} s)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown_report(report, tables, error_table))
+    plot(results, out.with_suffix(".png"), threads)
+    print(f"wrote {out} and the .md and .png beside it ({report['total_seconds']:.0f} s)")
     return report
 
 

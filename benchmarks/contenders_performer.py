@@ -6,7 +6,9 @@ and inputs for one sequence length and returns ``step``; the harness times
 softmax attention on ``error_inputs(n)`` at equal m (bidirectional and causal).
 
 ``python -m benchmarks.contenders_performer --lengths 1024 8192 --errors 1024`` prints a quick
-round-robin side-by-side; the full harness (time, peak memory, plots) is
+round-robin side-by-side and writes the error table to ``benchmarks/runs/performer_errors.md``
+(untracked; ``--out`` elsewhere, ``--update-results`` refreshes the committed
+``benchmarks/results/performer_errors.md``); the full harness (time, peak memory, plots) is
 ``python -m benchmarks.attention``.
 """
 
@@ -16,7 +18,6 @@ import argparse
 import contextlib
 import io
 import time
-from pathlib import Path
 
 import torch
 
@@ -30,10 +31,12 @@ from benchmarks.common import (
     error_inputs,
     relative_error,
 )
+from benchmarks.outputs import add_output_options, output_path
 from transformer_zoo import OptimalPositiveFeatures, PerformerAttention
 from transformer_zoo.functional import draw_projection, favor_attention, softmax_attention
 
 NB_FEATURES = 256
+OUTPUT = "performer_errors.md"
 
 try:  # peers are optional
     import performer_pytorch
@@ -170,7 +173,7 @@ def errors_markdown(errors: dict[str, float], n: int) -> str:
     """``errors(n)`` pivoted: one row per input setting, one column per estimator."""
     tags = [k[len("mean of V"):] for k in errors if k.startswith("mean of V")]
     lines = [
-        "<!-- Written by `python -m benchmarks.contenders_performer --errors-out ...`; "
+        "<!-- Written by `python -m benchmarks.contenders_performer --errors N`; "
         "do not edit by hand. -->",
         f"Relative error vs exact softmax (fp64), n = {n}, {HEADS} heads × {HEAD_DIM}, "
         f"{NB_FEATURES} features, mean of 2 draws of W (performer-pytorch gets ours).",
@@ -185,15 +188,20 @@ def errors_markdown(errors: dict[str, float], n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:  # pragma: no cover - manual tool
-    parser = argparse.ArgumentParser(description=__doc__)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", default=[], help="exact contender names")
     parser.add_argument("--errors", type=int, default=0, help="also print errors at this n")
-    parser.add_argument("--errors-out", type=Path, default=None,
-                        help="write the pivoted error table (Markdown) here")
-    args = parser.parse_args()
+    add_output_options(parser, OUTPUT)  # the pivoted error table (Markdown), with --errors
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:  # pragma: no cover - manual tool
+    args = parse_args(argv)
+    out = output_path(args, OUTPUT)
     torch.manual_seed(0)
     factories = {k: f for k, f in contenders().items() if not args.only or k in args.only}
     for n in args.lengths:  # round robin: a burst of load hits every contender alike
@@ -210,8 +218,9 @@ def main() -> None:  # pragma: no cover - manual tool
         found = errors(args.errors)
         for name, err in found.items():
             print(f"error n={args.errors} {name:55s} {err:.4f}")
-        if args.errors_out is not None:
-            args.errors_out.write_text(errors_markdown(found, args.errors))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(errors_markdown(found, args.errors))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

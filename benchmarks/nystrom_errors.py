@@ -1,12 +1,14 @@
 """Nyström error vs landmark count: ours, ours with an exact pinv, nystrom-attention.
 
-    python -m benchmarks.nystrom_errors [--n 1024] [--out benchmarks/results/nystrom_errors.json]
+    python -m benchmarks.nystrom_errors [--n 1024] [--out PATH.json | --update-results]
 
 Relative error ‖Ŝ V − softmax(QKᵀ/√d) V‖_F / ‖softmax(QKᵀ/√d) V‖_F at d = 64, 8 heads, two
 input families: "gaussian" (``common.error_inputs``: i.i.d. N(0, 1) q, k, v, no structure for
 landmarks to exploit) and "smooth" (q, k are normalised random walks along the sequence, so
 neighbouring tokens are alike and a segment mean represents its segment). Writes the JSON, a
-Markdown table and a PNG next to it; ``--report-only`` re-renders the last two from the JSON.
+Markdown table and a PNG next to it, into ``benchmarks/runs/`` (untracked) or ``--out``;
+``--update-results`` refreshes the committed ``benchmarks/results/nystrom_errors.*`` instead.
+``--report-only`` re-renders the table and PNG from the committed JSON (or the one given).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 
 from benchmarks import contenders_nystrom as cn
 from benchmarks.common import HEAD_DIM, HEADS
+from benchmarks.outputs import RESULTS, add_output_options, output_path
 
+OUTPUT = "nystrom_errors.json"
 LANDMARKS = [4, 8, 16, 32, 64, 128, 256, 512]
 
 
@@ -48,15 +52,22 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/nystrom_errors.json"))
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render the Markdown table and PNG from --out (no computing)")
-    args = parser.parse_args()
+    add_output_options(parser, OUTPUT)  # the JSON; the .md and .png go beside it
+    parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
+                        metavar="JSON", help="re-render the Markdown table and PNG from a JSON "
+                        "(default: the committed one) into the output location (no computing)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = output_path(args, OUTPUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        report(json.loads(args.out.read_text()), args.out)
+        report(json.loads(args.report_only.read_text()), out)
         return
     torch.set_num_threads(2)
     landmarks = [m for m in LANDMARKS if m <= args.n]
@@ -68,9 +79,8 @@ def main() -> None:
         results["smooth"] = cn.landmark_sweep(args.n, landmarks)
     finally:
         cn.error_inputs = original
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    report(results, args.out)
+    out.write_text(json.dumps(results, indent=2))
+    report(results, out)
 
 
 def report(results: dict, out: Path) -> None:

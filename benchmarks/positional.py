@@ -18,8 +18,10 @@ per-key (b·h, 1, m) form, listed for reference).
 
 Timing: each comparison group runs in a fresh process (no group inherits another's allocator
 state); its contenders alternate within each round; we report the minimum and the median over
-rounds (ms). Compare ratios within one run only. Results: a table on stdout and
-``benchmarks/results/positional.json``.
+rounds (ms). Compare ratios within one run only. Results: a table on stdout, and
+``positional.json`` with its Markdown tables ``positional_rope.md`` and ``positional_bias.md``
+in ``benchmarks/runs/`` (untracked; ``--quick``: ``positional-quick*``), or ``--out``;
+``--update-results`` refreshes the committed ``benchmarks/results/positional*`` instead.
 
 Run: ``python -m benchmarks.positional [--quick]``.
 """
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from benchmarks.outputs import RESULTS, add_output_options, output_path
 from transformer_zoo import (
     ALiBi,
     RotaryEmbedding,
@@ -46,7 +49,7 @@ from transformer_zoo import (
     T5RelativeBias,
 )
 
-RESULTS = Path(__file__).parent / "results"
+OUTPUT, QUICK_OUTPUT = "positional.json", "positional-quick.json"
 HEADS, HEAD_DIM = 8, 64
 
 
@@ -258,7 +261,7 @@ def write_markdown(path: Path, rows: list[dict], meta: dict) -> None:
         out.write_text(markdown(rows, meta, block))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=8192, help="RoPE sequence length")
     parser.add_argument("--bias-seq", type=int, default=2048, help="bias builders' length")
@@ -269,13 +272,24 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true",
                         help="run every group in this process (default: a fresh process each, "
                         "so no group inherits another's allocator state)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render the Markdown tables from results/positional.json")
-    args = parser.parse_args()
+    parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
+                        metavar="JSON", help="re-render the Markdown tables from a JSON (default: "
+                        "the committed one) into the output location (no computing)")
+    add_output_options(parser, f"{OUTPUT} (--quick: {QUICK_OUTPUT})", committed=OUTPUT)
+    args = parser.parse_args(argv)
+    if args.update_results and args.quick:
+        parser.error("--update-results: --quick runs are not committed results")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    path = output_path(args, QUICK_OUTPUT if args.quick else OUTPUT, committed=OUTPUT)
+    path.parent.mkdir(parents=True, exist_ok=True)
     if args.report_only:
-        path = RESULTS / "positional.json"
-        saved = json.loads(path.read_text())
+        saved = json.loads(args.report_only.read_text())
         write_markdown(path, saved["rows"], saved["meta"])
+        print(f"wrote the Markdown tables beside {path}")
         return
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -289,10 +303,10 @@ def main() -> None:
                 rows += pool.apply(run_group, (group, args))
     add_ratios(rows)
     print(table(rows))
-    RESULTS.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(),
-                machine=platform.machine(), processor=platform.processor(), args=vars(args))
-    path = RESULTS / ("positional-quick.json" if args.quick else "positional.json")
+                machine=platform.machine(), processor=platform.processor(),
+                args={k: v for k, v in vars(args).items()
+                      if k not in ("out", "update_results", "report_only")})
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     write_markdown(path, rows, meta)
     print(f"saved {path} and its Markdown tables")

@@ -6,8 +6,10 @@ backward of both ways on the library ``Encoder`` in training mode, interleaved, 
 the median ratio (compare ratios within one run, never absolute times across runs).
 
 Run: ``python -m benchmarks.rdrop_two_pass`` (about a minute on 2 busy CPU cores); writes
-``benchmarks/results/rdrop_two_pass.json`` and the Markdown table ``rdrop_two_pass.md`` beside
-it; ``--report-only`` re-renders the table from the JSON without computing.
+``rdrop_two_pass.json`` and the Markdown table ``rdrop_two_pass.md`` beside it into
+``benchmarks/runs/`` (untracked), or ``--out``; ``--update-results`` refreshes the committed
+``benchmarks/results/rdrop_two_pass.*`` instead. ``--report-only`` re-renders the table from the
+committed JSON (or the one given) without computing.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.outputs import RESULTS, add_output_options, output_path
 from transformer_zoo import Encoder, EncoderConfig
 from transformer_zoo.functional import symmetric_kl
 from transformer_zoo.regularizers import two_pass_forward
 
-RESULTS = Path(__file__).parent / "results" / "rdrop_two_pass.json"
+OUTPUT = "rdrop_two_pass.json"
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, doubled: bool) -> float:
@@ -81,33 +84,44 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(results: list[dict], *, path: Path = RESULTS) -> None:
+def write_markdown(results: list[dict], *, path: Path) -> None:
     """``rdrop_two_pass.md`` beside the JSON ``path``."""
     path.with_suffix(".md").write_text(markdown(results))
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render the Markdown table from the JSON (no computing)")
-    if parser.parse_args(argv).report_only:
-        results = json.loads(RESULTS.read_text())
-        write_markdown(results)
+    parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
+                        metavar="JSON", help="re-render the Markdown table from a JSON (default: "
+                        "the committed one) into the output location (no computing)")
+    add_output_options(parser, OUTPUT)  # the JSON; the .md goes beside it
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    out = output_path(args, OUTPUT)
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_markdown(results, path=out)
         return results
-    return measure_all()
+    return measure_all(out)
 
 
-def measure_all() -> list[dict]:
-    """Measure with one thread, then with the default thread count; write JSON and table."""
+def measure_all(out: Path) -> list[dict]:
+    """Measure with one thread, then with the default thread count; write the JSON ``out``
+    and the table beside it."""
     threads = torch.get_num_threads()
     results = []
     for n in sorted({1, threads}):
         torch.set_num_threads(n)
         results.append(measure())
     torch.set_num_threads(threads)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_markdown(results, path=out)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return results
 
 

@@ -1,8 +1,12 @@
-"""Measure reliability counts and error bounds, and write docs/reliability.md from them.
+"""Measure reliability counts and error bounds: the generated section of docs/reliability.md.
 
     python -m benchmarks.reliability_table              # everything (~3-5 min on 2 cores)
     python -m benchmarks.reliability_table --no-dist    # skip the 2-process DDP/FSDP2 run
-    python -m benchmarks.reliability_table --print      # print instead of writing the file
+    python -m benchmarks.reliability_table --print      # print instead of writing a file
+    python -m benchmarks.reliability_table --update-results  # rewrite docs/reliability.md
+
+By default the section goes to ``benchmarks/runs/reliability_table.md`` (untracked), or
+``--out``; only ``--update-results`` rewrites the committed page's section.
 
 Uses the same case tables and measurement helpers as tests/test_reliability_*.py, so the
 numbers in the docs are what the tests check (the tests assert bounds ~2.5x above these).
@@ -20,6 +24,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
+from benchmarks.outputs import RUNS, is_committed_location
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -265,14 +271,39 @@ def render(cov, frames, dist, pr, n_round_trips, fz, n_bad, seconds) -> str:
 
 
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
+PAGE = ROOT / "docs" / "reliability.md"  # committed; rewritten only with --update-results
+DEFAULT_OUT = RUNS / "reliability_table.md"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def output_file(args: argparse.Namespace) -> Path:
+    """The committed page with ``--update-results``, else ``--out``, else ``DEFAULT_OUT``."""
+    if args.update_results:
+        return PAGE
+    out = DEFAULT_OUT if args.out is None else args.out
+    if out.resolve() == PAGE.resolve() or is_committed_location(out):
+        raise SystemExit(f"--out {out}: a committed file; pass --update-results to refresh it")
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-dist", action="store_true")
     parser.add_argument("--print", action="store_true")
     parser.add_argument("--fuzz", type=int, default=300)
-    args = parser.parse_args()
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None,
+                       help="where to write the section (default: "
+                       "benchmarks/runs/reliability_table.md, untracked)")
+    where.add_argument("--update-results", action="store_true",
+                       help="rewrite the generated section of the committed "
+                       "docs/reliability.md instead")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = output_file(args)
     torch.set_num_threads(1)
     start = time.perf_counter()
     cov = coverage()
@@ -286,12 +317,14 @@ def main() -> None:
     if args.print:
         print(table)
         return
-    path = ROOT / "docs" / "reliability.md"
-    text = path.read_text()
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    path.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
-    print(f"wrote {path}")
+    if out == PAGE:
+        head, rest = PAGE.read_text().split(BEGIN)
+        _, tail = rest.split(END)
+        PAGE.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ Anisotropy = mean cosine similarity over all pairs i < j. Reported on the fitted
 evaluate on the rest), for several numbers of kept components k.
 
 Run: ``python -m benchmarks.whitening_minilm`` (about a minute on 2 CPU cores); writes
-``benchmarks/results/whitening_minilm.json`` and the Markdown table ``whitening_minilm.md``
-beside it; ``--report-only`` re-renders the table from the JSON without computing.
+``whitening_minilm.json`` and the Markdown table ``whitening_minilm.md`` beside it into
+``benchmarks/runs/`` (untracked), or ``--out``; ``--update-results`` refreshes the committed
+``benchmarks/results/whitening_minilm.*`` instead. ``--report-only`` re-renders the table from
+the committed JSON (or the one given) without computing.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.outputs import RESULTS, add_output_options, output_path
 from transformer_zoo import Whitening
 
 MODULES = (
@@ -50,7 +53,7 @@ MODULES = (
     "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom",
     "xml.etree.ElementTree", "zipfile",
 )  # fmt: skip
-RESULTS = Path(__file__).parent / "results" / "whitening_minilm.json"
+OUTPUT = "whitening_minilm.json"
 
 
 def _first_sentence(doc: str) -> str | None:
@@ -155,24 +158,33 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(result: dict, *, path: Path = RESULTS) -> None:
+def write_markdown(result: dict, *, path: Path) -> None:
     """``whitening_minilm.md`` beside the JSON ``path``."""
     path.with_suffix(".md").write_text(markdown(result))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--report-only", action="store_true",
-                        help="re-render the Markdown table from the JSON (no computing)")
-    if parser.parse_args(argv).report_only:
-        result = json.loads(RESULTS.read_text())
-        write_markdown(result)
+    parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
+                        metavar="JSON", help="re-render the Markdown table from a JSON (default: "
+                        "the committed one) into the output location (no computing)")
+    add_output_options(parser, OUTPUT)  # the JSON; the .md goes beside it
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = output_path(args, OUTPUT)
+    if args.report_only:
+        result = json.loads(args.report_only.read_text())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_markdown(result, path=out)
         return result
-    return measure()
+    return measure(out)
 
 
-def measure() -> dict:
-    """Embed, whiten, write the JSON and its Markdown table."""
+def measure(out: Path) -> dict:
+    """Embed, whiten, write the JSON ``out`` and its Markdown table beside it."""
     torch.manual_seed(0)
     start = time.perf_counter()
     sentences = stdlib_sentences()
@@ -208,9 +220,10 @@ def measure() -> dict:
         "examples": sentences[:3],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_markdown(result, path=out)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     print(f"{n} sentences, dim {d}; mean pairwise cosine before whitening: "
           f"{result['before']['all']:.4f} (held-out part {result['before']['held_out']:.4f})")
     print(f"{'k':>5} {'in-sample':>10} {'held-out':>10}")

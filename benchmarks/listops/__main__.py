@@ -2,7 +2,9 @@
 
 Default: CPU-sized data and budget (about 5 minutes on 2 cores). ``--smoke``: a few seconds
 per run, for tests. ``--full``: LRA's data sizes and step budget (a GPU job).
-Writes ``listops.json``, ``listops.png`` and ``listops.md`` into ``--out``.
+Writes ``listops.json``, ``listops.png`` and ``listops.md`` into ``benchmarks/runs/listops/``
+(untracked; ``--smoke``: ``benchmarks/runs/listops-smoke/``), or ``--out``;
+``--update-results`` refreshes the committed ones in ``benchmarks/results/`` instead.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..outputs import RESULTS, RUNS, add_output_options, output_path
 from .data import LRA_CONFIG, ListOpsConfig, Split, majority_baseline, make_splits
 from .model import ModelConfig
 from .progress import RunBars
@@ -26,7 +29,8 @@ from .report import markdown_table, write_all
 from .train import TrainConfig, run_in_processes, run_units, train_variant
 from .variants import build_variants
 
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+CACHE = RUNS / "cache"  # generated splits, keyed by settings and seed
+COMMITTED_JSON = RESULTS / "listops.json"
 
 PRESETS: dict[str, tuple[ListOpsConfig, TrainConfig]] = {
     "smoke": (
@@ -110,9 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--jobs", type=int, default=2, help="runs at a time, each in its own process (CPU only)"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument(
-        "--out", type=Path, help="output folder (default benchmarks/results; smoke: results/tmp)"
-    )
+    add_output_options(p, "listops/ (--smoke: listops-smoke/)", committed="")
     p.add_argument(
         "--no-isolate",
         action="store_true",
@@ -123,16 +125,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--no-cache",
         action="store_true",
-        help="regenerate the data instead of reusing benchmarks/results/tmp/listops-data-*.pt",
+        help="regenerate the data instead of reusing benchmarks/runs/cache/listops-data-*.pt",
     )
     p.add_argument(
         "--report-only",
         type=Path,
+        nargs="?",
+        const=COMMITTED_JSON,
         metavar="JSON",
-        help="train nothing: rewrite the table and plot from a results JSON (into --out, "
-        "default the JSON's folder)",
+        help="train nothing: rewrite the table and plot from a results JSON (default: the "
+        "committed benchmarks/results/listops.json), into the output folder",
     )
     args = p.parse_args(argv)
+    if args.update_results and args.smoke:
+        p.error("--update-results: --smoke runs are not committed results")
     for name in ("steps", "batch_size", "threads", "jobs"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -140,11 +146,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def output_folder(args: argparse.Namespace) -> Path:
+    """``benchmarks/runs/listops[-smoke]/`` (untracked) unless ``--out``; the committed
+    ``benchmarks/results/`` only with ``--update-results``."""
+    return output_path(args, "listops-smoke" if args.smoke else "listops", committed="")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    out = output_folder(args)
     if args.report_only is not None:
         result = json.loads(args.report_only.read_text())
-        out = args.out or args.report_only.parent
         out.mkdir(parents=True, exist_ok=True)
         print(markdown_table(result))
         write_all(result, out)
@@ -159,13 +171,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device=args.device,
         seed=args.seed,
     )
-    out = args.out or (RESULTS / "tmp" if args.smoke else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
     machine = _machine(args.device, args.threads)
     begin = time.perf_counter()
-    cache = None if (args.no_cache or args.smoke) else RESULTS / "tmp"
+    cache = None if (args.no_cache or args.smoke) else CACHE
     splits = load_or_make_splits(data_cfg, args.seed, cache)
     data = _data_summary(data_cfg, splits)
     print(
