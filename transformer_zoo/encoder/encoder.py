@@ -32,6 +32,7 @@ from transformer_zoo._checks import (
     check_rank,
     check_same_device,
 )
+from transformer_zoo._scripting import refuse_scripting
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.attention.softmax import SoftmaxAttention
 from transformer_zoo.compat import check_pair
@@ -113,6 +114,8 @@ class EncoderConfig:
 class EncoderLayer(nn.Module):
     """One pre- or post-norm block: attention then feed-forward, each with a residual."""
 
+    __prepare_scriptable__ = refuse_scripting  # TorchScript unsupported: raise, name export
+
     def __init__(self, config: EncoderConfig, positional: PositionalEncoding | None) -> None:
         super().__init__()
         inner_pe = None if isinstance(positional, InputEncoding) else positional
@@ -158,6 +161,8 @@ class Encoder(nn.Module):
         >>> enc(torch.randn(2, 7, 32), mask=torch.ones(2, 7, dtype=torch.bool)).shape
         torch.Size([2, 7, 32])
     """
+
+    __prepare_scriptable__ = refuse_scripting  # TorchScript unsupported: raise, name export
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()

@@ -124,8 +124,11 @@ def segment_means(x: Tensor, ids: Tensor, counts: Tensor) -> Tensor:
     """Per-sample segment means ``(b, h, m, d)`` of x ``(b, h, n, d)``; empty segments give 0."""
     b, h, n, d = x.shape
     m = counts.shape[-1]
-    if m <= n and n % m == 0 and bool((counts == n // m).all()):
-        return x.view(b, h, m, n // m, d).mean(dim=-2)  # no padding, equal segments
+    # eager shortcut (no padding, equal segments); traced code (compile/export) takes the
+    # general path, which gives the same means without a branch on values or on n % m
+    if (not torch.compiler.is_compiling() and m <= n and n % m == 0
+            and bool((counts == n // m).all())):
+        return x.view(b, h, m, n // m, d).mean(dim=-2)
     index = ids[:, None, :, None].expand(b, h, n, d)
     sums = x.new_zeros(b, h, m + 1, d).scatter_add(2, index, x)[:, :, :m]  # (b, h, m, d)
     return sums / counts.clamp_min(1)[:, None, :, None].to(x.dtype)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from transformer_zoo._scripting import refuse_scripting
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.attention.softmax import SoftmaxAttention
 from transformer_zoo.functional.masks import merge_masks, padding_to_attn_mask
@@ -72,6 +73,8 @@ class MultiheadAttentionCompat(nn.Module):
     and ``None`` for other kernels, which never form them. ``is_causal=True`` without
     ``attn_mask`` applies the causal mask (torch raises there).
     """
+
+    __prepare_scriptable__ = refuse_scripting  # TorchScript unsupported: raise, name export
 
     def __init__(
         self,

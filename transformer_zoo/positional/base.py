@@ -23,6 +23,8 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from transformer_zoo._scripting import refuse_scripting
+
 
 class Place(enum.Enum):
     """The three places a positional encoding can act."""
@@ -34,6 +36,8 @@ class Place(enum.Enum):
 
 class PositionalEncoding(nn.Module):
     """Base of every positional encoding; ``place`` says where it acts."""
+
+    __prepare_scriptable__ = refuse_scripting  # TorchScript unsupported: raise, name export
 
     place: ClassVar[Place]
 

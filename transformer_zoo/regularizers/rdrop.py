@@ -24,6 +24,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from transformer_zoo._scripting import refuse_scripting
 from transformer_zoo.functional.rdrop import Reduction, rdrop_mse, symmetric_kl
 
 _CONSISTENCY = ("kl", "mse")
@@ -42,6 +43,8 @@ class RDropLoss(nn.Module):
         reduction: how the consistency term reduces over real positions
             (``"mean"`` matches the default mean of ``nn.CrossEntropyLoss``).
     """
+
+    __prepare_scriptable__ = refuse_scripting  # TorchScript unsupported: raise, name export
 
     def __init__(
         self,

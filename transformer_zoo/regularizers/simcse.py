@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from transformer_zoo._scripting import refuse_scripting
 from transformer_zoo.functional.simcse import simcse_loss
 
 
@@ -22,6 +23,8 @@ class SimCSELoss(nn.Module):
         temperature: τ > 0; the paper's 0.05.
         symmetric: also score view 2 against view 1 and average both directions.
     """
+
+    __prepare_scriptable__ = refuse_scripting  # TorchScript unsupported: raise, name export
 
     def __init__(self, *, temperature: float = 0.05, symmetric: bool = False) -> None:
         super().__init__()
