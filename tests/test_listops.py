@@ -189,6 +189,66 @@ def test_rdrop_loss_is_ce_twice_plus_alpha_symmetric_kl() -> None:
     torch.testing.assert_close(rdrop_loss(2.0)(a, b, y), ce(a, y) + ce(b, y) + 2.0 * slow)
 
 
+def test_rdrop_parts_are_the_mean_task_loss_and_the_unweighted_kl() -> None:
+    from benchmarks.listops.variants import rdrop_parts
+
+    a, b = torch.randn(6, 10), torch.randn(6, 10)
+    y = torch.randint(0, 10, (6,))
+    task, kl = rdrop_parts(a, b, y)
+    ce = torch.nn.functional.cross_entropy
+    assert task == pytest.approx(float(ce(a, y) + ce(b, y)) / 2)
+    for alpha in (0.5, 1.0, 3.0):
+        assert float(rdrop_loss(alpha)(a, b, y)) == pytest.approx(2 * task + alpha * kl)
+    assert rdrop_parts(a, a, y)[1] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_training_reports_task_loss_and_rdrop_kl_apart() -> None:
+    """An R-Drop run's task loss is its mean CE (comparable with a plain run), not the whole
+    objective; the KL term is reported beside it, labelled, and the table shows both."""
+    from benchmarks.listops.report import loss_note, markdown_table
+    from benchmarks.listops.train import TrainConfig, run_units, train_variant
+
+    splits = make_splits(SMALL, seed=1)
+    cfg = TrainConfig(steps=10, batch_size=8, warmup=2)
+    plain, rdrop = build_variants(rdrop_alpha=0.5)[:2]
+    seen: list[tuple[int, str]] = []
+    runs = [train_variant(plain, splits, ModelConfig(), cfg),
+            train_variant(rdrop, splits, ModelConfig(), cfg,
+                          progress=lambda done, note: seen.append((done, note)))]
+    assert runs[0]["final_rdrop_kl"] is None
+    assert runs[0]["final_objective"] == pytest.approx(runs[0]["final_task_loss"])
+    task, kl = runs[1]["final_task_loss"], runs[1]["final_rdrop_kl"]
+    assert kl > 0
+    assert runs[1]["final_objective"] == pytest.approx(2 * task + 0.5 * kl)
+    assert 1.0 < task < 3.5  # a 10-class cross-entropy, not two of them plus the KL
+    assert seen[-1][0] == run_units(splits, cfg)  # the progress reports reach the total
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    result = {"runs": runs, "data": {"majority_baseline": {"label": 0, "test_accuracy": 0.1}}}
+    header, _, row_plain, row_rdrop, _ = markdown_table(result).splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert "task loss (CE)" in columns and "R-Drop KL" in columns
+    assert "train loss" not in columns
+    i, j = columns.index("task loss (CE)"), columns.index("R-Drop KL")
+    cells = [[c.strip() for c in row.strip("|").split("|")] for row in (row_plain, row_rdrop)]
+    assert cells[0][i] == f"{runs[0]['final_task_loss']:.3f}" and cells[0][j] == "-"
+    assert cells[1][i] == f"{task:.3f}" and cells[1][j] == f"{kl:.3f}"
+    assert "α = 0.5" in loss_note(result) and "unweighted" in loss_note(result)
+
+
+def test_table_renders_results_written_before_the_loss_split() -> None:
+    old = {"variant": "softmax", "test_accuracy": 0.3, "valid_accuracy": 0.3,
+           "final_train_loss": 2.0, "steps_per_second": 1.0, "train_cpu_seconds": 1.0,
+           "peak_memory_mb": 1.0, "rdrop_alpha": 0.0}
+    from benchmarks.listops.report import markdown_table
+
+    result = {"runs": [old, dict(old, variant="softmax+rdrop", rdrop_alpha=1.0,
+                                 final_train_loss=4.2)],
+              "data": {"majority_baseline": {"label": 0, "test_accuracy": 0.1}}}
+    _, _, plain, rdrop, _ = markdown_table(result).splitlines()
+    assert "| 2.000 | - |" in plain  # the same number: a plain run's loss is its CE
+    assert "| - | - |" in rdrop and "4.2" not in rdrop  # the whole objective is not shown
+
+
 def test_classifier_ignores_padding() -> None:
     model = ListOpsClassifier(SoftmaxAttention, ModelConfig()).eval()
     tokens = torch.tensor([encode(tokenize("[MAX 2 9 [MIN 4 7 ] 0 ]"))])
@@ -277,7 +337,7 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
     the header, one finished bar per run and then the table, intact (all on one stream)."""
     import os
 
-    from benchmarks.listops.report import markdown_table
+    from benchmarks.listops.report import loss_note, markdown_table
 
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.listops", "--smoke", "--out", str(tmp_path)],
@@ -307,7 +367,8 @@ def test_smoke_run_writes_results(tmp_path: Path) -> None:
         assert line.split(":")[0].strip() == name and "100%" in line and "test acc" in line
     rows = markdown_table(result).splitlines()
     assert screen[1 + len(names) : 1 + len(names) + len(rows)] == rows  # the table, intact
-    assert len(screen) == 2 + len(names) + len(rows)  # and then only the closing line
+    assert screen[1 + len(names) + len(rows)] == loss_note(result)  # what the losses are
+    assert len(screen) == 3 + len(names) + len(rows)  # and then only the closing line
 
 
 def test_variants_cover_every_attention_with_and_without_rdrop() -> None:

@@ -25,7 +25,7 @@ from ..outputs import RESULTS, RUNS, add_output_options, output_path
 from .data import LRA_CONFIG, ListOpsConfig, Split, majority_baseline, make_splits
 from .model import ModelConfig
 from .progress import RunBars
-from .report import markdown_table, write_all
+from .report import loss_note, markdown_table, write_all
 from .train import TrainConfig, run_in_processes, run_units, train_variant
 from .variants import build_variants
 
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.report_only is not None:
         result = json.loads(args.report_only.read_text())
         out.mkdir(parents=True, exist_ok=True)
-        print(markdown_table(result))
+        print(markdown_table(result) + "\n\n" + loss_note(result))
         write_all(result, out)
         return result
     mode = "smoke" if args.smoke else "full" if args.full else "default"
@@ -216,8 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "jobs": 1 if args.no_isolate else args.jobs,
         "total_seconds": time.perf_counter() - begin,
     }
-    table = markdown_table(result)
-    print(table)
+    print(markdown_table(result) + "\n\n" + loss_note(result))
     write_all(result, out)
     print(f"{result['total_seconds']:.0f} s in all; wrote listops.json/.png/.md to {out}")
     return result

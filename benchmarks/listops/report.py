@@ -10,11 +10,19 @@ COLUMNS = (
     ("variant", "variant", "{}"),
     ("test_accuracy", "test acc", "{:.3f}"),
     ("valid_accuracy", "valid acc", "{:.3f}"),
-    ("final_train_loss", "train loss", "{:.3f}"),
+    ("final_task_loss", "task loss (CE)", "{:.3f}"),
+    ("final_rdrop_kl", "R-Drop KL", "{:.3f}"),
     ("steps_per_second", "steps/s", "{:.1f}"),
     ("train_cpu_seconds", "train CPU s", "{:.0f}"),
     ("peak_memory_mb", "peak MB", "{:.0f}"),
 )
+
+
+def _cell(run: dict[str, Any], key: str, fmt: str) -> str:
+    value = run.get(key)
+    if key == "final_task_loss" and value is None and not run["rdrop_alpha"]:
+        value = run.get("final_train_loss")  # a JSON from before the split: the same number
+    return "-" if value is None else fmt.format(value)
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -24,12 +32,31 @@ def markdown_table(result: dict[str, Any]) -> str:
         "|" + "---|" * len(COLUMNS),
     ]
     for run in result["runs"]:
-        cells = [fmt.format(run[key]) for key, _, fmt in COLUMNS]
+        cells = [_cell(run, key, fmt) for key, _, fmt in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     base = result["data"]["majority_baseline"]
     blanks = " |" * (len(COLUMNS) - 2)
     lines.append(f"| majority class ({base['label']}) | {base['test_accuracy']:.3f} |{blanks}")
     return "\n".join(lines)
+
+
+def loss_note(result: dict[str, Any]) -> str:
+    """What the two loss columns hold (printed and written under the table)."""
+    alphas = sorted({run["rdrop_alpha"] for run in result["runs"] if run["rdrop_alpha"]})
+    alpha = ", ".join(f"{a:g}" for a in alphas) or "-"
+    note = (
+        "Losses are training-batch means over the last 10 % of the steps. task loss (CE): "
+        "cross-entropy; for +rdrop rows the mean of its two dropout passes' cross-entropies, "
+        "so it compares with the rows without R-Drop. R-Drop KL: ½[KL(p₁‖p₂) + KL(p₂‖p₁)] "
+        "between the two passes, unweighted; the R-Drop objective is CE₁ + CE₂ + α·KL "
+        f"= 2 · task loss + α · KL, α = {alpha}."
+    )
+    if any(run["rdrop_alpha"] and "final_task_loss" not in run for run in result["runs"]):
+        note += (
+            " A +rdrop row with - in both columns was run before the two were recorded apart: "
+            "its JSON holds only the whole objective (`final_train_loss`)."
+        )
+    return note
 
 
 def markdown_report(result: dict[str, Any]) -> str:
@@ -53,6 +80,8 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"Peak memory: {result['runs'][0]['memory_kind'] if result['runs'] else '-'}.",
             "",
             markdown_table(result),
+            "",
+            loss_note(result),
             "",
         ]
     )

@@ -26,7 +26,7 @@ from torch import Tensor
 from .data import PAD_ID, Split
 from .model import ListOpsClassifier, ModelConfig
 from .progress import Progress
-from .variants import Variant, rdrop_loss
+from .variants import Variant, rdrop_loss, rdrop_parts
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,9 @@ def train_variant(
     rss_before = _peak_rss_mb()
 
     model.train()
-    losses: list[float] = []
+    losses: list[float] = []  # the training objective, per step
+    task_losses: list[float] = []  # cross-entropy (R-Drop: the mean of the two passes')
+    kl_terms: list[float] = []  # R-Drop's symmetric KL, unweighted (R-Drop runs only)
     report(0, "training")
     start, cpu_start = time.perf_counter(), time.process_time()
     batches = bucketed_batches(train.lengths, train_cfg.batch_size, gen)
@@ -165,15 +167,23 @@ def train_variant(
             logits = model(tokens.repeat(2, 1), mask.repeat(2, 1))
             first, second = logits.chunk(2)
             loss = loss_rdrop(first, second, labels)
+            task, kl = rdrop_parts(first.detach(), second.detach(), labels)
+            task_losses.append(task)
+            kl_terms.append(kl)
         else:
             loss = F.cross_entropy(model(tokens, mask), labels)
+            task_losses.append(float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         losses.append(float(loss.detach()))
-        report(step, f"loss={sum(losses[-20:]) / len(losses[-20:]):.3f}" if step % 20 == 0 else "")
+        if step % 20 == 0:
+            recent = task_losses[-20:]
+            report(step, f"task loss={sum(recent) / len(recent):.3f}")
+        else:
+            report(step, "")
     if cuda:
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - start
@@ -185,7 +195,10 @@ def train_variant(
     else:
         peak_mb = _peak_rss_mb() - rss_before
         memory_kind = "cpu peak RSS growth"
-    tail = losses[-max(1, len(losses) // 10) :]
+    def tail_mean(values: list[float]) -> float:  # over the last 10 % of the steps
+        tail = values[-max(1, len(values) // 10) :]
+        return sum(tail) / len(tail)
+
     done = train_cfg.steps
     report(done, "evaluating")
 
@@ -208,7 +221,10 @@ def train_variant(
         "train_seconds": train_seconds,
         "steps_per_second": train_cfg.steps / train_seconds,
         "train_cpu_seconds": cpu_seconds,
-        "final_train_loss": sum(tail) / len(tail),
+        # means over the last 10 % of the steps; task loss comparable across every run
+        "final_task_loss": tail_mean(task_losses),
+        "final_rdrop_kl": tail_mean(kl_terms) if kl_terms else None,
+        "final_objective": tail_mean(losses),
         "valid_accuracy": valid_accuracy,
         "test_accuracy": test_accuracy,
         "peak_memory_mb": peak_mb,

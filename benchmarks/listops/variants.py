@@ -7,7 +7,9 @@ R-Drop (Liang et al. 2021, arXiv 2106.14448): two dropout passes p1, p2 of the s
 
     L = CE(p1, y) + CE(p2, y) + α · ½ [KL(p1‖p2) + KL(p2‖p1)]
 
-is ``transformer_zoo.RDropLoss(α, nn.CrossEntropyLoss())``.
+is ``transformer_zoo.RDropLoss(α, nn.CrossEntropyLoss())``. The job reports its two parts
+apart (``rdrop_parts``): the task loss ½[CE(p1, y) + CE(p2, y)], comparable with a run without
+R-Drop, and the unweighted KL term; the objective is 2 · task loss + α · KL.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from transformer_zoo import NystromAttention, PerformerAttention, RDropLoss, SoftmaxAttention
 from transformer_zoo.encoder.encoder import AttentionFactory
+from transformer_zoo.functional import symmetric_kl
 
 
 @dataclass(frozen=True)
@@ -56,3 +61,12 @@ def build_variants(*, full: bool = False, rdrop_alpha: float = 1.0) -> list[Vari
 def rdrop_loss(alpha: float) -> RDropLoss:
     """The job's R-Drop objective for classification logits ``(b, classes)``."""
     return RDropLoss(alpha, nn.CrossEntropyLoss())
+
+
+@torch.no_grad()
+def rdrop_parts(first: Tensor, second: Tensor, labels: Tensor) -> tuple[float, float]:
+    """``(task loss, KL)`` of R-Drop on the two passes' logits ``(b, classes)``: the task loss
+    is the mean of the two cross-entropies (what a run without R-Drop reports), the KL is
+    ½[KL(p1‖p2) + KL(p2‖p1)], unweighted. ``rdrop_loss(α)`` = 2 · task + α · KL."""
+    task = 0.5 * (F.cross_entropy(first, labels) + F.cross_entropy(second, labels))
+    return float(task), float(symmetric_kl(first, second))
