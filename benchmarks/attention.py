@@ -12,6 +12,9 @@ rounds time one ``step().sum().backward()`` of each contender in turn (round rob
 burst of load on a shared machine hits all of them alike): at least ``--repeats`` rounds, and
 more while a contender has spent under ``--min-seconds`` timing (short lengths get many
 cheap rounds). Tables, plot and target use the median round; the JSON also has the best.
+The progress bar counts every memory run and timed step: the guaranteed rounds from the start,
+each extra round from the moment it is decided (before the previous round's last step is
+counted), so it reads 100 % only when the last step is done.
 (On a shared machine one lucky round can make the minimum 40% off; the median of
 interleaved rounds kept the ratio steadier in our runs.)
 
@@ -94,11 +97,19 @@ def all_contenders(modules: list[ModuleType]) -> dict[str, tuple[str, ContenderF
 
 
 def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: int,
-                     tick: Callable[[], None], min_seconds: float = 0.0) -> dict[str, dict]:
+                     tick: Callable[[], None], min_seconds: float = 0.0,
+                     grow: Callable[[int], None] | None = None) -> dict[str, dict]:
     """Build and warm up every contender at length n, then time rounds.
 
-    At least ``repeats`` rounds, more (up to 20 · repeats) while the slowest contender has
-    spent less than ``min_seconds`` in timed steps: short lengths get many cheap rounds.
+    At least ``repeats`` rounds, more (up to 20 · repeats) while the contender that has spent
+    the least time in timed steps has spent less than ``min_seconds``: short lengths get many
+    cheap rounds.
+
+    Progress: ``tick()`` once per timed step, and ``repeats`` times for a contender that failed
+    to build (its guaranteed steps are skipped). The caller's bar counts ``repeats`` steps per
+    contender; before an extra round, ``grow(k)`` adds its ``k`` steps to the bar's total, and
+    it is called before the previous round's last step is ticked, so the bar never reads
+    100 % while a round is still to run.
     """
     steps: dict[str, Step] = {}
     out: dict[str, dict] = {}
@@ -111,18 +122,25 @@ def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: in
         except Exception as error:  # a contender failing must not stop the others
             steps.pop(name, None)
             out[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
+            for _ in range(repeats):
+                tick()
     times: dict[str, list[float]] = {name: [] for name in steps}
     rounds = 0
-    while steps and (rounds < repeats or (
-        rounds < 20 * repeats and min(sum(ts) for ts in times.values()) < min_seconds
-    )):
-        for name, step in steps.items():
+    more = bool(steps) and repeats > 0
+    while more:
+        last = len(steps) - 1
+        for i, (name, step) in enumerate(steps.items()):
             start = time.perf_counter()
             fwd_bwd(step)
             times[name].append(time.perf_counter() - start)
-            if rounds < repeats:
-                tick()  # the progress bar counts the guaranteed rounds
-        rounds += 1
+            if i == last:  # the round is done: decide on the next one before the bar moves
+                rounds += 1
+                more = rounds < repeats or (
+                    rounds < 20 * repeats and min(sum(ts) for ts in times.values()) < min_seconds
+                )
+                if more and rounds >= repeats and grow is not None:
+                    grow(len(steps))  # an extra round: its steps join the bar's total first
+            tick()
     for name, ts in times.items():
         out[name]["times_s"] = ts
     return out
@@ -187,7 +205,12 @@ def main(argv: list[str] | None = None) -> dict:
     results: Results = {nm: {n: {} for n in lengths} for nm in names}
     too_slow: dict[str, str] = {}  # contender -> why it is skipped at longer lengths
     per_length = len(names) * (args.repeats + (0 if args.no_memory else 1))
-    with tqdm(total=per_length * len(lengths), desc="attention benchmark", unit="run") as bar:
+    with tqdm(total=per_length * len(lengths), desc="attention benchmark", unit="step") as bar:
+
+        def grow(steps: int) -> None:  # extra timing rounds (--min-seconds) join the total
+            bar.total += steps
+            bar.refresh()
+
         for n in lengths:
             timed = {}
             for nm in names:
@@ -210,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
                     timed[nm] = table[nm][1]
             bar.set_postfix_str(f"n={n} timing")
             for nm, r in time_round_robin(timed, n, args.repeats, bar.update,
-                                             args.min_seconds).items():
+                                          args.min_seconds, grow).items():
                 if "error" in r:
                     r["time_error"] = r.pop("error")
                 results[nm][n].update(r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import types
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,6 @@ def test_peak_memory_of_a_known_allocation(mib):
 
 
 def test_optional_contender_modules_are_skipped_and_names_unique(monkeypatch):
-    import types
-
     from benchmarks import attention
 
     monkeypatch.setattr(attention, "MODULES",
@@ -188,3 +187,104 @@ def test_docs_include_only_committed_results():
     from benchmarks import docs_hooks
 
     assert docs_hooks.RESULTS == BENCHMARKS / "results"
+
+
+# -- the attention benchmark's progress bar counts every step it waits on ---------------------
+
+
+class FakeClock:
+    """``time`` for benchmarks.attention: every perf_counter() call is 10 ms later."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.01
+        return self.now
+
+
+class FakeBar:
+    """tqdm's interface as the harness uses it; records (n, total) after every change."""
+
+    instances: list[FakeBar] = []
+
+    def __init__(self, total: int = 0, **_: object) -> None:
+        self.n, self.total, self.history = 0, total, []
+        FakeBar.instances.append(self)
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        self.history.append((self.n, self.total))
+
+    def refresh(self) -> None:
+        self.history.append((self.n, self.total))
+
+    def set_postfix_str(self, *_: object) -> None:
+        pass
+
+    def __enter__(self) -> FakeBar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.history.append(("closed", self.n, self.total))
+
+
+def _assert_honest(history: list, closed: bool = False) -> None:
+    if closed:
+        assert history[-1][0] == "closed"
+        history = history[:-1]
+    n, total = history[-1]
+    assert n == total  # ends at 100 %
+    assert all(n < total for n, total in history[:-1])  # and never reads 100 % before the end
+
+
+def test_round_robin_bar_counts_the_extra_rounds(monkeypatch):
+    from benchmarks import attention
+
+    monkeypatch.setattr(attention, "time", FakeClock())
+    monkeypatch.setattr(attention, "fwd_bwd", lambda step: None)
+
+    def broken(n):
+        raise RuntimeError("cannot build")
+
+    factories = {"a": lambda n: (lambda: None), "b": lambda n: (lambda: None), "broken": broken}
+    repeats = 3
+    bar = FakeBar(total=len(factories) * repeats)
+    out = attention.time_round_robin(factories, 64, repeats, bar.update, min_seconds=0.2,
+                                     grow=lambda k: setattr(bar, "total", bar.total + k))
+    rounds = len(out["a"]["times_s"])
+    assert rounds > repeats  # --min-seconds added rounds (each step reads 10 ms here) ...
+    assert rounds == len(out["b"]["times_s"]) and "error" in out["broken"]
+    assert bar.n == 2 * rounds + repeats  # ... and the bar counted each of their steps
+    _assert_honest(bar.history)
+
+
+def test_attention_main_bar_reaches_100_percent_only_at_the_end(monkeypatch, tmp_path):
+    """The whole harness with fake contenders, clock, memory probe and bar: a contender that
+    fails to build, one whose memory run fails, extra rounds at short lengths."""
+    import tqdm
+
+    from benchmarks import attention
+
+    module = types.ModuleType("benchmarks.fake_contenders")
+
+    def broken(n):
+        raise RuntimeError("cannot build")
+
+    module.contenders = lambda: {"fast": lambda n: (lambda: None), "broken": broken,
+                                 "memfail": lambda n: (lambda: None)}
+    monkeypatch.setattr(attention, "load_modules", lambda: [module])
+    monkeypatch.setattr(attention, "time", FakeClock())
+    monkeypatch.setattr(attention, "fwd_bwd", lambda step: None)
+    monkeypatch.setattr(attention, "plot", lambda *a, **k: None)
+    monkeypatch.setattr(
+        attention, "measure_memory",
+        lambda mod, name, n, **kw: {"error": "killed"} if name == "memfail" else
+        {"peak_bytes": 1, "memory_method": "fake"})
+    monkeypatch.setattr(tqdm, "tqdm", FakeBar)
+    FakeBar.instances.clear()
+    report = attention.main(["--lengths", "64", "128", "--repeats", "2", "--min-seconds", "0.15",
+                             "--error-lengths", "--out", str(tmp_path / "a.json")])
+    (bar,) = FakeBar.instances
+    assert len(report["results"]["fast"]["64"]["times_s"]) > 2  # extra rounds ran
+    _assert_honest(bar.history, closed=True)
