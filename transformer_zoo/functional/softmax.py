@@ -114,16 +114,22 @@ def _guarded_mask(
     boolean mask when there is no bias, else the additive float mask in ``dtype`` (−inf where
     masked); ``(None, None)`` when there is neither.
     """
+    # (bool amax, not any: the same reduction, several times faster on CPU.)
     if bias is None:
         if full is None:
             return None, None
-        live = full.any(dim=-1, keepdim=True)
+        live = full.amax(dim=-1, keepdim=True)
         return full | ~live, live
-    add = bias.to(dtype)
+    bias = bias.to(dtype)
+    keep = bias > float("-inf")  # boolean work first, then a single float pass
     if full is not None:
-        add = torch.where(full, add, float("-inf"))  # broadcasts both
-    live = (add > float("-inf")).any(dim=-1, keepdim=True)
-    return add.masked_fill(~live, 0.0), live
+        keep = keep & full  # broadcasts both
+    live = keep.amax(dim=-1, keepdim=True)  # (.., n, 1)
+    # fill: −inf on live rows, 0 on dead rows (whose every entry becomes 0)
+    fill = torch.zeros(live.shape, dtype=dtype, device=bias.device).masked_fill(live, float("-inf"))
+    if full is None:
+        return torch.maximum(bias, fill), live  # = where(keep, bias, fill) here, and faster
+    return torch.where(keep, bias, fill), live  # −inf where masked, 0 across dead rows
 
 
 def softmax_attention(
