@@ -159,6 +159,7 @@ def markdown(results: dict) -> str:
         sel, held = sweep["sets"]["selection"], sweep["sets"]["held_out"]
         lines += [
             "",
+            "<!-- --8<-- [start:pinv] -->",
             f"Nyström's pseudoinverse at {sweep['landmarks']} landmarks, no conv: cosine of "
             f"mean-pooled embeddings to HF's sdpa on prose of Python's reference manual "
             f"(`pydoc_data.topics`, Python {sweep['python']}), {sel['passages']} selection "
@@ -174,6 +175,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {row['setting']} | {row['selection_mean']:.4f} | "
                          f"{row['selection_min']:.4f} | {row['held_out_mean']:.4f} | "
                          f"{row['held_out_min']:.4f} |")
+        lines.append("<!-- --8<-- [end:pinv] -->")
     return "\n".join(lines) + "\n"
 
 
