@@ -307,15 +307,18 @@ def test_softmax_attention_module_matches_hf_sdpa(make):
 @pytest.mark.parametrize("make", [bert, llama], ids=["bert", "llama_gqa"])
 def test_approximate_attention_modules_in_hf(make, attention):
     model = make()
+    if make is llama and not attention.supports_causal:  # fails in use, not at the forward
+        with pytest.raises(ValueError, match=r"does not support causal .*layers\.0\.self_attn"):
+            hf.use(model, attention)
+        assert model.config._attn_implementation == "sdpa"
+        return
     paths = hf.use(model, attention)
     inner = model.get_submodule(paths[0]).tz_attention
     assert type(inner) is attention and inner.q_proj is None and not inner.training
     buffers = {f"{paths[0]}.tz_attention.{name}" for name, _ in inner.named_buffers()}
     assert buffers <= set(model.state_dict())
     ids, mask = batch(left_padding=make is llama)
-    if make is llama and not attention.supports_causal:
-        with pytest.raises(ValueError, match="does not support causal"):
-            hidden(model, ids, mask)
+    if make is llama and not attention.supports_causal:  # unreachable: use raised (below)
         return
     out = hidden(model, ids, mask)
     assert torch.isfinite(out).all()
@@ -390,10 +393,26 @@ def test_named_nystrom_kernel_is_exact_with_enough_landmarks():
                                atol=TOL, rtol=0)
     hf.use(model, "nystrom", num_landmarks=4)
     assert torch.isfinite(hidden(model, ids, mask)).all()
-    with pytest.raises(ValueError, match="does not support causal"):
-        causal = llama()
+
+def test_use_fails_early_with_a_clear_error():
+    """Errors in use(), before the model changes, naming what was expected."""
+    causal = llama()
+    with pytest.raises(ValueError, match=r"NystromAttention does not support causal attention, "
+                       r"which LlamaAttention \(layers\.0\.self_attn\) uses"):
         hf.use(causal, "nystrom")
-        hidden(causal, ids, mask)
+    assert causal.config._attn_implementation == "sdpa"
+    assert not any(hasattr(m, "tz_kernel") or hasattr(m, "tz_attention")
+                   for m in causal.modules())
+    with pytest.raises(TypeError, match="expected a transformers PreTrainedModel, got Linear"):
+        hf.use(torch.nn.Linear(3, 3), "softmax")
+    with pytest.raises(TypeError, match="got a SoftmaxAttention instance"):
+        hf.use(bert(), SoftmaxAttention(32, 4))
+    with pytest.raises(ValueError, match="found no attention module in GPT2Model"):
+        gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4))
+        for module in gpt2.modules():  # an attention the bridge cannot recognise
+            if hasattr(module, "is_causal"):
+                del module.is_causal
+        hf.use(gpt2, "softmax")
 
 
 # -- the real model ------------------------------------------------------------------------------

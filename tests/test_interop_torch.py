@@ -439,6 +439,65 @@ def test_bad_targets_raise_naming_the_path():
         MultiheadAttentionCompat(lambda *a, **k: nn.Identity(), D, H)
 
 
+def test_named_kernels_are_the_hf_bridge_names_and_defaults():
+    """swap_attention(model, name, **options) takes huggingface.use's names, options, defaults."""
+    from transformer_zoo.interop.hf_kernels import KERNELS, NystromKernel, PerformerKernel
+
+    assert sorted(KERNELS) == ["nystrom", "performer", "softmax"]
+    ref = encoder(batch_first=True)
+    exact = copy.deepcopy(ref)
+    swap_attention(exact, "softmax")
+    x = torch.randn(3, 9, D)
+    torch.testing.assert_close(exact(x), ref(x), atol=TOL, rtol=0)
+
+    model = copy.deepcopy(ref)
+    swap_attention(model, "performer", nb_features=16, seed=0)
+    first, second = (layer.self_attn.attention for layer in model.layers)
+    assert type(first) is PerformerAttention and first.nb_features == 16
+    assert (first.layer, second.layer) == (0, 1)  # one W per layer from (seed, layer)
+    assert not torch.equal(first.projection, second.projection)
+    model = copy.deepcopy(ref)
+    swap_attention(model, "performer")
+    assert model.layers[0].self_attn.attention.nb_features == PerformerKernel().nb_features
+
+    model = copy.deepcopy(ref)
+    swap_attention(model, "nystrom")
+    inner, defaults = model.layers[0].self_attn.attention, NystromKernel()
+    assert type(inner) is NystromAttention and inner.conv is None  # zero-shot: no fresh conv
+    assert (inner.num_landmarks, inner.pinv_iterations) == (defaults.num_landmarks,
+                                                            defaults.pinv_iterations)
+
+
+def test_swap_attention_argument_errors():
+    with pytest.raises(ValueError, match=r"expected one of \['nystrom', 'performer', 'softmax'\]"):
+        swap_attention(encoder(True), "perfomer")
+    with pytest.raises(TypeError, match="nb_feature"):
+        swap_attention(encoder(True), "performer", nb_feature=16)
+    with pytest.raises(TypeError, match="go with a kernel name.*functools.partial"):
+        swap_attention(encoder(True), SoftmaxAttention, nb_features=16)
+    with pytest.raises(TypeError, match="a PerformerAttention instance.*pass PerformerAttention"):
+        swap_attention(encoder(True), PerformerAttention(D, H))
+    with pytest.raises(TypeError, match="got a SoftmaxAttention instance"):
+        MultiheadAttentionCompat(SoftmaxAttention(D, H), D, H)
+    with pytest.raises(ValueError, match="no nn.MultiheadAttention to replace in Linear"):
+        swap_attention(nn.Linear(3, 3), SoftmaxAttention)
+    model = encoder(True)
+    with pytest.raises(ValueError, match="where= rejected all 2"):
+        swap_attention(model, SoftmaxAttention, where=lambda path, module: False)
+    swap_attention(model, SoftmaxAttention)
+    with pytest.raises(ValueError, match="holds 2 MultiheadAttentionCompat already"):
+        swap_attention(model, SoftmaxAttention)
+
+
+def test_compat_rejects_mixed_batched_and_unbatched_inputs():
+    ours = MultiheadAttentionCompat(SoftmaxAttention, D, H, batch_first=True, path="dec.attn")
+    q = torch.randn(2, 5, D)
+    with pytest.raises(ValueError, match=r"dec\.attn: expected query, key and value all 3-D"):
+        ours(q, torch.randn(5, D), torch.randn(5, D))
+    with pytest.raises(ValueError, match=r"\(5, 32\), \(2, 5, 32\)"):
+        ours(q[0], q, q)
+
+
 def test_fast_path_attributes():
     ours = MultiheadAttentionCompat(SoftmaxAttention, D, H, batch_first=True)
     assert ours._qkv_same_embed_dim is False

@@ -11,10 +11,15 @@ rotary models, rotated) q, k, v; the adapter receives them in our layout and con
 
 and returns ``((b, h, n, d), weights or None)``. Per-module state (a Performer's random matrix)
 is created by ``setup`` on the HF attention module, so it is in the model's ``state_dict``.
+
+``KERNELS`` names the built-in adapters. The names, options and defaults are shared with
+``interop.swap_attention(model, name, **options)``, which builds each adapter's
+``attention_factory`` into ``nn.MultiheadAttention`` models.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from torch import Tensor, nn
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.attention.nystrom import NystromAttention
 from transformer_zoo.attention.performer import PerformerAttention
+from transformer_zoo.attention.softmax import SoftmaxAttention
 from transformer_zoo.functional.softmax import explicit_softmax_attention, softmax_attention
 
 
@@ -46,6 +52,14 @@ class HFKernel:
 
     def setup(self, module: nn.Module, heads: int, head_dim: int) -> None:
         """Attach per-module state to an HF attention module (idempotent). Default: none."""
+
+    def attention_factory(self, layer: int) -> Callable[..., MultiHeadAttention]:
+        """The ``MultiHeadAttention`` class or factory with this kernel's options, for attention
+        layer ``layer`` (0, 1, ...; seeds per-layer random features): what
+        ``swap_attention(model, name, **options)`` builds. Kernels that are only a function
+        have none."""
+        raise TypeError(f"{type(self).__name__} is a function kernel for Hugging Face models "
+                        "only; it has no MultiHeadAttention module to swap in")
 
     def attend(
         self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, *,
@@ -68,6 +82,9 @@ class SoftmaxKernel(HFKernel):
     dense_mask: ClassVar[bool] = True
     grouped_kv: ClassVar[bool] = True
 
+    def attention_factory(self, layer):
+        return SoftmaxAttention
+
     def attend(self, module, q, k, v, *, key_padding_mask, attn_mask, bias, causal, dropout,
                scaling, need_weights):
         options = dict(mask=attn_mask, bias=bias, causal=causal, dropout_p=dropout, scale=scaling)
@@ -83,12 +100,15 @@ class ModuleKernel(HFKernel):
     kernel state (buffers such as a random matrix) as ``module.tz_attention``; its own
     projections are dropped, since HF's are used. Per call it sets the module's causal flag and
     dropout rate, and folds HF's ``scaling`` into q: ``q ← q · scaling · √d``, so the kernel's
-    ``qᵀk/√d`` equals ``scaling · qᵀk``. Exact as the wrapped kernel is exact.
+    ``qᵀk/√d`` equals ``scaling · qᵀk``. Exact as the wrapped kernel is exact. A kernel without
+    a causal form raises in ``setup`` (so in ``use``) for a causal HF module.
     """
 
     def build(self, module: nn.Module, heads: int, head_dim: int) -> MultiHeadAttention:
-        """The kernel module for HF attention ``module`` (``module.layer_idx`` may seed it)."""
-        raise NotImplementedError
+        """The kernel module for HF attention ``module``: ``attention_factory`` of its
+        ``layer_idx``, called as ``factory(h·d, h, head_dim=d)``."""
+        factory = self.attention_factory(int(getattr(module, "layer_idx", 0) or 0))
+        return factory(heads * head_dim, heads, head_dim=head_dim)
 
     def setup(self, module, heads, head_dim):
         if isinstance(getattr(module, "tz_attention", None), MultiHeadAttention):
@@ -97,11 +117,26 @@ class ModuleKernel(HFKernel):
         if not isinstance(inner, MultiHeadAttention):
             raise TypeError(f"{type(self).__name__}.build must return a transformer_zoo "
                             f"MultiHeadAttention, got {type(inner).__name__}")
+        if getattr(module, "is_causal", False) and not inner.supports_causal:
+            raise ValueError(_no_causal(type(inner), module))
         inner.q_proj = inner.kv_proj = inner.out_proj = None  # HF's projections are used
         weight = next(module.parameters(), None)
         if weight is not None:
             inner = inner.to(weight.device)
         module.tz_attention = inner.train(module.training)
+
+    def check_causal(self, module: nn.Module, path: str) -> None:
+        """Raise ValueError when the attention class has no causal form; ``module`` (at
+        ``path``) is a causal HF attention module. Reads the class, builds nothing; a custom
+        ``build`` is checked in ``setup`` instead."""
+        try:
+            factory = self.attention_factory(0)
+        except TypeError:
+            return
+        while isinstance(factory, functools.partial):
+            factory = factory.func
+        if isinstance(factory, type) and not factory.supports_causal:
+            raise ValueError(_no_causal(factory, module, path))
 
     def attend(self, module, q, k, v, *, key_padding_mask, attn_mask, bias, causal, dropout,
                scaling, need_weights):
@@ -136,8 +171,11 @@ class AttentionKernel(ModuleKernel):
     name: ClassVar[str] = "module"
     attention: Callable[..., MultiHeadAttention]
 
-    def build(self, module, heads, head_dim):
-        return self.attention(heads * head_dim, heads, head_dim=head_dim)
+    def __post_init__(self) -> None:
+        check_factory(self.attention, "kernel")
+
+    def attention_factory(self, layer):
+        return self.attention
 
 
 @dataclass
@@ -155,12 +193,10 @@ class PerformerKernel(ModuleKernel):
     redraw_interval: int | None = None
     seed: int | None = None
 
-    def build(self, module, heads, head_dim):
-        return PerformerAttention(
-            heads * head_dim, heads, head_dim=head_dim, nb_features=self.nb_features,
-            redraw_interval=self.redraw_interval, seed=self.seed,
-            layer=int(getattr(module, "layer_idx", 0) or 0),
-        )
+    def attention_factory(self, layer):
+        return functools.partial(PerformerAttention, nb_features=self.nb_features,
+                                 redraw_interval=self.redraw_interval, seed=self.seed,
+                                 layer=layer)
 
 
 @dataclass
@@ -180,9 +216,33 @@ class NystromKernel(ModuleKernel):
     pinv_ridge: float | None = None
     conv_kernel: int | None = None
 
-    def build(self, module, heads, head_dim):
-        return NystromAttention(
-            heads * head_dim, heads, head_dim=head_dim, num_landmarks=self.num_landmarks,
-            pinv_iterations=self.pinv_iterations, pinv_ridge=self.pinv_ridge,
-            conv_kernel=self.conv_kernel,
-        )
+    def attention_factory(self, layer):
+        return functools.partial(NystromAttention, num_landmarks=self.num_landmarks,
+                                 pinv_iterations=self.pinv_iterations,
+                                 pinv_ridge=self.pinv_ridge, conv_kernel=self.conv_kernel)
+
+
+#: Built-in kernels by short name: ``huggingface.use(model, name)`` and
+#: ``swap_attention(model, name)`` look names up here.
+KERNELS: dict[str, type[HFKernel]] = {
+    "softmax": SoftmaxKernel, "performer": PerformerKernel, "nystrom": NystromKernel,
+}
+
+
+def _no_causal(cls: type, module: nn.Module, path: str = "") -> str:
+    where = type(module).__name__ + (f" ({path})" if path else "")
+    return (f"{cls.__name__} does not support causal attention, which {where} uses "
+            "(is_causal=True); use a kernel with a causal form (\"softmax\", \"performer\")")
+
+
+def check_factory(attention: object, what: str) -> None:
+    """Raise TypeError unless ``attention`` can build modules (a class or factory, not an
+    instance or a string)."""
+    if isinstance(attention, nn.Module):
+        name = type(attention).__name__
+        raise TypeError(f"{what}: expected a MultiHeadAttention subclass or factory, got a "
+                        f"{name} instance (one module cannot serve every layer); pass {name} "
+                        f"or functools.partial({name}, ...) with its options")
+    if isinstance(attention, str) or not callable(attention):
+        raise TypeError(f"{what}: expected a MultiHeadAttention subclass or factory, got "
+                        f"{attention!r}")

@@ -39,24 +39,20 @@ from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.softmax import expand_kv_heads
 from transformer_zoo.interop._masks import settle_bias, split_additive
 from transformer_zoo.interop.hf_kernels import (
+    KERNELS,
     AttentionKernel,
     HFKernel,
     ModuleKernel,
     NystromKernel,
     PerformerKernel,
     SoftmaxKernel,
+    check_factory,
 )
 
 __all__ = ["KERNELS", "AttentionKernel", "HFKernel", "ModuleKernel", "NystromKernel",
            "PerformerKernel", "SoftmaxKernel", "padding_only_mask", "register", "use"]
 
 _UNSUPPORTED = ("softcap", "s_aux", "sinks")
-
-
-#: Built-in kernels by short name; ``use(model, name)`` looks names up here.
-KERNELS: dict[str, type[HFKernel]] = {
-    "softmax": SoftmaxKernel, "performer": PerformerKernel, "nystrom": NystromKernel,
-}
 
 
 def padding_only_mask(
@@ -185,7 +181,15 @@ def use(
     Per-module state is created now (replacing any from an earlier ``use``), as buffers, so it
     saves with the model: to restore it, ``use`` the same kernel, then ``load_state_dict``.
     To go back: ``model.set_attn_implementation("sdpa")``.
+
+    Raises TypeError for a model that is not a ``PreTrainedModel`` or a module instance as
+    ``kernel``; ValueError when no attention module is found, or when the kernel has no causal
+    form and the model's attention is causal (Nyström in Llama), before anything changes.
     """
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model: expected a transformers PreTrainedModel, got "
+                        f"{type(model).__name__}; for nn.MultiheadAttention models use "
+                        "transformer_zoo.interop.swap_attention")
     if isinstance(kernel, str):
         if kernel not in KERNELS:
             raise ValueError(f"kernel: expected one of {sorted(KERNELS)}, got {kernel!r}")
@@ -193,23 +197,27 @@ def use(
     elif options:
         raise TypeError("options go to a named kernel's constructor; got options with "
                         f"{type(kernel).__name__}")
-    elif not isinstance(kernel, HFKernel) and callable(kernel):
+    elif not isinstance(kernel, HFKernel):
+        check_factory(kernel, "kernel")
         kernel = AttentionKernel(kernel)
-    if not isinstance(kernel, HFKernel):
-        raise TypeError(f"kernel: expected a name, an HFKernel or a MultiHeadAttention "
-                        f"factory, got {type(kernel).__name__}")
+    targets = [(path, module, shape) for path, module in model.named_modules()
+               if (shape := _heads(module)) is not None]
+    if not targets:
+        raise ValueError(f"found no attention module in {type(model).__name__} (a module with "
+                         "the model's config, an is_causal or is_decoder flag and a head count)")
+    if isinstance(kernel, ModuleKernel):  # a kernel without a causal form fails now
+        for path, module, _ in targets:
+            if getattr(module, "is_causal", False):
+                kernel.check_causal(module, path)
+                break
     name = register(type(kernel))
-    paths = []
-    for path, module in model.named_modules():
-        shape = _heads(module)
-        if shape is not None:
-            if "tz_attention" in module._modules:
-                del module.tz_attention
-            module.tz_kernel = kernel
-            kernel.setup(module, *shape)
-            paths.append(path)
+    for _, module, shape in targets:
+        if "tz_attention" in module._modules:
+            del module.tz_attention
+        module.tz_kernel = kernel
+        kernel.setup(module, *shape)
     model.set_attn_implementation(name)
-    return paths
+    return [path for path, _, _ in targets]
 
 
 for _kernel in KERNELS.values():  # so attn_implementation="tz_softmax" works at load time

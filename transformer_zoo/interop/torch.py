@@ -39,6 +39,7 @@ from transformer_zoo.attention.softmax import SoftmaxAttention
 from transformer_zoo.functional.masks import merge_masks, padding_to_attn_mask
 from transformer_zoo.functional.softmax import explicit_softmax_attention
 from transformer_zoo.interop._masks import torch_masks
+from transformer_zoo.interop.hf_kernels import check_factory
 from transformer_zoo.positional.base import Place
 
 AttentionFactory = Callable[..., MultiHeadAttention]
@@ -93,6 +94,7 @@ class MultiheadAttentionCompat(nn.Module):
         kdim = embed_dim if kdim is None else kdim
         vdim = embed_dim if vdim is None else vdim
         self.path = path or type(self).__name__
+        check_factory(attention, f"{self.path}: attention")
         inner = attention(embed_dim, num_heads, dropout=dropout, bias=bias, kv_dim=kdim)
         if not isinstance(inner, MultiHeadAttention):
             raise TypeError(
@@ -180,6 +182,11 @@ class MultiheadAttentionCompat(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
+        ranks = (query.dim(), key.dim(), value.dim())
+        if ranks not in ((3, 3, 3), (2, 2, 2)):
+            raise ValueError(f"{self.path}: expected query, key and value all 3-D (batched) or "
+                             f"all 2-D (unbatched), got {tuple(query.shape)}, "
+                             f"{tuple(key.shape)}, {tuple(value.shape)}")
         batched = query.dim() == 3
         self_attention, shared_kv = query is key and key is value, key is value
         if not batched:  # (L, E) -> (1, L, E)
