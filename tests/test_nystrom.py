@@ -190,6 +190,18 @@ def test_regularized_pinv_keeps_masked_landmarks_out():
     assert z[0, 3, :].abs().max() == 0 and z[0, :, 1].abs().max() == 0  # exactly, by the solve
 
 
+def test_ridge_pinv_of_large_batched_matrices_with_threads():
+    # batched LU solves failed here (MKL, 2 threads, m >= 256); the SPD system takes Cholesky
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = qkv(1, 8, 1024, 64, dtype=torch.float32)
+        out = nystrom_attention(q, k, v, num_landmarks=256, pinv_iterations=None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.isfinite(out).all()
+
+
 def test_gradcheck_ridge_pinv_fp64():
     a = (torch.randn(2, 5, 5, dtype=F64) * 2).softmax(-1).requires_grad_()
     assert torch.autograd.gradcheck(lambda a: regularized_pinv(a, ridge=0.1), (a,),

@@ -25,12 +25,14 @@ Exact vs approximate:
   unless given; ``pinv_ridge=0`` is the exact ``torch.linalg.pinv``). Entries of Ŝ can be
   negative and its rows sum to 1 only approximately.
 
-kernel_2 of real queries and keys is badly conditioned (all-MiniLM-L6-v2: median condition
-number ~1e3–1e5 per layer at 64 landmarks, benchmarks/results/nystrom_conditioning.md), and
-kernel_1, kernel_3 are not in the range that its smallest singular directions would need, so
-the *exact* pseudoinverse (or many iterations, which converge to it) amplifies them: on
-MiniLM a far worse model than 6 iterations. Both the truncated iteration and the ridge damp
-those directions; that is why they work, and why more iterations are not more accurate.
+kernel_2 of real queries and keys is badly conditioned (all-MiniLM-L6-v2 at 64 landmarks:
+median condition number 2.6e3–2.2e5 per layer, 35–95% of the singular values below 0.1·σ₁;
+benchmarks/results/nystrom_conditioning.md), and kernel_1, kernel_3 are not in the spaces its
+smallest singular directions would need, so the *exact* pseudoinverse (or many iterations,
+which converge to it) amplifies their mismatch: on MiniLM a far worse model than 6 iterations,
+in fp64 as in fp32. The truncated iteration (a cut-off near √(‖A‖₁‖A‖∞)/1.8^steps) and the
+ridge damp those directions; that is why they work, and why more iterations are not more
+accurate (docs/nystrom.md).
 
 The product is evaluated as kernel_1 @ (Z @ (kernel_3 @ V)): the same matrix as
 (kernel_1 @ Z) @ (kernel_3 @ V) in O(n·m·d + m²·d) instead of O(n·m² + n·m·d).
@@ -165,12 +167,12 @@ def nystrom_attention(
             key mask here for self-attention). Padded queries still get an output row.
         pinv_iterations: steps of the iterative pseudoinverse (6, the paper's, is the
             default; more steps converge to the exact pinv and degrade real models: 12 steps
-            give mean cosine 0.71 instead of 0.91 on MiniLM), or None for the direct,
+            give mean cosine 0.71 instead of 0.91 zero-shot on MiniLM), or None for the direct,
             ridge-regularised pseudoinverse (``regularized_pinv``).
         pinv_ridge: with ``pinv_iterations=None``, λ / σ₁(kernel_2); default
             ``DEFAULT_PINV_RIDGE`` = 0.1, the best measured on MiniLM. ``0`` gives the exact
             ``torch.linalg.pinv``, exact in the limit Q̃ = Q, K̃ = K but far worse on real
-            inputs (MiniLM: mean cosine 0.16); see docs/nystrom.md. An int
+            inputs (MiniLM: mean cosine 0.14–0.16); see docs/nystrom.md. An int
             ``pinv_iterations`` with a ``pinv_ridge`` raises ValueError.
         scale: logit scale, default 1/√d.
         dropout_p: dropout on kernel 1's weights (on the attention weights on the exact path).
