@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from transformer_zoo import RotaryEmbedding
 from transformer_zoo.functional.rotary import (
     RotaryLayout,
     apply_rotary,
     apply_rotary_angles,
+    exact_rotary_angles,
     ntk_scaled_base,
     permute_rotary_weight,
     rotary_angles,
@@ -21,6 +24,7 @@ from transformer_zoo.functional.rotary import (
     rotary_permutation,
     rotary_reference,
 )
+from transformer_zoo.functional.rotary_phase import phase_angles_fp64, phase_table
 
 LAYOUTS = list(RotaryLayout)
 
@@ -51,7 +55,7 @@ def exact_rotated_dot(q, k, m, n, r, base, layout):
 )
 def test_relative_property_fp32(layout, m, n, half, extra):
     """<R_m q, R_n k> = qᵀ R_(n−m) k for fp32 q, k and m, n up to 1e5, to fp32 rounding: every
-    angle is within ~4e-7 rad (fp64 angle, reduced mod 2π, then rounded), whatever m and n."""
+    angle is the exact one rounded once to fp32 (≤ 2.4e-7 rad), whatever m and n."""
     r, w = 2 * half, 2 * half + extra
     q, k = torch.randn(1, 1, 1, w), torch.randn(1, 1, 1, w)
     rq = apply_rotary(q, torch.tensor([m]), dim=r, layout=layout)
@@ -243,20 +247,134 @@ def test_validation():
                               source=RotaryLayout.INTERLEAVED, target=RotaryLayout.HALF_SPLIT)
 
 
-def test_angles_are_exact_to_fp32_rounding_at_any_position():
-    """Angles come from int64 positions via fp64, reduced mod 2π, then rounded to fp32:
-    positions 1000..1007 stay distinct (in bf16 they would collapse to 2 values) and even at
-    p = 10^7 or 2^31 cos/sin match the fp64 value to ~1e-6 (fp32 angles would be off by ~1)."""
+def exact_angle(p: int, i: int, r: int, base: float, s: float = 1.0, theta=None):
+    """Slow reference (mpmath, 60 digits): (p/s)·θ_i mod 2π with θ_i = base^(−2i/r) the real
+    number (or the given ``theta``, taken as exact)."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(60):
+        t = mpmath.power(mpmath.mpf(base), -mpmath.mpf(2 * i) / r) if theta is None else (
+            mpmath.mpf(theta))
+        return (mpmath.mpf(p) / mpmath.mpf(s) * t) % (2 * mpmath.pi)
+
+
+def assert_correctly_rounded(got: torch.Tensor, positions, r, base, s=1.0, thetas=None):
+    """Every fp32 angle is within half an fp32 ulp (+1e-11 rad) of the exact angle, measured
+    around the circle: the fp32 rounding of the exact value."""
+    mpmath = pytest.importorskip("mpmath")
+    got = got.reshape(len(positions), r // 2).double().tolist()
+    for row, p in zip(got, positions, strict=True):
+        for i, g in enumerate(row):
+            exact = exact_angle(p, i, r, base, s, None if thetas is None else thetas[i])
+            with mpmath.workdps(60):
+                d = (mpmath.mpf(g) - exact) % (2 * mpmath.pi)
+                d = float(min(d, 2 * mpmath.pi - d))
+            half_ulp = 0.5 * float(np.spacing(np.float32(float(exact))))
+            assert d <= half_ulp + 1e-11, (p, i, g, float(exact), d)
+
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+BASES = st.sampled_from([10000.0, 500000.0, 1e6, 500.0, 2.0, 123456.789])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(INT64, min_size=1, max_size=4), st.integers(1, 32), BASES,
+       st.sampled_from([1.0, 2.0, 3.5, 8.0]))
+def test_angles_exact_at_every_int64_position(positions, half, base, s):
+    """The issue's property, over random int64 positions, widths, bases and interpolation
+    factors s: the fp32 angles of ``apply_rotary``'s path (``exact_rotary_angles``),
+    ``RotaryEmbedding.angles`` and ``rotary_angles`` with extended frequencies are the correctly
+    rounded (p/s)·base^(−2i/r) mod 2π. (Before: 5e-6 rad off at 2^36, 0.7 rad at 2^53.)"""
+    r = 2 * half
+    pos = torch.tensor(positions)
+    extended = rotary_frequencies(r, base=base, extended=True)
+    got = rotary_angles(pos, extended, interpolation_factor=s)
+    assert got.dtype == torch.float32 and ((got >= 0) & (got <= 2 * math.pi + 1e-6)).all()
+    assert_correctly_rounded(got, positions, r, base, s)
+    rope = RotaryEmbedding(head_dim=r, base=base, interpolation_factor=s)
+    torch.testing.assert_close(rope.angles(pos), got, rtol=0, atol=0)
+    torch.testing.assert_close(exact_rotary_angles(pos, r, base, s), got, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0, 1, -1, 2**21 - 1, 2**21, -(2**21), 2**42 - 1, 2**42,
+                               -(2**42) - 1, 2**53 + 1, 2**62, 2**63 - 1, -(2**63)])
+def test_angles_exact_at_chunk_boundaries(p):
+    """The 21-bit split at its edges (and both ends of int64), batched positions too."""
+    r, base = 64, 10000.0
+    got = rotary_angles(torch.tensor([p]), rotary_frequencies(r, base=base, extended=True))
+    assert_correctly_rounded(got, [p], r, base)
+    batched = exact_rotary_angles(torch.tensor([[p, 0]]), r, base, 1.0)  # (b, 1, n, r/2)
+    assert batched.shape == (1, 1, 2, r // 2)
+    torch.testing.assert_close(batched[0, 0, 0], got[0], rtol=0, atol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(INT64, min_size=1, max_size=3), st.integers(1, 16), st.integers(0, 2**32))
+def test_plain_fp64_frequencies_are_taken_as_exact(positions, half, seed):
+    """``rotary_angles`` with a plain fp64 θ (any values, e.g. a user's own frequencies) is
+    exact for those fp64 numbers at every int64 position."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.rand(half, generator=g, dtype=torch.float64) ** 4  # spread over decades
+    got = rotary_angles(torch.tensor(positions), theta)
+    assert_correctly_rounded(got, positions, 2 * half, 10000.0, thetas=theta.tolist())
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(INT64, min_size=1, max_size=4), BASES)
+def test_fp64_angles_before_rounding_are_within_1e_12(positions, base):
+    """The fp64 angles the reduction produces (before the single rounding to fp32) are within
+    1e-12 rad of the exact ones: the fp32 rounding is correct unless within 1e-12 of a tie."""
+    mpmath = pytest.importorskip("mpmath")
+    r = 32
+    hi, lo = rotary_frequencies(r, base=base, extended=True)
+    fine = phase_angles_fp64(torch.tensor(positions), phase_table(hi, lo, 1.0)).tolist()
+    for row, p in zip(fine, positions, strict=True):
+        for i, g in enumerate(row):
+            with mpmath.workdps(60):
+                d = (mpmath.mpf(g) - exact_angle(p, i, r, base)) % (2 * mpmath.pi)
+                assert float(min(d, 2 * mpmath.pi - d)) <= 1e-12
+
+
+def test_extended_frequencies_are_the_real_theta():
+    """θ_hi is the correctly rounded base^(−2i/r) and θ_hi + θ_lo agrees with it to 1e-30."""
+    mpmath = pytest.importorskip("mpmath")
+    hi, lo = rotary_frequencies(64, base=10000.0, extended=True).tolist()
+    assert hi == rotary_frequencies(64, base=10000.0).tolist()
+    with mpmath.workdps(60):
+        for i, (h, low) in enumerate(zip(hi, lo, strict=True)):
+            exact = mpmath.power(10000, -mpmath.mpf(2 * i) / 64)
+            assert h == float(exact)
+            assert abs((mpmath.mpf(h) + mpmath.mpf(low)) / exact - 1) < 1e-30
+
+
+def test_ntk_angles_are_exact_for_the_scaled_base():
+    """With NTK the θ_i are those of the fp64 base' that ``ntk_scaled_base`` returns."""
+    r, s = 16, 4.0
+    scaled = ntk_scaled_base(10000.0, r, s)
+    pos = [2**40 + 3, -(2**57) + 11]
+    x = torch.zeros(1, 1, 2, r)
+    x[..., 0::2] = 1.0  # interleaved pairs (1, 0): the rotated pair is (cos, sin)
+    y = apply_rotary(x.double(), torch.tensor(pos), dim=r, ntk_factor=s)
+    angles = torch.atan2(y[0, 0, :, 1::2], y[0, 0, :, 0::2]) % (2 * math.pi)
+    rope = RotaryEmbedding(head_dim=r, ntk_factor=s)
+    assert_correctly_rounded(rope.angles(torch.tensor(pos)), pos, r, scaled)
+    torch.testing.assert_close(angles, rope.angles(torch.tensor(pos)).double(), rtol=0,
+                               atol=1e-12)
+
+
+def test_angles_at_nearby_positions_stay_distinct():
+    """Positions 1000..1007 give 8 distinct angles (in bf16 they would collapse to 2)."""
     pos = torch.arange(1000, 1008)
     angles = rotary_angles(pos, rotary_frequencies(4))
     assert angles.dtype == torch.float32
     assert angles[:, 0].unique().numel() == 8
     assert ((angles >= 0) & (angles < 2 * math.pi + 1e-6)).all()
-    far = torch.tensor([10**5, 10**7, 2**31, -(10**7)])
-    theta = rotary_frequencies(64)
-    got = rotary_angles(far, theta)
-    for i, p in enumerate(far.tolist()):
-        for j in (0, 1, 17, 31):
-            exact = p * theta[j].item()
-            assert abs(math.cos(got[i, j].item()) - math.cos(exact)) < 2e-6
-            assert abs(math.sin(got[i, j].item()) - math.sin(exact)) < 2e-6
+
+
+def test_rotary_angles_validates_its_inputs():
+    theta = rotary_frequencies(8)
+    with pytest.raises(ValueError, match=r"\(2, r/2\)"):
+        rotary_angles(torch.arange(3), torch.ones(3, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="int64"):
+        rotary_angles(torch.arange(3, dtype=torch.int32), theta)
+    with pytest.raises(ValueError, match="> 0"):
+        rotary_angles(torch.arange(3), theta, interpolation_factor=0.0)

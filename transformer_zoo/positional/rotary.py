@@ -4,9 +4,9 @@
     θ_i = base^(−2i/r),  so  (R_m q)ᵀ(R_n k) = qᵀ R_(n−m) k  depends only on n − m
 
 Su et al. 2021, "RoFormer: Enhanced Transformer with Rotary Position Embedding",
-arXiv 2104.09864 (eq. 13-16; eq. 19 for linear attention). Exact rotation; the angles are
-formed in fp64 from int64 positions, reduced mod 2π and rounded to fp32 (see
-``transformer_zoo.functional.rotary``).
+arXiv 2104.09864 (eq. 13-16; eq. 19 for linear attention). Exact rotation; the angles
+(p/s)·θ_i mod 2π are exact for every int64 position (real θ_i = base'^(−2i/r)) and rounded once
+to fp32 (see ``transformer_zoo.functional.rotary`` and ``rotary_phase``).
 
 Options: both channel layouts (``RotaryLayout``), partial rotary (only the first
 ``rotary_dim`` channels rotate), base θ, linear position interpolation (positions / s; Chen et
@@ -30,8 +30,8 @@ from transformer_zoo.functional.rotary import (
     apply_rotary_angles,
     apply_rotary_tables,
     check_rotary_input,
+    exact_rotary_angles,
     ntk_scaled_base,
-    rotary_angles,
     rotary_frequencies,
     rotary_tables,
 )
@@ -51,10 +51,12 @@ class RotaryEmbedding(QKTransform):
         interpolation_factor: s >= 1; positions are divided by s (linear interpolation).
         ntk_factor: s >= 1; base becomes base·s^(r/(r−2)) (NTK-aware scaling).
 
-    Nothing is stored in the state dict; the fp64 frequencies are cached per (device, width)
-    in a plain dict (the options are read-only, so the cache is never stale). cos/sin come
-    from the positions at each call (no length-limited table, no host sync), computed once
-    for q and k when they share positions, and are cast to the input dtype when applied.
+    No parameters or buffers, nothing in the state dict; the per-frequency phase tables
+    (θ_i/(2π s) in the form the exact int64 reduction needs, fp64 ``(3, width)``) are cached per
+    (width, base', s, device) in a dict of ``functional.rotary`` (the options are read-only, so
+    the cache is never stale). cos/sin come from the positions at each call (no length-limited
+    table, no host sync), computed once for q and k when they share positions, and are cast to
+    the input dtype when applied.
 
     Example:
         >>> import torch
@@ -93,7 +95,6 @@ class RotaryEmbedding(QKTransform):
         self._ntk_factor = _check_factor(ntk_factor, "ntk_factor")
         # base' after NTK rescaling; every width (rotary_dim or a Performer's dim) uses it.
         self._scaled_base = ntk_scaled_base(self._base, rotary_dim, self._ntk_factor)
-        self._freq_cache: dict[tuple[torch.device, int], Tensor] = {}
 
     # read-only options: changing one would leave cached frequencies stale
     head_dim = property(lambda self: self._head_dim)
@@ -104,25 +105,14 @@ class RotaryEmbedding(QKTransform):
     ntk_factor = property(lambda self: self._ntk_factor)
 
     def frequencies(self, dim: int, device: torch.device) -> Tensor:
-        """θ_i = base'^(−2i/dim), fp64 ``(dim/2,)`` on ``device`` (cached outside compile)."""
-        if torch.compiler.is_compiling():
-            return rotary_frequencies(dim, base=self._scaled_base, device=device)
-        key = (device, dim)
-        freq = self._freq_cache.get(key)
-        if freq is None:
-            freq = rotary_frequencies(dim, base=self._scaled_base, device=device)
-            self._freq_cache[key] = freq
-        return freq
+        """θ_i = base'^(−2i/dim), fp64 ``(dim/2,)`` on ``device`` (fp32 on MPS)."""
+        return rotary_frequencies(dim, base=self._scaled_base, device=device)
 
     def angles(self, positions: Tensor, dim: int | None = None) -> Tensor:
-        """Angles p·θ_i mod 2π (fp32) ``(n, dim/2)`` or ``(b, 1, n, dim/2)``, after
-        interpolation."""
+        """Angles (p/s)·θ_i mod 2π (fp32) ``(n, dim/2)`` or ``(b, 1, n, dim/2)``, exact for
+        every int64 position, then rounded once to fp32."""
         dim = self._rotary_dim if dim is None else _check_even_dim(dim)
-        return rotary_angles(
-            positions,
-            self.frequencies(dim, positions.device),
-            interpolation_factor=self._interpolation_factor,
-        )
+        return exact_rotary_angles(positions, dim, self._scaled_base, self._interpolation_factor)
 
     def rotate(self, x: Tensor, positions: Tensor, *, dim: int | None = None) -> Tensor:
         """Rotate x ``(b, h, n, w)`` by int64 positions ``(n,)`` or ``(b, n)``.
