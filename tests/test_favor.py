@@ -1,6 +1,5 @@
 """FAVOR+ kernels: random matrix, feature maps, linear vs quadratic form, causal prefix sum."""
 
-import functools
 import math
 
 import pytest
@@ -15,14 +14,14 @@ from transformer_zoo.functional import (
     OptimalPositiveFeatures,
     PositiveFeatures,
     RowNorms,
-    causal_linear_scan,
     draw_projection,
     explicit_softmax_attention,
     favor_attention,
     favor_decode_step,
     gaussian_orthogonal_matrix,
 )
-from transformer_zoo.functional.causal_linear import chunked_scan
+from transformer_zoo.functional.favor import compute_dtype
+from transformer_zoo.functional.favor import log_features as favor_log_features
 from transformer_zoo.functional.random_features import projection_seed
 
 F64 = torch.float64
@@ -176,27 +175,6 @@ def test_grouped_query_heads_match_expanded():
     k4, v4 = k2.repeat_interleave(2, 1), v2.repeat_interleave(2, 1)
     want = favor_attention(q, k4, v4, w, causal=True)
     torch.testing.assert_close(got, want)
-
-
-@given(n=st.integers(1, 40), chunk=st.integers(1, 16), reverse=st.booleans())
-def test_chunked_scan_matches_masked_quadratic(n, chunk, reverse):
-    a, b = torch.rand(2, 2, n, 5, dtype=F64).unbind(0)
-    x = torch.randn(2, n, 3, dtype=F64)
-    g = torch.randn(2, n, dtype=F64).abs().cumsum(-1)  # non-decreasing
-    diff = g[:, :, None] - g[:, None, :]  # [r, s] = g_r - g_s
-    keep = torch.ones(n, n, dtype=torch.bool)
-    keep, diff = (keep.triu(), diff) if reverse else (keep.tril(), -diff)
-    want = ((a @ b.transpose(-2, -1)) * diff.exp() * keep) @ x
-    torch.testing.assert_close(chunked_scan(a, b, x, g, chunk=chunk, reverse=reverse), want)
-
-
-def test_causal_scan_gradcheck_across_chunks():
-    a, b = torch.rand(2, 2, 11, 4, dtype=F64).unbind(0)
-    x = torch.randn(2, 11, 3, dtype=F64)
-    g = torch.randn(2, 11, dtype=F64).abs().cumsum(-1)
-    args = [t.requires_grad_() for t in (a, b, x)]
-    fn = functools.partial(causal_linear_scan, g=g, chunk=4)
-    assert torch.autograd.gradcheck(fn, args, fast_mode=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -366,18 +344,6 @@ def test_bidirectional_denominator_never_underflows_at_extreme_norms(fmap):
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_chunked_scan_groups_of_blocks_agree(monkeypatch):
-    import transformer_zoo.functional.causal_linear as cl
-
-    a, b = torch.rand(2, 2, 37, 5, dtype=F64).unbind(0)
-    x = torch.randn(2, 37, 3, dtype=F64)
-    g = torch.randn(2, 37, dtype=F64).abs().cumsum(-1)
-    want = [chunked_scan(a, b, x, g, chunk=4, reverse=r) for r in (False, True)]
-    monkeypatch.setattr(cl, "_GROUP_ROWS", 8)  # two chunks per batched step
-    for r, w in zip((False, True), want, strict=True):
-        torch.testing.assert_close(chunked_scan(a, b, x, g, chunk=4, reverse=r), w)
-
-
 @pytest.mark.parametrize("fmap", FMAPS, ids=repr)
 @pytest.mark.parametrize("causal", [False, True])
 def test_fully_padded_rows_give_zero_and_finite_gradients(fmap, causal):
@@ -437,3 +403,207 @@ def test_fused_path_second_order_gradients_match_generic(pair):
         grads.append(torch.autograd.grad(gq.square().sum() + gk.sum(), (q, k, v)))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+# -- causal exactness at every norm (issue: per-feature running key max) ----------------------
+def textbook_log_features(x, w, fmap):
+    """log φ(x̂) in fp64 up to constants (r^(-1/2), D), written from the papers: FAVOR+ and
+    hyperbolic (Choromanski et al. 2021), FAVOR++ with A = A*(ρ), B = √(1 − 4A)
+    (Likhosherstov et al. 2022)."""
+    xh = x.to(F64) * x.shape[-1] ** -0.25
+    w = w.to(F64)
+    sq = xh.square().sum(-1, keepdim=True) / 2
+    if isinstance(fmap, OptimalPositiveFeatures):
+        rho = fmap.rho
+        a = (1 - 2 * rho - math.sqrt((2 * rho + 1) ** 2 + 8 * rho)) / 16
+        wf = torch.cat([w, -w]) if fmap.antithetic else w
+        return math.sqrt(1 - 4 * a) * (xh @ wf.T) + a * wf.square().sum(-1) - sq
+    proj = xh @ w.T
+    if isinstance(fmap, HyperbolicFeatures):
+        proj = torch.cat([proj, -proj], -1)
+    return proj - sq
+
+
+def lse_reference(lq, lk, v, causal=True, valid=None):
+    """out_i = Σ_j softmax_j(L_ij) v_j with L_ij = logsumexp_f(lq_if + lk_jf), in fp64: the
+    quadratic form D⁻¹(Q'K'ᵀ ⊙ M)V computed in log space (no under/overflow at any norm)."""
+    lq, lk = lq.to(F64), lk.to(F64)
+    big = lq[..., :, None, :] + lk[..., None, :, :]  # (b, h, n, m, F)
+    logits = torch.logsumexp(big, -1)
+    n, m = logits.shape[-2:]
+    keep = torch.ones(n, m, dtype=torch.bool)
+    if causal:
+        keep = torch.arange(m) <= torch.arange(n)[:, None] + (m - n)
+    keep = keep if valid is None else keep & valid[:, None, None, :]
+    logits = logits.masked_fill(~keep, float("-inf"))
+    weights = torch.softmax(logits, -1).nan_to_num(0.0)  # rows without a key: 0
+    return weights @ v.to(F64)
+
+
+def gaussian_qkv(norm, n=64, m=64, d=64, seed=0, dtype=torch.float32):
+    """q, k ~ N(0, σ²) per coordinate with σ√d = ``norm`` (the typical per-head norm)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, n, d, generator=gen, dtype=F64) * norm / math.sqrt(d)
+    k = torch.randn(1, 2, m, d, generator=gen, dtype=F64) * norm / math.sqrt(d)
+    v = torch.randn(1, 2, m, d, generator=gen, dtype=F64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+NORMS = [1, 3, 10, 30, 100, 300]
+CAUSAL_MAPS = [PositiveFeatures(), HyperbolicFeatures(),
+               OptimalPositiveFeatures(rho=0.5, antithetic=True)]
+
+
+@pytest.mark.parametrize("fmap", CAUSAL_MAPS, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_causal_matches_fp64_logsumexp_reference_at_every_norm(fmap, dtype):
+    """Causal FAVOR vs the fp64 log-space quadratic form over per-head norms 1..300.
+
+    Against the truth from the same (rounded) inputs the error grows only with the fp32
+    rounding of the log-features themselves (|log φ| reaches ~6000 at norm 300: an absolute
+    error ~ε·|log φ| in every logit), as the bidirectional path's does. The old single
+    running max gave all-zero rows from norm ~100 on (error 1)."""
+    w = draw_projection(128, 64, seed=0)
+    out_eps = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0  # output cast
+    for norm in NORMS:
+        q, k, v = gaussian_qkv(norm, dtype=dtype, seed=norm)
+        got = favor_attention(q, k, v, w, feature_map=fmap, causal=True, chunk_size=16)
+        got = got.to(F64)
+        scale = v.abs().max().double()
+        lq, lk = textbook_log_features(q, w, fmap), textbook_log_features(k, w, fmap)
+        err = float((got - lse_reference(lq, lk, v)).abs().max() / scale)
+        assert (got.abs().sum(-1) > 0).all(), f"norm {norm}: zero rows"
+        # conditioning: fp32 log-features carry an absolute error ~ε·|log φ| (6000 at 300)
+        cond = torch.finfo(torch.float32).eps * float(lq.abs().max() + lk.abs().max())
+        assert err <= 4 * cond + 2e-5 + out_eps, (norm, err, cond)
+        qz, kz = favor_log_features(q.to(compute_dtype(dtype)), k.to(compute_dtype(dtype)), w,
+                                    feature_map=fmap, causal=True)
+        own = lse_reference(qz, kz, v)  # the stabilisers round log φ(q) + g in fp32 only
+        assert float((got - own).abs().max() / scale) <= 2 * cond + 1e-5 + out_eps, norm
+
+
+def test_causal_single_query_and_key_give_v_exactly():
+    """One query, one key: the output is v whatever the directions (the issue's case:
+    q = −50u, k = 50u, d = 64, r = 256 gave 0 for 5 of 20 directions u)."""
+    d = 64
+    w = draw_projection(256, d, seed=0)
+    for seed in range(20):
+        u = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+        u = u / u.norm()
+        q, k = (-50 * u).view(1, 1, 1, d), (50 * u).view(1, 1, 1, d)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            ones = torch.ones(1, 1, 1, d, dtype=dtype)
+            args = (q.to(dtype), k.to(dtype), ones, w)
+            assert torch.equal(favor_attention(*args, causal=True), ones), (seed, dtype)
+            assert torch.equal(favor_decode_step(*args)[0], ones), (seed, dtype)
+        v = torch.randn(1, 1, 1, d)
+        torch.testing.assert_close(favor_attention(q, k, v, w, causal=True), v, rtol=3e-7,
+                                   atol=0)
+
+
+@pytest.mark.parametrize("norm", [10, 300])
+@pytest.mark.parametrize("chunk", [8, 128])
+def test_future_keys_never_change_past_outputs_bit_for_bit(norm, chunk):
+    """Scaling future keys by 1e3, zeroing them (a small-norm key raises the running max by
+    thousands of nats: the steep-rise path) or randomising them and their values leaves
+    every earlier output bit-identical."""
+    q, k, v = gaussian_qkv(norm, n=96, m=96)
+    w = draw_projection(64, 64, seed=1)
+    base = favor_attention(q, k, v, w, causal=True, chunk_size=chunk)
+    for cut in (1, 7, 40, 95):
+        for change in ("scale", "zero", "random"):
+            k2, v2 = k.clone(), v.clone()
+            if change == "scale":
+                k2[:, :, cut:] *= 1e3
+            elif change == "zero":
+                k2[:, :, cut:] = 0
+            else:
+                k2[:, :, cut:] = torch.randn_like(k2[:, :, cut:]) * norm
+            v2[:, :, cut:] = torch.randn_like(v2[:, :, cut:]) * 1e3
+            moved = favor_attention(q, k2, v2, w, causal=True, chunk_size=chunk)
+            assert torch.equal(moved[:, :, :cut], base[:, :, :cut]), (cut, change)
+
+
+@pytest.mark.parametrize("norm", [3, 300])
+def test_causal_is_chunk_size_invariant(norm):
+    q, k, v = gaussian_qkv(norm, n=100, m=100)
+    w = draw_projection(64, 64, seed=2)
+    want = favor_attention(q, k, v, w, causal=True, chunk_size=100)
+    for chunk in (1, 3, 16, 64, 128):
+        torch.testing.assert_close(favor_attention(q, k, v, w, causal=True, chunk_size=chunk),
+                                   want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmap", [*CAUSAL_MAPS, GeneralizedFeatures()], ids=repr)
+@pytest.mark.parametrize("norm", [3, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_decode_steps_equal_parallel_at_every_norm(fmap, norm, dtype):
+    """The state carries the per-feature running max: step t equals row t of the parallel
+    causal kernel (and the fp64 log-space truth) at norm 300, where every output of the old
+    scalar stabiliser was 0."""
+    norm = 3 if isinstance(fmap, GeneralizedFeatures) else norm  # ReLU features: no exp
+    q, k, v = gaussian_qkv(norm, n=24, m=24, dtype=dtype)
+    w = draw_projection(32, 64, seed=3, dtype=dtype)
+    want = favor_attention(q, k, v, w, feature_map=fmap, causal=True, chunk_size=8)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == F64 else dict(rtol=2e-5, atol=2e-5)
+    state = None
+    for t in range(24):
+        sl = slice(t, t + 1)
+        out, state = favor_decode_step(q[:, :, sl], k[:, :, sl], v[:, :, sl], w, state,
+                                       feature_map=fmap)
+        torch.testing.assert_close(out, want[:, :, sl], **tol)
+    assert state.g.shape == (1, 2, 1 if not fmap.exponential else fmap.num_features(32))
+    assert (want.abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("lengths", [(24, 40), (40, 24)])
+def test_cross_lengths_align_bottom_right_at_large_norms(lengths):
+    """n != m: query i sees keys j <= i + m − n, and takes the running max of exactly those
+    keys; padded keys (any content) leave everything unchanged."""
+    n, m = lengths
+    q, k, v = gaussian_qkv(300, n=n, m=m)
+    valid = torch.rand(1, m, generator=torch.Generator().manual_seed(0)) > 0.3
+    k[:, :, ~valid[0]] = 0  # padded keys that would dominate the running max
+    w = draw_projection(64, 64, seed=4)
+    got = favor_attention(q, k, v, w, causal=True, key_padding_mask=valid, chunk_size=8)
+    qz, kz = favor_log_features(q, k, w, causal=True)
+    want = lse_reference(qz, kz, v, valid=valid)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_numerator_transform_keeps_the_scalar_stabiliser_documented_limit(causal):
+    """Su's numerator-only form mixes features, so its key max is one scalar (it commutes with
+    any linear map of the features). Exact at per-head norm 30; at 300 some rows underflow
+    to 0 (the documented limitation, bidirectional and causal alike)."""
+    w = draw_projection(128, 64, seed=0)
+
+    def identity(qf, kf):  # a numerator transform that changes nothing but the stabiliser
+        return qf, kf
+
+    for norm, exact in ((30, True), (300, False)):
+        q, k, v = gaussian_qkv(norm, seed=1)
+        got = favor_attention(q, k, v, w, causal=causal, numerator_transform=identity)
+        want = lse_reference(*favor_log_features(q, k, w, causal=causal), v, causal=causal)
+        if exact:
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+        else:
+            assert (got.abs().sum(-1) == 0).any()
+            plain = favor_attention(q, k, v, w, causal=causal)  # per-feature: exact
+            torch.testing.assert_close(plain.double(), want, rtol=5e-4, atol=5e-4)
+
+
+def test_causal_gradcheck_with_a_learnable_projection():
+    """The fused causal kernel returns ∂log φ(q), ∂log φ(k): W gets its gradient through them
+    (padding and a steep rise included)."""
+    q, k, v = rand_qkv(1, 2, 9, 9, 4)
+    k[:, :, 5] *= 0  # a small-norm key: the running max jumps
+    valid = torch.tensor([[True, True, False, True, True, True, False, True, True]])
+    w = draw_projection(6, 4, seed=0, dtype=F64)
+    args = tuple(t.requires_grad_() for t in (q, k, v, w))
+
+    def fn(q, k, v, w):
+        return favor_attention(q * 6, k * 6, v, w, causal=True, key_padding_mask=valid,
+                               chunk_size=4)
+
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)

@@ -18,8 +18,17 @@ mask), including every stabilizer below, which only move factors that cancel:
 - key side, bidirectional: log φ(k̂_j)_f minus c_f, the max of feature f over *valid* keys,
   with c added to log φ(q̂_i) before its per-token max, so the largest term of every
   denominator is exactly 1 (never 0/0, whatever the norms);
-- key side, causal: log φ(k̂_j) minus the running max over valid keys ≤ j, re-referenced per
-  (query, key) pair in the prefix sum: no future key can change a past output;
+- key side, causal: the same per feature, as a *running* max: g_j,f = max of feature f over
+  valid keys ≤ j leaves key j and joins query i (the g of the last key i sees) before its
+  per-token max; the prefix sum re-references each pair by e^{g_j − g_i} ≤ 1 per feature
+  (``causal_linear.py``), so again the largest term of every denominator is exactly 1, and
+  no future key can change a past output. Measured against an fp64 log-sum-exp reference
+  over per-head norms 1..300: error at fp32's rounding of the log-features themselves
+  (|log φ| ~ 6000 at norm 300), as bidirectionally;
+- numerator transforms (Su's rotary form) mix features, so there the key max is one scalar
+  (over all features, and over all keys or the running keys): it commutes with the
+  rotation, but it is exact only while the query's best feature and the keys' are not far
+  apart — tested exact at per-head norm 30, while at norm 300 rows underflow to 0;
 - padded keys get φ = 0, leaving numerator *and* denominator; no ε is added per feature: a
   zero denominator (no key, or all features underflowed) gives output 0, never NaN.
 """
@@ -32,8 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from transformer_zoo._checks import check_key_padding_mask, check_rank
+from transformer_zoo._checks import check_key_padding_mask, check_positive_int, check_rank
 from transformer_zoo.functional.causal_linear import causal_linear_scan
+from transformer_zoo.functional.favor_causal import (
+    causal_favor,
+    cummax_rows,
+    first_valid,
+    stabilized_query,
+)
 from transformer_zoo.functional.favor_fused import FusedFavor
 from transformer_zoo.functional.feature_maps import (
     FeatureMap,
@@ -54,6 +69,55 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def check_projection(projection: Tensor, head_dim: int) -> None:
+    """W must be a floating ``(nb_features, head_dim)`` tensor (named error, not a matmul's)."""
+    check_rank(projection, "projection", 2, "(nb_features, head_dim)")
+    if projection.shape[-1] != head_dim:
+        raise ValueError(
+            f"projection: expected (nb_features, head_dim={head_dim}), "
+            f"got {tuple(projection.shape)}"
+        )
+    if not projection.is_floating_point():
+        raise TypeError(f"projection: expected a floating-point tensor, got {projection.dtype}")
+
+
+def log_features(
+    q: Tensor,
+    k: Tensor,
+    projection: Tensor,
+    *,
+    feature_map: FeatureMap = _DEFAULT_MAP,
+    key_padding_mask: Tensor | None = None,
+    causal: bool = False,
+    query_padding_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(log φ(q) (b,h,n,F), log φ(k) (b,h,m,F))`` up to per-query constants (features
+    themselves for non-exponential maps); padded keys get log φ = −inf (φ = 0)."""
+    scale = q.shape[-1] ** -0.25
+    w = projection.to(q.dtype)
+    q_hat, k_hat = q * scale, k * scale
+    feature_map = feature_map.prepare(
+        q_hat, k_hat, query_padding_mask=query_padding_mask,
+        key_padding_mask=key_padding_mask, causal=causal,
+    )
+    qz = feature_map(q_hat, w, query=True)  # (b, h, n, F)
+    kz = feature_map(k_hat, w, query=False)  # (b, h, m, F)
+    if key_padding_mask is not None:
+        valid = key_padding_mask[:, None, :, None]  # (b, 1, m, 1)
+        kz = kz.masked_fill(~valid, float("-inf")) if feature_map.exponential else kz * valid
+    return qz, kz
+
+
+def running_key_max(kz: Tensor, scalar: bool = False, padded: bool = True) -> Tensor:
+    """g_j = max over keys i <= j of log φ(k_i), per feature ``(b, h, m, F)`` (one value over
+    all features, ``(b, h, m, 1)``, when ``scalar``), detached. ``padded`` (some keys are
+    −inf): before the first valid key g holds that key's value (``first_valid``)."""
+    kz = kz.detach()
+    kz = kz.amax(-1, keepdim=True) if scalar else kz
+    g = cummax_rows(kz)
+    return torch.where(torch.isfinite(g), g, first_valid(kz)) if padded else g
+
+
 def favor_features(
     q: Tensor,
     k: Tensor,
@@ -69,51 +133,32 @@ def favor_features(
 
     φ(q) and φ(k) are the textbook features up to factors that cancel. Bidirectional: a
     per-feature key max c_f (valid keys) leaves log φ(k) and joins log φ(q), whose per-token
-    max is then removed; ``g`` is zeros ``(b, h, 1)``. Causal: ``g`` ``(b, h, m)`` is the
-    running max of log φ(k) over valid keys <= j, removed from key j (the prefix sum
-    re-references it per query). Zeros for non-exponential maps. ``scalar_key_max`` uses one
-    c for all features (it then commutes with rotations of the features: Su's form).
-    Data-dependent maps are fixed first by ``feature_map.prepare`` (real queries and keys).
+    max is then removed; ``g`` is zeros ``(b, h, 1, 1)``. Causal: ``g`` ``(b, h, m, F)`` is
+    the running max of each feature over valid keys <= j, removed from key j and added to the
+    query that sees keys up to j (query i: key i + m − n, bottom-right aligned) before its
+    per-token max: the prefix sum re-references each pair with e^{g_j − g_i}. Zeros
+    ``(b, h, ·, 1)`` for non-exponential maps. ``scalar_key_max`` uses one value for all
+    features (it then commutes with rotations of the features: Su's form). Data-dependent
+    maps are fixed first by ``feature_map.prepare`` (real queries and keys).
     """
-    scale = q.shape[-1] ** -0.25
-    w = projection.to(q.dtype)
-    q_hat, k_hat = q * scale, k * scale
-    feature_map = feature_map.prepare(
-        q_hat, k_hat, query_padding_mask=query_padding_mask,
-        key_padding_mask=key_padding_mask, causal=causal,
-    )
-    qz = feature_map(q_hat, w, query=True)  # (b, h, n, F)
-    kz = feature_map(k_hat, w, query=False)  # (b, h, m, F)
+    qz, kz = log_features(q, k, projection, feature_map=feature_map,
+                          key_padding_mask=key_padding_mask, causal=causal,
+                          query_padding_mask=query_padding_mask)
     b, h, m, _ = kz.shape
-    valid = None if key_padding_mask is None else key_padding_mask[:, None, :]  # (b, 1, m)
     if not feature_map.exponential:
-        if valid is not None:
-            kz = kz * valid.unsqueeze(-1)
-        g = kz.new_zeros(b, h, m if causal else 1)
-        return qz, kz, g
+        return qz, kz, kz.new_zeros(b, h, m if causal else 1, 1)
     if not causal:
         # per-feature key max over valid keys, added back on the query side before the
         # per-token max: the largest term of every denominator is exactly 1 (exact, no 0/0)
-        if valid is not None:
-            kz = kz.masked_fill(~valid.unsqueeze(-1), float("-inf"))  # exp -> 0, gradient 0
         c = kz.detach().amax(-2, keepdim=True)  # (b, h, 1, F)
         c = c.amax(-1, keepdim=True) if scalar_key_max else c
         c = torch.where(torch.isfinite(c), c, 0.0)
-        qz = qz + c
-        qf = (qz - qz.detach().amax(-1, keepdim=True)).exp()
-        return qf, (kz - c).exp(), kz.new_zeros(b, h, 1)
-    qf = (qz - qz.detach().amax(-1, keepdim=True)).exp()  # per-token max: max feature is 1
-    rowmax = kz.detach().amax(-1)  # (b, h, m)
-    if valid is not None:
-        # padded keys must not set the max: give them the lowest valid value (exact, no leak)
-        lowest = rowmax.masked_fill(~valid, float("inf")).amin(-1, keepdim=True)
-        lowest = torch.where(torch.isfinite(lowest), lowest, 0.0)
-        rowmax = torch.where(valid, rowmax, lowest)
-    g = rowmax.cummax(-1).values  # running max over keys <= j: no future key leaks
-    kz = kz - g.unsqueeze(-1)
-    if valid is not None:
-        kz = kz.masked_fill(~valid.unsqueeze(-1), float("-inf"))  # exp -> 0, gradient 0
-    return qf, kz.exp(), g
+        return stabilized_query(qz, c), (kz - c).exp(), kz.new_zeros(b, h, 1, 1)
+    g = running_key_max(kz, scalar_key_max, key_padding_mask is not None)  # no future key
+    n = qz.shape[-2]
+    g_q = g[..., m - n:, :] if m >= n else torch.cat([g[..., :1, :].expand(
+        b, h, n - m, g.shape[-1]), g], -2)  # the g of the last key each query sees
+    return stabilized_query(qz, g_q), (kz - g).exp(), g
 
 
 def _fused_affine(feature_map: FeatureMap, w: Tensor):
@@ -167,14 +212,10 @@ def favor_attention(
             (``OptimalPositiveFeatures(rho=None)``) read it, to measure ρ on real tokens.
     """
     b, h, n, m, _ = check_qkv(q, k, v)
-    check_rank(projection, "projection", 2, "(nb_features, head_dim)")
-    if projection.shape[-1] != q.shape[-1]:
-        raise ValueError(
-            f"projection: expected (nb_features, head_dim={q.shape[-1]}), "
-            f"got {tuple(projection.shape)}"
-        )
+    check_projection(projection, q.shape[-1])
     if not isinstance(feature_map, FeatureMap):
         raise TypeError(f"feature_map: expected a FeatureMap, got {type(feature_map).__name__}")
+    check_positive_int(chunk_size, "chunk_size")
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, b, m, "key_padding_mask")
     if query_padding_mask is not None:
@@ -195,20 +236,30 @@ def favor_attention(
             if affine is not None:
                 out = FusedFavor.apply(q, k, v, affine[0], key_padding_mask, *affine[1:])
                 return out.to(out_dtype)
+        front, pad_k = (max(m - n, 0), max(n - m, 0)) if causal else (0, 0)
+        ones = v.new_ones(*v.shape[:-1], 1)
+        if causal and numerator_transform is None and feature_map.exponential:
+            # fused (favor_causal.py): g, φ̃(q), φ̃(k) and the prefix sum per tile of rows
+            qz, kz = log_features(q, k, projection, feature_map=feature_map,
+                                  key_padding_mask=key_padding_mask, causal=True,
+                                  query_padding_mask=query_padding_mask)
+            if front or pad_k:  # align bottom-right: pad the shorter side at the front
+                qz = F.pad(qz, (0, 0, front, 0))  # queries without output, dropped
+                kz = F.pad(kz, (0, 0, pad_k, 0), value=float("-inf"))  # φ = 0: no key
+                v, ones = (F.pad(t, (0, 0, pad_k, 0)) for t in (v, ones))
+            y = causal_favor(qz, kz, torch.cat([v, ones], -1), chunk=chunk_size)
+            return _ratio(y[..., :-1], y[..., -1:])[..., front:, :].to(out_dtype)
         qf, kf, g = favor_features(
             q, k, projection, feature_map=feature_map, key_padding_mask=key_padding_mask,
             causal=causal, scalar_key_max=numerator_transform is not None,
             query_padding_mask=query_padding_mask,
         )
         qn, kn = (qf, kf) if numerator_transform is None else numerator_transform(qf, kf)
-        front = 0
-        if causal and n != m:  # align bottom-right: pad the shorter side at the front
-            front = max(m - n, 0)
-            pad_k = max(n - m, 0)
+        if front or pad_k:  # align bottom-right: pad the shorter side at the front
             qf, qn = (F.pad(t, (0, 0, front, 0)) for t in (qf, qn))  # zero queries, dropped
-            kf, kn, v = (F.pad(t, (0, 0, pad_k, 0)) for t in (kf, kn, v))  # zero keys
-            g = F.pad(g, (pad_k, 0), mode="replicate") if pad_k else g
-        ones = v.new_ones(*v.shape[:-1], 1)
+            kf, kn, v, ones = (F.pad(t, (0, 0, pad_k, 0)) for t in (kf, kn, v, ones))  # no key
+            g = torch.cat([g[..., :1, :].expand(*g.shape[:2], pad_k, g.shape[-1]), g], -2) \
+                if pad_k else g  # stays non-decreasing
         if numerator_transform is None:
             y = _linear(qf, kf, torch.cat([v, ones], -1), g, causal, chunk_size)
             num, den = y[..., :-1], y[..., -1:]
