@@ -290,3 +290,32 @@ def test_with_the_real_rotary_embedding_both_modes():
         torch.testing.assert_close(out, want[:, -1:])
     shifted = attn(x, positions=torch.arange(9) + 50)  # numerator-only form: relative, exact
     torch.testing.assert_close(shifted, want)
+
+
+# -- errors named before torch's ------------------------------------------------------------------
+def test_step_checks_dtype_like_forward_and_works_in_fp64():
+    attn = PerformerAttention(32, 2, nb_features=8, causal=True, seed=0)
+    x = torch.randn(1, 1, 32, dtype=F64)
+    with pytest.raises(TypeError, match=r"x has dtype torch.float64 but the parameters are "
+                                        r"torch.float32"):
+        attn.step(x)
+    with pytest.raises(TypeError, match="floating-point"):
+        attn.step(torch.ones(1, 1, 32, dtype=torch.long))
+    with pytest.raises(TypeError, match="FavorState"):
+        attn.step(x.float(), state=(1, 2))
+    out, state = attn.double().step(x)  # a module in fp64 decodes fp64
+    assert out.dtype == F64 and state.numerator.dtype == F64
+
+
+def test_decode_step_names_a_wrong_projection_or_state():
+    from transformer_zoo.functional import favor_decode_step
+
+    q = torch.randn(1, 2, 1, 16)
+    with pytest.raises(ValueError, match=r"projection: expected \(nb_features, head_dim=16\), "
+                                         r"got \(8, 12\)"):
+        favor_decode_step(q, q, q, draw_projection(8, 12, seed=0))
+    with pytest.raises(ValueError, match="projection: expected a 2-D tensor"):
+        favor_decode_step(q, q, q, torch.randn(8))
+    _, state = favor_decode_step(q, q, q, draw_projection(8, 16, seed=0))
+    with pytest.raises(ValueError, match=r"state.numerator: expected \(1, 2, 16, 16\)"):
+        favor_decode_step(q, q, q, draw_projection(16, 16, seed=0), state)

@@ -18,7 +18,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from transformer_zoo._checks import check_positive_int
+from transformer_zoo._checks import (
+    check_floating,
+    check_positive_int,
+    check_same_device,
+    check_tensor,
+)
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.favor import NumeratorTransform, favor_attention
 from transformer_zoo.functional.favor_decode import FavorState, favor_decode_step
@@ -219,10 +224,20 @@ class PerformerAttention(MultiHeadAttention):
         """
         if not self.causal:
             raise ValueError("step() decodes causal attention; build with causal=True")
+        check_tensor(x, "x")
         if x.ndim != 3 or x.shape[1] != 1 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x: expected (batch, 1, d_model={self.d_model}), got {tuple(x.shape)}"
             )
+        check_floating(x, "x")
+        check_same_device("x", x, "the parameters", self.q_proj.weight.device)
+        if x.dtype != self.q_proj.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the parameters are {self.q_proj.weight.dtype}; "
+                "cast one to the other (or use torch.autocast)"
+            )
+        if state is not None and not isinstance(state, FavorState):
+            raise TypeError(f"state: expected a FavorState or None, got {type(state).__name__}")
         pos = torch.full((1,), 0 if state is None else state.length, device=x.device)
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.n_heads)
         k, v = rearrange(self.kv_proj(x), "b m (two h d) -> two b h m d", two=2, h=self.n_heads)
