@@ -58,6 +58,9 @@ def cases() -> list:
 def cpu_default():
     """Torch's default device is the CPU inside the test, as in a user's script."""
     before = torch.get_default_device()
+    if before.type == "cpu":  # already: setting it again would leave a DeviceContext mode
+        yield  # on torch's function-mode stack for the rest of the session (dynamo trips on it)
+        return
     torch.set_default_device("cpu")
     yield
     torch.set_default_device(before)
