@@ -2,10 +2,16 @@
 
     python -m benchmarks.attention                       # 512..8192, every contender
     python -m benchmarks.attention --lengths 512 1024 --repeats 2 --contenders SoftmaxAttention
+    python -m benchmarks.attention --device cuda --dtype bf16 --lengths 1024 32768
 
 Contenders come from ``benchmarks/contenders_softmax.py`` and, when present,
-``benchmarks/contenders_performer.py`` and ``benchmarks/contenders_nystrom.py`` (the contract
-is in ``benchmarks/common.py``).
+``benchmarks/contenders_performer.py``, ``benchmarks/contenders_nystrom.py`` and
+``benchmarks/contenders_fla.py`` (the contract is in ``benchmarks/common.py``).
+
+Device and dtype (``benchmarks/device.py``): ``--device cuda`` builds every contender on the
+GPU and times it with CUDA events after a synchronize; ``--dtype bf16`` / ``fp16`` runs the
+forward passes under autocast. Contenders that cannot run on the device (a Triton peer on the
+CPU) are listed with the reason instead.
 
 Time: for each length, every contender is built and warmed up once in this process, then
 rounds time one ``step().sum().backward()`` of each contender in turn (round robin, so a
@@ -20,7 +26,8 @@ interleaved rounds kept the ratio steadier in our runs.)
 
 Peak memory: every (contender, length) runs ONE step in a fresh subprocess; peak = VmHWM
 after the step − VmRSS before it, with the peak counter reset, and glibc told to unmap freed
-blocks (``benchmarks/memory.py`` documents and justifies the method).
+blocks (``benchmarks/memory.py`` documents and justifies the method). On CUDA: ONE step in
+this process, ``torch.cuda.max_memory_allocated`` during it minus what was allocated before.
 
 Error hook: a contenders module may define ``errors(n) -> dict[str, float]`` (relative error
 against exact softmax attention); the harness prints those in a separate table.
@@ -49,10 +56,12 @@ from benchmarks.attention_report import (
     markdown_report,
     markdown_tables,
     median_time,
+    more_targets,
     plot,
 )
 from benchmarks.common import (
     BATCH,
+    CPU,
     D_MODEL,
     HEAD_DIM,
     HEADS,
@@ -60,14 +69,23 @@ from benchmarks.common import (
     ErrorHook,
     Step,
 )
-from benchmarks.memory import fwd_bwd, measure_memory
+from benchmarks.device import (
+    DTYPES,
+    add_device_options,
+    device_info,
+    is_out_of_memory,
+    timer,
+    under_autocast,
+)
+from benchmarks.memory import cuda_peak_of_one_step, fwd_bwd, measure_memory
 from benchmarks.outputs import add_output_options, output_path
 
-#: The contender modules, by explicit name; the last two are optional.
+#: The contender modules, by explicit name; all but the first are optional.
 MODULES = (
     "benchmarks.contenders_softmax",
     "benchmarks.contenders_performer",
     "benchmarks.contenders_nystrom",
+    "benchmarks.contenders_fla",
 )
 OUTPUT = "attention.json"
 
@@ -96,14 +114,36 @@ def all_contenders(modules: list[ModuleType]) -> dict[str, tuple[str, ContenderF
     return table
 
 
+def unavailable(modules: list[ModuleType], device: torch.device) -> dict[str, str]:
+    """name -> why it cannot run on ``device`` (the modules' optional ``unavailable`` hook)."""
+    return {name: why for m in modules if hasattr(m, "unavailable")
+            for name, why in m.unavailable(device).items()}
+
+
+def _seconds(fn: Callable[[], None], clock: Callable[[Callable[[], None]], float] | None
+             ) -> float:
+    """``clock(fn)`` (CUDA events), or the wall clock of ``fn()`` when ``clock`` is None."""
+    if clock is not None:
+        return clock(fn)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: int,
                      tick: Callable[[], None], min_seconds: float = 0.0,
-                     grow: Callable[[int], None] | None = None) -> dict[str, dict]:
-    """Build and warm up every contender at length n, then time rounds.
+                     grow: Callable[[int], None] | None = None, *,
+                     device: torch.device = CPU, dtype: str = "fp32",
+                     clock: Callable[[Callable[[], None]], float] | None = None
+                     ) -> dict[str, dict]:
+    """Build (on ``device``) and warm up every contender at length n, then time rounds.
 
     At least ``repeats`` rounds, more (up to 20 · repeats) while the contender that has spent
     the least time in timed steps has spent less than ``min_seconds``: short lengths get many
-    cheap rounds.
+    cheap rounds. Forward passes run under autocast for ``dtype`` bf16 / fp16; ``clock(fn)``
+    times one step (``device.timer``: CUDA events), the wall clock when None. A contender
+    whose timed step raises (CUDA out of memory) is dropped from the later rounds, its error
+    kept; its remaining steps still tick.
 
     Progress: ``tick()`` once per timed step, and ``repeats`` times for a contender that failed
     to build (its guaranteed steps are skipped). The caller's bar counts ``repeats`` steps per
@@ -115,28 +155,34 @@ def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: in
     out: dict[str, dict] = {}
     for name, factory in factories.items():
         try:
-            steps[name] = factory(n)
-            start = time.perf_counter()
-            fwd_bwd(steps[name])  # warm-up
-            out[name] = {"warmup_s": time.perf_counter() - start}
+            steps[name] = under_autocast(factory(n, device=device), device, dtype)
+            out[name] = {"warmup_s": _seconds(lambda s=steps[name]: fwd_bwd(s), clock)}
         except Exception as error:  # a contender failing must not stop the others
             steps.pop(name, None)
             out[name] = {"error": f"{type(error).__name__}: {error}"[:200]}
+            _release(device)
             for _ in range(repeats):
                 tick()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    failed: set[str] = set()
     rounds = 0
     more = bool(steps) and repeats > 0
     while more:
         last = len(steps) - 1
         for i, (name, step) in enumerate(steps.items()):
-            start = time.perf_counter()
-            fwd_bwd(step)
-            times[name].append(time.perf_counter() - start)
+            if name not in failed:
+                try:
+                    times[name].append(_seconds(lambda s=step: fwd_bwd(s), clock))
+                except Exception as error:  # e.g. out of memory beside the other contenders
+                    failed.add(name)
+                    out[name]["error"] = f"{type(error).__name__}: {error}"[:200]
+                    _release(device)
             if i == last:  # the round is done: decide on the next one before the bar moves
                 rounds += 1
+                alive = [ts for nm, ts in times.items() if nm not in failed]
                 more = rounds < repeats or (
-                    rounds < 20 * repeats and min(sum(ts) for ts in times.values()) < min_seconds
+                    rounds < 20 * repeats and bool(alive)
+                    and min(sum(ts) for ts in alive) < min_seconds
                 )
                 if more and rounds >= repeats and grow is not None:
                     grow(len(steps))  # an extra round: its steps join the bar's total first
@@ -144,6 +190,28 @@ def time_round_robin(factories: dict[str, ContenderFactory], n: int, repeats: in
     for name, ts in times.items():
         out[name]["times_s"] = ts
     return out
+
+
+def _release(device: torch.device) -> None:
+    """After a failure on CUDA (out of memory): hand cached blocks back for the next one."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_peak(module: str, name: str, factory: ContenderFactory, n: int,
+                 args: argparse.Namespace) -> dict:
+    """Peak memory of one step: a fresh subprocess on the CPU (RSS), in process on CUDA;
+    a failure comes back as ``{"error": reason}``."""
+    if args.device.type != "cuda":
+        return measure_memory(module, name, n, threads=args.threads, timeout=args.timeout,
+                              dtype=args.dtype)
+    try:
+        return cuda_peak_of_one_step(factory, n, args.device, args.dtype)
+    except Exception as error:  # out of memory, or a contender that fails on the GPU
+        kind = "out of memory" if is_out_of_memory(error) else type(error).__name__
+        return {"error": f"{kind}: {error}"[:200]}
+    finally:
+        _release(args.device)
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -169,18 +237,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a contender whose one step took longer is skipped at longer lengths")
     p.add_argument("--error-lengths", type=int, nargs="*", default=[1024],
                    help="lengths for the optional error hooks (give none to skip)")
+    add_device_options(p)
     return p.parse_args(argv)
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -194,14 +252,18 @@ def main(argv: list[str] | None = None) -> dict:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     modules = load_modules()
     table = all_contenders(modules)
+    cannot = unavailable(modules, args.device)
+    for nm in cannot:
+        table.pop(nm, None)
     names = list(table)
     if args.contenders:
-        unknown = sorted(set(args.contenders) - set(table))
+        unknown = sorted(set(args.contenders) - set(table) - set(cannot))
         if unknown:
             raise SystemExit(f"unknown contenders {unknown}; available: {names}")
         names = [nm for nm in names if nm in args.contenders]
     lengths = sorted(args.lengths)
     threads = torch.get_num_threads()
+    clock = timer(args.device) if args.device.type == "cuda" else None  # None: wall clock
     results: Results = {nm: {n: {} for n in lengths} for nm in names}
     too_slow: dict[str, str] = {}  # contender -> why it is skipped at longer lengths
     per_length = len(names) * (args.repeats + (0 if args.no_memory else 1))
@@ -221,8 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 bar.set_postfix_str(f"n={n} memory {nm}")
                 if not args.no_memory:
-                    mem = measure_memory(table[nm][0], nm, n, threads=args.threads,
-                                         timeout=args.timeout)
+                    mem = measure_peak(table[nm][0], nm, table[nm][1], n, args)
                     if "error" in mem:
                         r["memory_error"] = mem.pop("error")
                     r.update(mem)
@@ -233,7 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
                     timed[nm] = table[nm][1]
             bar.set_postfix_str(f"n={n} timing")
             for nm, r in time_round_robin(timed, n, args.repeats, bar.update,
-                                          args.min_seconds, grow).items():
+                                          args.min_seconds, grow, device=args.device,
+                                          dtype=args.dtype, clock=clock).items():
                 if "error" in r:
                     r["time_error"] = r.pop("error")
                 results[nm][n].update(r)
@@ -247,27 +309,32 @@ def main(argv: list[str] | None = None) -> dict:
                         else f"failed at n = {n}"
                     )
     tables = markdown_tables(results, lengths)
+    tables += [f"- {nm}: not run: {why}" for nm, why in cannot.items()
+               if not args.contenders or nm in args.contenders]
     print("\n" + "\n".join(tables))
     verdict = check_target(results, lengths)
-    if verdict:
-        print(verdict + "\n")
+    targets = [verdict] if verdict else []
+    targets += more_targets(results, lengths)
+    if targets:
+        print("\n".join(targets) + "\n")
 
     errors: dict[int, dict[str, float]] = {}
     hooks: list[ErrorHook] = [m.errors for m in modules if hasattr(m, "errors")]
     for n in args.error_lengths if hooks else []:
-        errors[n] = {k: v for hook in hooks for k, v in hook(n).items()}
+        errors[n] = {k: v for hook in hooks
+                     for k, v in hook(n, args.device, DTYPES[args.dtype]).items()}
     error_table = error_lines(errors)
     print("\n".join(error_table))
 
     report = {
         "config": {
             "batch": BATCH, "d_model": D_MODEL, "heads": HEADS, "head_dim": HEAD_DIM,
-            "dtype": "float32", "device": "cpu", "min_rounds": args.repeats,
+            **device_info(args.device, args.dtype), "min_rounds": args.repeats,
             "min_seconds": args.min_seconds, "max_step_seconds": args.max_step_seconds,
-            "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "cpu_model": _cpu_model(),
+            "threads": threads, "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "load_average_1min": load,
             "time_statistic": "median over interleaved rounds (best also in the JSON)",
+            "clock": "CUDA events after torch.cuda.synchronize()" if clock else "wall clock",
             "memory_method": next((r["memory_method"] for per in results.values()
                                    for r in per.values() if "memory_method" in r), None),
         },
@@ -279,13 +346,18 @@ def main(argv: list[str] | None = None) -> dict:
             for nm, per in results.items()
         },
         "target": verdict,
+        "targets": targets,
+        "unavailable": cannot,
         "errors": {str(n): per for n, per in errors.items()},
         "total_seconds": time.perf_counter() - started,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown_report(report, tables, error_table))
-    plot(results, out.with_suffix(".png"), threads)
+    try:
+        plot(results, out.with_suffix(".png"), report["config"])
+    except ImportError as error:  # matplotlib is optional (e.g. on a bare GPU image)
+        print(f"no plot: {error}")
     print(f"wrote {out} and the .md and .png beside it ({report['total_seconds']:.0f} s)")
     return report
 

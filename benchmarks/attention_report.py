@@ -78,6 +78,55 @@ def check_target(results: Results, lengths: list[int]) -> str | None:
     return f"target {ours} <= {limit}x {BASELINE} time at every length: {verdict} ({listed})"
 
 
+#: The issue's GPU targets beside the softmax one (``more_targets``).
+FAVOR_SCAN, FLA_SCAN, SCAN_LIMIT = ("favor kernel causal (transformer_zoo)",
+                                    "favor kernel causal, fla chunk_linear_attn "
+                                    "(flash-linear-attention)", 1.5)
+FAST_FROM, FAST = 8192, ("performer (transformer_zoo)", "NystromAttention")
+LINEAR_MEMORY = ("performer (transformer_zoo)", "performer causal (transformer_zoo)",
+                 "NystromAttention", FAVOR_SCAN)
+
+
+def more_targets(results: Results, lengths: list[int]) -> list[str]:
+    """Verdicts for the GPU targets: our causal FAVOR+ scan <= 1.5x fla's chunked kernel on
+    the same inputs; Performer and Nyström faster than SoftmaxAttention from n = 8192; their
+    peak memory linear in n (peak(n_max)/peak(n_min) <= 1.25 n_max/n_min). Only targets whose
+    contenders ran are judged."""
+    verdicts = []
+    both = [(n, median_time(results[FAVOR_SCAN][n]), median_time(results[FLA_SCAN][n]))
+            for n in lengths] if FAVOR_SCAN in results and FLA_SCAN in results else []
+    both = [(n, a / b) for n, a, b in both if a is not None and b is not None]
+    if both:
+        ok = all(r <= SCAN_LIMIT for _, r in both)
+        listed = ", ".join(f"{n}: {r:.2f}x" for n, r in both)
+        verdicts.append(f"target {FAVOR_SCAN} <= {SCAN_LIMIT}x flash-linear-attention's "
+                        f"chunked kernel: {'met' if ok else 'MISSED'} ({listed})")
+    long = [n for n in lengths if n >= FAST_FROM]
+    for name in FAST:
+        if name not in results or "SoftmaxAttention" not in results or not long:
+            continue
+        pairs = [(n, median_time(results[name][n]), median_time(results["SoftmaxAttention"][n]))
+                 for n in long]
+        pairs = [(n, a / b) for n, a, b in pairs if a is not None and b is not None]
+        if pairs:
+            ok = all(r < 1 for _, r in pairs)
+            listed = ", ".join(f"{n}: {r:.2f}x" for n, r in pairs)
+            verdicts.append(f"target {name} faster than SoftmaxAttention from n = {FAST_FROM}: "
+                            f"{'met' if ok else 'MISSED'} ({listed})")
+    for name in LINEAR_MEMORY:
+        if name not in results:
+            continue
+        have = [(n, peak_memory(results[name][n])) for n in lengths]
+        have = [(n, p) for n, p in have if p]
+        if len(have) >= 2:
+            (n0, p0), (n1, p1) = have[0], have[-1]
+            growth, allowed = p1 / p0, 1.25 * n1 / n0
+            verdicts.append(f"target {name} peak memory linear in n: "
+                            f"{'met' if growth <= allowed else 'MISSED'} (x{growth:.1f} from "
+                            f"n = {n0} to {n1}, linear allows x{allowed:.1f})")
+    return verdicts
+
+
 def error_lines(errors: dict[int, dict[str, float]]) -> list[str]:
     if not errors:
         return []
@@ -88,6 +137,17 @@ def error_lines(errors: dict[int, dict[str, float]]) -> list[str]:
     return [*lines, ""]
 
 
+def where(config: dict) -> str:
+    """"fp32, CPU" / "bf16 autocast, NVIDIA H200 (cuda:0)" from a report's config (JSON from
+    before the device options: CPU, fp32)."""
+    dtype = {"float32": "fp32", "bfloat16": "bf16 autocast", "float16": "fp16 autocast"}.get(
+        config.get("dtype", "float32"), config.get("dtype"))
+    device = config.get("device", "cpu")
+    if device == "cpu":
+        return f"{dtype}, CPU"
+    return f"{dtype}, {config.get('device_name', device)} ({device})"
+
+
 def markdown_report(report: dict, tables: list[str], errors: list[str]) -> str:
     """The whole ``attention.md``: settings and machine, tables, target, errors."""
     c = report["config"]
@@ -96,16 +156,18 @@ def markdown_report(report: dict, tables: list[str], errors: list[str]) -> str:
     head = (
         f"<!-- Written by `python -m benchmarks.attention`; do not edit by hand. -->\n"
         f"Batch {c['batch']}, d_model {c['d_model']}, {c['heads']} heads × {c['head_dim']}, "
-        f"fp32, CPU. Machine: {c['cpu_model']} ({c['cpu_count']} cores), {c['threads']} "
+        f"{where(c)}. Machine: {c['cpu_model']} ({c['cpu_count']} cores), {c['threads']} "
         f"thread(s), torch {c['torch']}, {load_text}; {report['total_seconds']:.0f} s in all. "
-        f"Time: {c['time_statistic']}, at least {c['min_rounds']} rounds. "
+        f"Time: {c['time_statistic']}, at least {c['min_rounds']} rounds"
+        f"{', ' + c['clock'] if c.get('clock') else ''}. "
         f"Memory: {c['memory_method']}."
     )
-    target = [report["target"], ""] if report.get("target") else []
+    targets = report.get("targets") or ([report["target"]] if report.get("target") else [])
+    target = [*(f"- {t}" for t in targets), ""] if targets else []
     return "\n".join([head, "", *tables, *target, *errors])
 
 
-def plot(results: Results, path: Path, threads: int) -> None:
+def plot(results: Results, path: Path, config: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,8 +189,8 @@ def plot(results: Results, path: Path, threads: int) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"batch {BATCH}, d_model {D_MODEL}, {HEADS} heads × {HEAD_DIM}, fp32, "
-                 f"CPU, {threads} threads")
+    fig.suptitle(f"batch {BATCH}, d_model {D_MODEL}, {HEADS} heads × {HEAD_DIM}, "
+                 f"{where(config)}, {config['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -17,12 +17,14 @@ from torch import Tensor
 
 from benchmarks.common import (
     BATCH,
+    CPU,
     D_MODEL,
     HEAD_DIM,
     HEADS,
     ContenderFactory,
     Step,
     error_inputs,
+    randn,
     relative_error,
 )
 from transformer_zoo import NystromAttention
@@ -44,21 +46,21 @@ except ImportError:  # pragma: no cover - the hf extra not installed
     NystromformerSelfAttention = None
 
 
-def nystrom_module(n: int) -> Step:
+def nystrom_module(n: int, device: torch.device = CPU) -> Step:
     attn = NystromAttention(D_MODEL, HEADS, num_landmarks=LANDMARKS,
-                            pinv_iterations=ITERATIONS, conv_kernel=CONV)
-    x = torch.randn(BATCH, n, D_MODEL, requires_grad=True)
+                            pinv_iterations=ITERATIONS, conv_kernel=CONV).to(device)
+    x = randn(BATCH, n, D_MODEL, device=device, requires_grad=True)
     return lambda: attn(x)
 
 
-def peer_nystrom_module(n: int) -> Step:
+def peer_nystrom_module(n: int, device: torch.device = CPU) -> Step:
     attn = PeerNystrom(dim=D_MODEL, dim_head=HEAD_DIM, heads=HEADS, num_landmarks=LANDMARKS,
-                       pinv_iterations=ITERATIONS, residual_conv_kernel=CONV)
-    x = torch.randn(BATCH, n, D_MODEL, requires_grad=True)
+                       pinv_iterations=ITERATIONS, residual_conv_kernel=CONV).to(device)
+    x = randn(BATCH, n, D_MODEL, device=device, requires_grad=True)
     return lambda: attn(x)
 
 
-def hf_nystromformer_module(n: int) -> Step:
+def hf_nystromformer_module(n: int, device: torch.device = CPU) -> Step:
     """HF's self-attention (6 iterations, fixed in its code) plus an output projection like
     ours; its ``segment_means_seq_len`` must equal n (its own limitation), so set per length,
     and it cannot take more landmarks than tokens (the memory probe's n = 64 warm-up)."""
@@ -66,9 +68,9 @@ def hf_nystromformer_module(n: int) -> Step:
         hidden_size=D_MODEL, num_attention_heads=HEADS, num_landmarks=min(LANDMARKS, n),
         segment_means_seq_len=n, conv_kernel_size=CONV, attention_probs_dropout_prob=0.0,
     )
-    attn = NystromformerSelfAttention(config)
-    out_proj = torch.nn.Linear(D_MODEL, D_MODEL)
-    x = torch.randn(BATCH, n, D_MODEL, requires_grad=True)
+    attn = NystromformerSelfAttention(config).to(device)
+    out_proj = torch.nn.Linear(D_MODEL, D_MODEL).to(device)
+    x = randn(BATCH, n, D_MODEL, device=device, requires_grad=True)
     return lambda: out_proj(attn(x)[0])
 
 
@@ -85,12 +87,12 @@ def peer_kernel(q: Tensor, k: Tensor, v: Tensor, m: int, iterations: int) -> Ten
     """nystrom-attention's forward on given q, k, v: its identity projections, no conv."""
     b, h, n, d = q.shape
     peer = PeerNystrom(dim=h * d, dim_head=d, heads=h, num_landmarks=m,
-                       pinv_iterations=iterations, residual=False)
-    eye = torch.eye(h * d)
+                       pinv_iterations=iterations, residual=False).to(q.device, q.dtype)
+    eye = torch.eye(h * d, device=q.device)
     with torch.no_grad():
         # to_qkv maps x = [q | k | v] (b, n, 3·h·d) to q, k, v (it scales q by 1/√d itself)
-        peer.to_qkv = torch.nn.Linear(3 * h * d, 3 * h * d, bias=False)
-        peer.to_qkv.weight.copy_(torch.eye(3 * h * d))
+        peer.to_qkv = torch.nn.Linear(3 * h * d, 3 * h * d, bias=False).to(q.device, q.dtype)
+        peer.to_qkv.weight.copy_(torch.eye(3 * h * d, device=q.device))
         peer.to_out[0].weight.copy_(eye)
         peer.to_out[0].bias.zero_()
         flat = [t.transpose(1, 2).reshape(b, n, h * d) for t in (q, k, v)]
@@ -98,13 +100,17 @@ def peer_kernel(q: Tensor, k: Tensor, v: Tensor, m: int, iterations: int) -> Ten
     return out.reshape(b, n, h, d).transpose(1, 2)
 
 
-def landmark_sweep(n: int, landmarks: list[int], iterations: int = ITERATIONS
+def landmark_sweep(n: int, landmarks: list[int], iterations: int = ITERATIONS, *,
+                   device: torch.device = CPU, dtype: torch.dtype = torch.float32
                    ) -> dict[str, list[float]]:
     """Relative error vs exact softmax for each landmark count: ours, ours with twice the
     iterations, ours with an exact pinv, ours with the ridge pinv (``pinv_iterations=None``,
-    default ridge) and nystrom-attention (when installed)."""
-    q, k, v = error_inputs(n)
-    exact, _ = explicit_softmax_attention(q.double(), k.double(), v.double())
+    default ridge) and nystrom-attention (when installed; NaN where it fails, as on bf16
+    inputs). On ``device``; the approximations get q, k, v in ``dtype``, the reference is fp64
+    on the fp32 inputs."""
+    q32, k32, v32 = error_inputs(n, device=device)
+    exact, _ = explicit_softmax_attention(q32.double(), k32.double(), v32.double())
+    q, k, v = (t.to(dtype) for t in (q32, k32, v32))
     more = f"ours ({2 * iterations} iterations)"
     ridge = "ours (ridge pinv, pinv_iterations=None)"
     curves: dict[str, list[float]] = {"ours": [], more: [], "ours (exact pinv)": [], ridge: []}
@@ -123,16 +129,20 @@ def landmark_sweep(n: int, landmarks: list[int], iterations: int = ITERATIONS
             curves[ridge].append(relative_error(
                 nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=None), exact))
         if PeerNystrom is not None:
-            curves["nystrom-attention"].append(
-                relative_error(peer_kernel(q, k, v, m, iterations), exact))
+            try:
+                peer_error = relative_error(peer_kernel(q, k, v, m, iterations), exact)
+            except RuntimeError:  # its pseudoinverse mixes dtypes: fails on bf16 / fp16 inputs
+                peer_error = float("nan")
+            curves["nystrom-attention"].append(peer_error)
     return curves
 
 
-def errors(n: int) -> dict[str, float]:
+def errors(n: int, device: torch.device = CPU, dtype: torch.dtype = torch.float32
+           ) -> dict[str, float]:
     """Relative error at 64 and 256 landmarks (capped at n), ours vs nystrom-attention."""
     table: dict[str, float] = {}
     for m in sorted({min(64, n), min(LANDMARKS, n)}):
-        for name, curve in landmark_sweep(n, [m]).items():
+        for name, curve in landmark_sweep(n, [m], device=device, dtype=dtype).items():
             table[f"{name}, m={m}"] = curve[0]
     return table
 

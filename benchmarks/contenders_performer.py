@@ -17,19 +17,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import time
 
 import torch
 
 from benchmarks.common import (
     BATCH,
+    CPU,
     D_MODEL,
     HEAD_DIM,
     HEADS,
     ContenderFactory,
     Step,
     error_inputs,
+    randn,
     relative_error,
+)
+from benchmarks.device import (
+    DTYPES,
+    add_device_options,
+    device_info,
+    timer,
+    under_autocast,
 )
 from benchmarks.outputs import add_output_options, output_path
 from transformer_zoo import OptimalPositiveFeatures, PerformerAttention
@@ -44,36 +52,38 @@ except ImportError:  # pragma: no cover
     performer_pytorch = None
 
 
-def _x(n: int) -> torch.Tensor:
-    return torch.randn(BATCH, n, D_MODEL, requires_grad=True)
+def _x(n: int, device: torch.device) -> torch.Tensor:
+    return randn(BATCH, n, D_MODEL, device=device, requires_grad=True)
 
 
-def _qkv(n: int) -> list[torch.Tensor]:
-    return [torch.randn(BATCH, HEADS, n, HEAD_DIM, requires_grad=True) for _ in range(3)]
+def _qkv(n: int, device: torch.device) -> list[torch.Tensor]:
+    return [randn(BATCH, HEADS, n, HEAD_DIM, device=device, requires_grad=True)
+            for _ in range(3)]
 
 
 def ours(causal: bool) -> ContenderFactory:
-    def factory(n: int) -> Step:
-        attn = PerformerAttention(D_MODEL, HEADS, nb_features=NB_FEATURES, causal=causal, seed=0)
-        x = _x(n)
+    def factory(n: int, device: torch.device = CPU) -> Step:
+        attn = PerformerAttention(D_MODEL, HEADS, nb_features=NB_FEATURES, causal=causal,
+                                  seed=0).to(device)
+        x = _x(n, device)
         return lambda: attn(x)
 
     return factory
 
 
 def ours_kernel(causal: bool) -> ContenderFactory:
-    def factory(n: int) -> Step:
-        w = draw_projection(NB_FEATURES, HEAD_DIM, seed=0)
-        q, k, v = _qkv(n)
+    def factory(n: int, device: torch.device = CPU) -> Step:
+        w = draw_projection(NB_FEATURES, HEAD_DIM, seed=0).to(device)
+        q, k, v = _qkv(n, device)
         return lambda: favor_attention(q, k, v, w, causal=causal)
 
     return factory
 
 
-def ours_optimal_kernel(n: int) -> Step:
+def ours_optimal_kernel(n: int, device: torch.device = CPU) -> Step:
     """FAVOR++ at equal feature count: r = m/2 rows, antithetic pairs (F = m)."""
-    w = draw_projection(NB_FEATURES // 2, HEAD_DIM, seed=0)
-    q, k, v = _qkv(n)
+    w = draw_projection(NB_FEATURES // 2, HEAD_DIM, seed=0).to(device)
+    q, k, v = _qkv(n, device)
     fmap = OptimalPositiveFeatures()
     return lambda: favor_attention(q, k, v, w, feature_map=fmap)
 
@@ -84,20 +94,21 @@ def _quiet(fn):
 
 
 def peer(causal: bool) -> ContenderFactory:
-    def factory(n: int) -> Step:
+    def factory(n: int, device: torch.device = CPU) -> Step:
         attn = _quiet(lambda: performer_pytorch.SelfAttention(
             dim=D_MODEL, heads=HEADS, dim_head=HEAD_DIM, nb_features=NB_FEATURES, causal=causal
-        ))
-        x = _x(n)
+        )).to(device)
+        x = _x(n, device)
         return lambda: attn(x)
 
     return factory
 
 
 def peer_kernel(causal: bool) -> ContenderFactory:
-    def factory(n: int) -> Step:
-        fa = _quiet(lambda: performer_pytorch.FastAttention(HEAD_DIM, NB_FEATURES, causal=causal))
-        q, k, v = _qkv(n)
+    def factory(n: int, device: torch.device = CPU) -> Step:
+        fa = _quiet(lambda: performer_pytorch.FastAttention(HEAD_DIM, NB_FEATURES,
+                                                            causal=causal)).to(device)
+        q, k, v = _qkv(n, device)
         return lambda: fa(q, k, v)
 
     return factory
@@ -123,10 +134,13 @@ def contenders() -> dict[str, ContenderFactory]:
 
 
 def errors(
-    n: int, *, nb_features: int = NB_FEATURES, draws: int = 2,
-    scales: tuple[float, ...] = (1.0, 0.5, 0.25),
+    n: int, device: torch.device = CPU, dtype: torch.dtype = torch.float32, *,
+    nb_features: int = NB_FEATURES, draws: int = 2, scales: tuple[float, ...] = (1.0, 0.5, 0.25),
 ) -> dict[str, float]:
     """Relative error vs exact softmax on ``error_inputs(n)``, mean over ``draws`` matrices.
+
+    On ``device``; the estimators get q, k, v in ``dtype``, the exact reference is fp64 on the
+    fp32 inputs (so a low dtype's error includes the rounding of its inputs).
 
     Equal m for both implementations; performer-pytorch gets our W (so the difference is the
     stabilizers and its ε). ``scales`` multiply q and k (1.0: the harness's unit-variance
@@ -136,28 +150,37 @@ def errors(
     bidirectional it measures ρ per call, causal it takes the fixed ρ = 2s²/√d that the input
     distribution implies (q, k ~ N(0, s²): E|q̂ + k̂|²/d = 2s²/√d), as a user would set it.
     """
-    q0, k0, v = error_inputs(n)
+    q0, k0, v = error_inputs(n, device=device)
     totals: dict[str, float] = {}
     for scale in scales:
         q, k = q0 * scale, k0 * scale
+        ql, kl, vl = (t.to(dtype) for t in (q, k, v))  # what the estimators get
         for causal in (False, True):
             tag = f"{' causal' if causal else ''}, q,k x{scale}"
             exact = softmax_attention(q.double(), k.double(), v.double(), causal=causal)
-            mean = v.cumsum(-2) / torch.arange(1, n + 1)[:, None] if causal else v.mean(-2, True)
+            count = torch.arange(1, n + 1, device=device)[:, None]
+            mean = v.cumsum(-2) / count if causal else v.mean(-2, True)
             totals[f"mean of V{tag}"] = relative_error(mean.expand_as(v), exact)
             for i in range(draws):
-                w = draw_projection(nb_features, HEAD_DIM, seed=0, step=i)
-                results = {f"favor{tag} (transformer_zoo)": favor_attention(q, k, v, w,
-                                                                             causal=causal)}
-                w_half = draw_projection(nb_features // 2, HEAD_DIM, seed=0, step=i)
-                fmap = OptimalPositiveFeatures(rho=2 * scale**2 / HEAD_DIM**0.5 if causal else None)
-                results[f"favor++{tag} (transformer_zoo)"] = favor_attention(
-                    q, k, v, w_half, feature_map=fmap, causal=causal)
-                if performer_pytorch is not None:
-                    fa = _quiet(lambda c=causal: performer_pytorch.FastAttention(
-                        HEAD_DIM, nb_features, causal=c))
-                    fa.projection_matrix.copy_(w)
-                    results[f"FastAttention{tag} (performer-pytorch)"] = fa(q, k, v)
+                w = draw_projection(nb_features, HEAD_DIM, seed=0, step=i).to(device)
+                with torch.no_grad():
+                    results = {f"favor{tag} (transformer_zoo)": favor_attention(
+                        ql, kl, vl, w, causal=causal)}
+                    w_half = draw_projection(nb_features // 2, HEAD_DIM, seed=0,
+                                             step=i).to(device)
+                    fmap = OptimalPositiveFeatures(
+                        rho=2 * scale**2 / HEAD_DIM**0.5 if causal else None)
+                    results[f"favor++{tag} (transformer_zoo)"] = favor_attention(
+                        ql, kl, vl, w_half, feature_map=fmap, causal=causal)
+                    if performer_pytorch is not None:
+                        fa = _quiet(lambda c=causal: performer_pytorch.FastAttention(
+                            HEAD_DIM, nb_features, causal=c)).to(device, dtype)
+                        fa.projection_matrix.copy_(w)
+                        try:
+                            results[f"FastAttention{tag} (performer-pytorch)"] = fa(ql, kl, vl)
+                        except RuntimeError:  # a dtype it does not take: NaN in the table
+                            results[f"FastAttention{tag} (performer-pytorch)"] = torch.full_like(
+                                vl, float("nan"))
                 for name, out in results.items():
                     totals[name] = totals.get(name, 0.0) + relative_error(out, exact) / draws
     return totals
@@ -169,14 +192,18 @@ COLUMNS = (("favor", " (transformer_zoo)", "ours, FAVOR+"),
            ("mean of V", "", "mean of V (uniform attention)"))
 
 
-def errors_markdown(errors: dict[str, float], n: int) -> str:
-    """``errors(n)`` pivoted: one row per input setting, one column per estimator."""
+def errors_markdown(errors: dict[str, float], n: int, info: dict | None = None) -> str:
+    """``errors(n)`` pivoted: one row per input setting, one column per estimator; ``info``
+    (``device_info``) names the device and dtype when they are not the CPU in fp32."""
     tags = [k[len("mean of V"):] for k in errors if k.startswith("mean of V")]
+    where = ""
+    if info is not None and (info["device"] != "cpu" or info["dtype"] != "float32"):
+        where = f" Estimators on {info['dtype']} inputs, on {info['device_name']}."
     lines = [
         "<!-- Written by `python -m benchmarks.contenders_performer --errors N`; "
         "do not edit by hand. -->",
         f"Relative error vs exact softmax (fp64), n = {n}, {HEADS} heads × {HEAD_DIM}, "
-        f"{NB_FEATURES} features, mean of 2 draws of W (performer-pytorch gets ours).",
+        f"{NB_FEATURES} features, mean of 2 draws of W (performer-pytorch gets ours).{where}",
         "",
         "| inputs | " + " | ".join(label for *_, label in COLUMNS) + " |",
         "|---|" + "---:|" * len(COLUMNS),
@@ -196,6 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", nargs="*", default=[], help="exact contender names")
     parser.add_argument("--errors", type=int, default=0, help="also print errors at this n")
     add_output_options(parser, OUTPUT)  # the pivoted error table (Markdown), with --errors
+    add_device_options(parser)
     return parser.parse_args(argv)
 
 
@@ -204,22 +232,22 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - manual to
     out = output_path(args, OUTPUT)
     torch.manual_seed(0)
     factories = {k: f for k, f in contenders().items() if not args.only or k in args.only}
+    clock = timer(args.device)
     for n in args.lengths:  # round robin: a burst of load hits every contender alike
-        steps = {name: factory(n) for name, factory in factories.items()}
+        steps = {name: under_autocast(factory(n, device=args.device), args.device, args.dtype)
+                 for name, factory in factories.items()}
         best = dict.fromkeys(steps, float("inf"))
         for _ in range(args.repeats + 1):  # the first round warms up
             for name, step in steps.items():
-                t0 = time.perf_counter()
-                step().sum().backward()
-                best[name] = min(best[name], time.perf_counter() - t0)
+                best[name] = min(best[name], clock(lambda s=step: s().sum().backward()))
         for name, t in best.items():
             print(f"n={n:6d} {name:55s} {t * 1e3:9.1f} ms")
     if args.errors:
-        found = errors(args.errors)
+        found = errors(args.errors, args.device, DTYPES[args.dtype])
         for name, err in found.items():
             print(f"error n={args.errors} {name:55s} {err:.4f}")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(errors_markdown(found, args.errors))
+        out.write_text(errors_markdown(found, args.errors, device_info(args.device, args.dtype)))
         print(f"wrote {out}")
 
 

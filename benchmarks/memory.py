@@ -20,6 +20,11 @@ allocation down, so timing runs elsewhere (``benchmarks/attention.py``), never h
 
 Without ``/proc`` (macOS) the worker falls back to a ``ru_maxrss`` delta, a lifetime peak:
 the same number when the step is the process's largest moment, which it is for long inputs.
+
+On CUDA (``cuda_peak_of_one_step``) no subprocess is needed: the allocator counts exactly. The
+same protocol runs in the harness's process: warm up on a length-64 instance, build the
+length-n one, then ``torch.cuda.max_memory_allocated`` during ONE step minus
+``memory_allocated`` before it (``benchmarks/device.py``'s ``cuda_peak``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import Step
+from benchmarks.common import ContenderFactory, Step
+from benchmarks.device import DTYPES, cuda_peak, under_autocast
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 _MARK = "@@RESULT "
@@ -88,10 +94,28 @@ def peak_of_one_step(step: Step) -> dict:
             "first_step_s": time.perf_counter() - start}
 
 
-def worker(module_name: str, name: str, n: int) -> dict:
+def worker(module_name: str, name: str, n: int, dtype: str = "fp32") -> dict:
     factory = importlib.import_module(module_name).contenders()[name]
-    fwd_bwd(factory(64))  # warm-up on a small instance
-    return peak_of_one_step(factory(n))
+    cpu = torch.device("cpu")
+    fwd_bwd(under_autocast(factory(64), cpu, dtype))  # warm-up on a small instance
+    return peak_of_one_step(under_autocast(factory(n), cpu, dtype))
+
+
+CUDA_METHOD = ("torch.cuda.max_memory_allocated during the step - memory_allocated before it "
+               "(after a length-64 warm-up)")
+
+
+def cuda_peak_of_one_step(factory: ContenderFactory, n: int, device: torch.device,
+                          dtype: str = "fp32") -> dict:
+    """Peak CUDA memory of one forward+backward of ``factory`` at length n on ``device``,
+    above what was live before the step (parameters, inputs), as ``worker`` on the CPU."""
+    fwd_bwd(under_autocast(factory(64, device=device), device, dtype))  # kernels, workspaces
+    step = under_autocast(factory(n, device=device), device, dtype)
+    start = time.perf_counter()
+    with cuda_peak(device) as peak:
+        fwd_bwd(step)
+    return {"peak_bytes": peak["peak_bytes"], "memory_method": CUDA_METHOD,
+            "first_step_s": time.perf_counter() - start}
 
 
 def contenders() -> dict[str, Callable[[int], Step]]:
@@ -110,14 +134,17 @@ def contenders() -> dict[str, Callable[[int], Step]]:
 
 
 def measure_memory(module_name: str, name: str, n: int, *, threads: int | None = None,
-                   timeout: float = 300.0) -> dict:
-    """Peak memory of contender ``name`` from ``module_name`` at length n, in a subprocess.
+                   timeout: float = 300.0, dtype: str = "fp32") -> dict:
+    """Peak CPU memory of contender ``name`` from ``module_name`` at length n, in a subprocess
+    (its forward under autocast for ``dtype`` bf16 / fp16).
 
     Failures (exception, OOM kill, timeout) come back as ``{"error": reason}``.
     """
     cmd = [sys.executable, "-m", "benchmarks.memory", module_name, name, str(n)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if dtype != "fp32":
+        cmd += ["--dtype", dtype]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=dict(os.environ, **MALLOC_ENV))
@@ -140,10 +167,11 @@ def main() -> None:
     p.add_argument("name")
     p.add_argument("n", type=int)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(_MARK + json.dumps(worker(args.module, args.name, args.n)))
+    print(_MARK + json.dumps(worker(args.module, args.name, args.n, args.dtype)))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Nyström error vs landmark count: ours, ours with an exact pinv, nystrom-attention.
 
     python -m benchmarks.nystrom_errors [--n 1024] [--out PATH.json | --update-results]
+    python -m benchmarks.nystrom_errors --device cuda --dtype bf16
 
 Relative error ‖Ŝ V − softmax(QKᵀ/√d) V‖_F / ‖softmax(QKᵀ/√d) V‖_F at d = 64, 8 heads, two
 input families: "gaussian" (``common.error_inputs``: i.i.d. N(0, 1) q, k, v, no structure for
@@ -9,6 +10,8 @@ neighbouring tokens are alike and a segment mean represents its segment). Writes
 Markdown table and a PNG next to it, into ``benchmarks/runs/`` (untracked) or ``--out``;
 ``--update-results`` refreshes the committed ``benchmarks/results/nystrom_errors.*`` instead.
 ``--report-only`` re-renders the table and PNG from the committed JSON (or the one given).
+``--device`` / ``--dtype`` (``benchmarks/device.py``): where the kernels run and the dtype of
+the q, k, v they get (the exact reference stays fp64 on the fp32 inputs); both are in the JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import contenders_nystrom as cn
-from benchmarks.common import HEAD_DIM, HEADS
+from benchmarks.common import CPU, HEAD_DIM, HEADS
+from benchmarks.device import DTYPES, add_device_options, device_info
 from benchmarks.outputs import RESULTS, add_output_options, output_path
 
 OUTPUT = "nystrom_errors.json"
@@ -41,7 +45,7 @@ def markdown(results: dict) -> str:
     lines = [
         "<!-- Written by `python -m benchmarks.nystrom_errors`; do not edit by hand. -->",
         f"Relative error vs exact softmax attention, n = {results['n']}, {HEADS} heads × "
-        f"{HEAD_DIM}, {results['iterations']} pinv iterations unless stated.",
+        f"{HEAD_DIM}, {results['iterations']} pinv iterations unless stated.{_where(results)}",
         "",
         "| inputs | method | " + " | ".join(f"m = {m}" for m in landmarks) + " |",
         "|---|---|" + "---:|" * len(landmarks),
@@ -52,6 +56,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _where(results: dict) -> str:
+    """The device and dtype, when a run was not on the CPU in fp32 (older JSON: neither)."""
+    info = results.get("device")
+    if info is None or (info["device"] == "cpu" and info["dtype"] == "float32"):
+        return ""
+    return f" Kernels on {info['dtype']} inputs, on {info['device_name']}."
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1024)
@@ -59,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
                         metavar="JSON", help="re-render the Markdown table and PNG from a JSON "
                         "(default: the committed one) into the output location (no computing)")
+    add_device_options(parser)
     return parser.parse_args(argv)
 
 
@@ -71,12 +84,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(2)
     landmarks = [m for m in LANDMARKS if m <= args.n]
+    where = dict(device=args.device, dtype=DTYPES[args.dtype])
     results = {"n": args.n, "landmarks": landmarks, "iterations": cn.ITERATIONS,
-               "gaussian": cn.landmark_sweep(args.n, landmarks)}
+               "device": device_info(args.device, args.dtype),
+               "gaussian": cn.landmark_sweep(args.n, landmarks, **where)}
     original = cn.error_inputs
-    cn.error_inputs = lambda n, seed=0: smooth_inputs(n, seed)  # same sweep, smooth inputs
+
+    def smooth(n: int, seed: int = 0, device: torch.device = CPU) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(device) for t in smooth_inputs(n, seed))
+
+    cn.error_inputs = smooth  # the same sweep on smooth inputs
     try:
-        results["smooth"] = cn.landmark_sweep(args.n, landmarks)
+        results["smooth"] = cn.landmark_sweep(args.n, landmarks, **where)
     finally:
         cn.error_inputs = original
     out.write_text(json.dumps(results, indent=2))

@@ -18,12 +18,16 @@ per-key (b·h, 1, m) form, listed for reference).
 
 Timing: each comparison group runs in a fresh process (no group inherits another's allocator
 state); its contenders alternate within each round; we report the minimum and the median over
-rounds (ms). Compare ratios within one run only. Results: a table on stdout, and
+rounds (ms). Compare ratios within one run only. ``--device cuda`` builds every module and
+input on the GPU (the group runs under ``torch.device(device)``) and times each call with CUDA
+events after a synchronize (``benchmarks/device.py``); ``--dtype`` picks the RoPE input dtypes
+(default fp32 and bf16; the bias builders make fp32 biases). The JSON's ``meta`` names the
+device and the CPU. Results: a table on stdout, and
 ``positional.json`` with its Markdown tables ``positional_rope.md`` and ``positional_bias.md``
 in ``benchmarks/runs/`` (untracked; ``--quick``: ``positional-quick*``), or ``--out``;
 ``--update-results`` refreshes the committed ``benchmarks/results/positional*`` instead.
 
-Run: ``python -m benchmarks.positional [--quick]``.
+Run: ``python -m benchmarks.positional [--quick] [--device cuda] [--dtype fp32 bf16 fp16]``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from benchmarks.common import CPU
+from benchmarks.device import DTYPES, cpu_model, device_name, parse_device, timer
 from benchmarks.outputs import RESULTS, add_output_options, output_path
 from transformer_zoo import (
     ALiBi,
@@ -153,13 +159,19 @@ def bias_contenders(n: int) -> dict[str, dict[str, Callable[[], Tensor]]]:
     return out
 
 
-def time_rounds(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict]:
+def time_rounds(steps: dict[str, Callable[[], object]], rounds: int,
+                device: torch.device = CPU) -> dict[str, dict]:
+    """min and median ms per contender; CUDA events on CUDA, the wall clock otherwise."""
+    clock = timer(device) if device.type == "cuda" else None
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():  # warm up (caches, allocator)
         step()
         step()
     for _ in range(rounds):
         for name, step in steps.items():
+            if clock is not None:
+                times[name].append(clock(step) * 1e3)
+                continue
             start = time.perf_counter()
             step()
             times[name].append((time.perf_counter() - start) * 1e3)
@@ -167,7 +179,8 @@ def time_rounds(steps: dict[str, Callable[[], object]], rounds: int) -> dict[str
             times.items()}
 
 
-def run_rope(n: int, rounds: int, dtype_name: str, layout: str, mode: str) -> list[dict]:
+def run_rope(n: int, rounds: int, dtype_name: str, layout: str, mode: str,
+             device: torch.device = CPU) -> list[dict]:
     dtype = getattr(torch, dtype_name)
     grad = mode == "fwd+bwd"
     steps = {}
@@ -183,12 +196,13 @@ def run_rope(n: int, rounds: int, dtype_name: str, layout: str, mode: str) -> li
         else:
             steps[name] = torch.no_grad()(fn)
     return [dict(block="RoPE", layout=layout, dtype=dtype_name, mode=mode, contender=name, n=n,
-                 **t) for name, t in time_rounds(steps, rounds).items()]
+                 **t) for name, t in time_rounds(steps, rounds, device).items()]
 
 
-def run_bias(n: int, rounds: int, block: str) -> list[dict]:
+def run_bias(n: int, rounds: int, block: str,
+             device: torch.device = CPU) -> list[dict]:
     with torch.no_grad():
-        timed = time_rounds(bias_contenders(n)[block], rounds)
+        timed = time_rounds(bias_contenders(n)[block], rounds, device)
     return [dict(block=block, layout="", dtype="float32", mode="fwd", contender=name, n=n, **t)
             for name, t in timed.items()]
 
@@ -197,13 +211,17 @@ def run_group(group: tuple, args: argparse.Namespace) -> list[dict]:
     """One comparison group (all its contenders, alternating), from a fresh state."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if group[0] == "RoPE":
-        return run_rope(args.seq, args.rounds, *group[1:])
-    return run_bias(args.bias_seq, args.rounds, group[1])
+    with torch.device(args.device):  # modules, caches and inputs all on the device
+        if group[0] == "RoPE":
+            return run_rope(args.seq, args.rounds, *group[1:], device=args.device)
+        return run_bias(args.bias_seq, args.rounds, group[1], device=args.device)
 
 
-def groups() -> list[tuple]:
-    rope = [("RoPE", dtype, layout, mode) for dtype in ("float32", "bfloat16")
+def groups(dtypes: tuple[str, ...] = ("fp32", "bf16")) -> list[tuple]:
+    """The comparison groups: RoPE per input dtype (``--dtype`` names), layout and mode,
+    then the bias builders."""
+    names = [str(DTYPES[d]).removeprefix("torch.") for d in dtypes]
+    rope = [("RoPE", dtype, layout, mode) for dtype in names
             for layout in ("interleaved", "half_split") for mode in ("fwd", "fwd+bwd")]
     bias = [("bias", block) for block in
             ("T5 bias", "ALiBi bias", "Shaw logit term", "Shaw value term")]
@@ -238,9 +256,12 @@ def markdown(rows: list[dict], meta: dict, block: str) -> str:
     pick = [r for r in rows if (r["block"] == "RoPE") == (block == "RoPE")]
     a = meta["args"]
     n = a["seq"] if block == "RoPE" else a["bias_seq"]
+    device = meta.get("device", "cpu")  # JSON from before --device: the CPU
+    where = "" if device == "cpu" else f"{meta.get('device_name', device)} ({device}), "
     lines = [
         "<!-- Written by `python -m benchmarks.positional`; do not edit by hand. -->",
-        f"b = 1, h = 8, n = {n}, head_dim 64; torch {meta['torch']}, {meta['threads']} thread(s), "
+        f"b = 1, h = 8, n = {n}, head_dim 64; {where}torch {meta['torch']}, {meta['threads']} "
+        "thread(s), "
         f"a fresh process per comparison, {a['rounds']} rounds; min and median ms; ÷peer = ours "
         "/ the fastest peer (min times).",
         "",
@@ -269,6 +290,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="n=1024, bias n=256, 3 rounds")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1 is steadier on a shared machine)")
+    parser.add_argument("--device", type=parse_device, default=torch.device("cpu"),
+                        help="cpu (default), cuda, cuda:1, ...")
+    parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["fp32", "bf16"],
+                        help="RoPE input dtypes (default fp32 bf16)")
     parser.add_argument("--in-process", action="store_true",
                         help="run every group in this process (default: a fresh process each, "
                         "so no group inherits another's allocator state)")
@@ -295,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.seq, args.bias_seq, args.rounds = 1024, 256, 3
     rows: list[dict] = []
-    for group in groups():
+    for group in groups(tuple(args.dtype)):
         if args.in_process:
             rows += run_group(group, args)
         else:
@@ -305,7 +330,10 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(),
                 machine=platform.machine(), processor=platform.processor(),
-                args={k: v for k, v in vars(args).items()
+                device=str(args.device), device_name=device_name(args.device),
+                cpu_model=cpu_model(),
+                args={k: str(v) if isinstance(v, torch.device) else v
+                      for k, v in vars(args).items()
                       if k not in ("out", "update_results", "report_only")})
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     write_markdown(path, rows, meta)

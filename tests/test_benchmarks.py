@@ -244,10 +244,11 @@ def test_round_robin_bar_counts_the_extra_rounds(monkeypatch):
     monkeypatch.setattr(attention, "time", FakeClock())
     monkeypatch.setattr(attention, "fwd_bwd", lambda step: None)
 
-    def broken(n):
+    def broken(n, device=None):
         raise RuntimeError("cannot build")
 
-    factories = {"a": lambda n: (lambda: None), "b": lambda n: (lambda: None), "broken": broken}
+    factories = {"a": lambda n, device=None: (lambda: None),
+                 "b": lambda n, device=None: (lambda: None), "broken": broken}
     repeats = 3
     bar = FakeBar(total=len(factories) * repeats)
     out = attention.time_round_robin(factories, 64, repeats, bar.update, min_seconds=0.2,
@@ -268,11 +269,12 @@ def test_attention_main_bar_reaches_100_percent_only_at_the_end(monkeypatch, tmp
 
     module = types.ModuleType("benchmarks.fake_contenders")
 
-    def broken(n):
+    def broken(n, device=None):
         raise RuntimeError("cannot build")
 
-    module.contenders = lambda: {"fast": lambda n: (lambda: None), "broken": broken,
-                                 "memfail": lambda n: (lambda: None)}
+    module.contenders = lambda: {"fast": lambda n, device=None: (lambda: None),
+                                 "broken": broken,
+                                 "memfail": lambda n, device=None: (lambda: None)}
     monkeypatch.setattr(attention, "load_modules", lambda: [module])
     monkeypatch.setattr(attention, "time", FakeClock())
     monkeypatch.setattr(attention, "fwd_bwd", lambda step: None)
