@@ -59,15 +59,15 @@ def coverage() -> dict:
 def compile_frames() -> dict:
     """Frames compiled over the dynamic lengths, per case (fullgraph: a break raises)."""
     frames = {}
-    for pair in comp._dynamic_cases():
+    for att, enc_cls, causal in comp._dynamic_cases():
         torch._dynamo.reset()
-        enc = Encoder(rc.encoder_config(*pair, n_layers=1)).eval()
+        enc = Encoder(rc.encoder_config(att, enc_cls, n_layers=1, causal=causal)).eval()
         counter = CompileCounter()
         compiled = torch.compile(enc, backend=counter, fullgraph=True)
         for b, n in comp.DYNAMIC_SHAPES:
             x, mask = comp._inputs(n, seed=n, b=b)
             compiled(x, mask=mask)
-        frames[rc.pair_id(pair)] = counter.frame_count
+        frames[comp._dynamic_id((att, enc_cls, causal))] = counter.frame_count
     torch._dynamo.reset()
     return frames
 

@@ -29,6 +29,7 @@ from reliability_cases import (
 from torch._dynamo.testing import CompileCounter
 
 from transformer_zoo import Encoder, Place, SoftmaxAttention
+from transformer_zoo.functional import causal_linear_scan, draw_projection, favor_attention
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,9 +40,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-DYNAMIC_SHAPES = ((2, 5), (3, 7), (4, 11))  # (batch, length)
 
 
 @pytest.fixture(autouse=True)
@@ -177,27 +175,68 @@ def test_random_feature_redraw_under_compile_matches_eager(cls):
     assert counter.frame_count == frames, "recompiled across redraw steps"
 
 
+# (batch, length): both change; eight lengths, so one compile per length would show
+DYNAMIC_SHAPES = ((2, 5), (3, 7), (4, 11), (2, 12), (3, 16), (2, 23), (4, 31), (2, 40))
+
+
 def _dynamic_cases():
-    cases = [(a, None) for a in attention_classes()]
-    cases += [(SoftmaxAttention, e) for e in encoding_classes()]
-    return cases
+    """Every attention × compatible encoding pair, bidirectional and (where defined) causal."""
+    return [(att, enc, causal) for att, enc in pairs() for causal in (False, True)
+            if not causal or att.supports_causal]
 
 
-@pytest.mark.parametrize("pair", _dynamic_cases(), ids=pair_id)
-def test_dynamic_shapes_recompile_a_bounded_number_of_times(pair):
-    """Batch and length both change: the first shape compiles static, the second dynamic,
-    then none."""
+def _dynamic_id(case):
+    return f"{pair_id(case[:2])}-{'causal' if case[2] else 'bidirectional'}"
+
+
+@pytest.mark.parametrize("case", _dynamic_cases(), ids=_dynamic_id)
+def test_dynamic_shapes_compile_at_most_twice_over_eight_lengths(case):
+    """fullgraph=True over eight (batch, length) shapes: the first compiles static, the
+    second dynamic, then none — no Python loop or guard may specialise on the length (causal
+    Performer compiled once per length before its scan became an opaque custom op)."""
+    att, enc, causal = case
     torch.manual_seed(0)
-    enc = Encoder(encoder_config(*pair, n_layers=1)).eval()
+    enc_model = Encoder(encoder_config(att, enc, n_layers=1, causal=causal)).eval()
     counter = CompileCounter()
-    compiled = torch.compile(enc, backend=counter, fullgraph=True)
-    for b, n in DYNAMIC_SHAPES:
+    compiled = torch.compile(enc_model, backend=counter, fullgraph=True)
+    for i, (b, n) in enumerate(DYNAMIC_SHAPES):
         x, mask = _inputs(n, seed=n, b=b)
-        torch.testing.assert_close(compiled(x, mask=mask), enc(x, mask=mask),
-                                   rtol=1e-6, atol=1e-6)
+        out = compiled(x, mask=mask)
+        if i in (0, 1, len(DYNAMIC_SHAPES) - 1):  # static, dynamic and a late graph: = eager
+            torch.testing.assert_close(out, enc_model(x, mask=mask), rtol=1e-5, atol=1e-6)
     assert counter.frame_count <= 2, (
         f"{counter.frame_count} compiles over (batch, length) {DYNAMIC_SHAPES}; expected <= 2"
     )
+
+
+@pytest.mark.parametrize("lengths", [(None, None), (3, None)], ids=["self", "cross"])
+def test_causal_favor_kernels_compile_at_most_twice_over_lengths(lengths):
+    """The causal FAVOR kernel itself (fused custom op, cross lengths, padding; forward and
+    backward) and the generic scan: at most 2 graphs over eight lengths, equal to eager."""
+    w = draw_projection(16, 8, seed=0)
+
+    def favor(q, k, v, mask):
+        return favor_attention(q, k, v, w, causal=True, key_padding_mask=mask, chunk_size=4)
+
+    counters = [CompileCounter(), CompileCounter()]
+    fns = [torch.compile(favor, backend=counters[0], fullgraph=True),
+           torch.compile(causal_linear_scan, backend=counters[1], fullgraph=True)]
+    for n in (5, 7, 9, 12, 16, 23, 31, 40):
+        g = torch.Generator().manual_seed(n)
+        m = n + lengths[0] if lengths[0] else n
+        q = torch.randn(2, 2, n, 8, generator=g, requires_grad=True)
+        k, v = (torch.randn(2, 2, m, 8, generator=g, requires_grad=True) for _ in range(2))
+        mask = padding_mask(2, m, g)
+        got = fns[0](q, k, v, mask)
+        torch.testing.assert_close(got, favor(q, k, v, mask), rtol=1e-5, atol=1e-6)
+        got.sum().backward()
+        a, b = torch.rand(2, 2, n, 5, generator=g).unbind(0)
+        gg = torch.rand(2, n, 5, generator=g).cumsum(-2)
+        x = torch.randn(2, n, 3, generator=g)
+        torch.testing.assert_close(fns[1](a, b, x, gg, chunk=4),
+                                   causal_linear_scan(a, b, x, gg, chunk=4))
+    frames = [c.frame_count for c in counters]
+    assert max(frames) <= 2, f"{frames} compiles (favor_attention, causal_linear_scan)"
 
 
 @pytest.mark.slow
