@@ -1,7 +1,11 @@
 """``python -m benchmarks.listops``: train every attention variant on generated ListOps.
 
 Default: CPU-sized data and budget (about 5 minutes on 2 cores). ``--smoke``: a few seconds
-per run, for tests. ``--full``: LRA's data sizes and step budget (a GPU job).
+per run, for tests. ``--full``: the Nyströmformer paper's LRA ListOps setup (``presets.py``; a
+GPU job: ``--device cuda``), its table with the paper's test accuracies beside ours.
+``--steps``, ``--examples``, ``--lengths``, ``--eval-every`` and ``--time-budget`` override a
+preset (a stopped or shrunk run says so in its JSON). ``--prepare-data`` generates (and
+caches) the data and stops: LRA's 100k expressions take minutes even on many cores.
 Writes ``listops.json``, ``listops.png`` and ``listops.md`` into ``benchmarks/runs/listops/``
 (untracked; ``--smoke``: ``benchmarks/runs/listops-smoke/``), or ``--out``;
 ``--update-results`` refreshes the committed ones in ``benchmarks/results/`` instead.
@@ -10,7 +14,6 @@ Writes ``listops.json``, ``listops.png`` and ``listops.md`` into ``benchmarks/ru
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -21,49 +24,36 @@ from typing import Any
 
 import torch
 
-from ..outputs import RESULTS, RUNS, add_output_options, output_path
-from .data import LRA_CONFIG, ListOpsConfig, Split, majority_baseline, make_splits
-from .model import ModelConfig
+from ..device import DTYPES, device_info, parse_device
+from ..outputs import RESULTS, add_output_options, output_path
+from .config import TrainConfig
+from .data import ListOpsConfig, Split, majority_baseline
+from .presets import CACHE, PRESETS, load_or_make_splits
+from .processes import run_in_processes
 from .progress import RunBars
 from .report import loss_note, markdown_table, write_all
-from .train import TrainConfig, run_in_processes, run_units, train_variant
-from .variants import build_variants
+from .train import run_units, train_variant
+from .variants import Variant, build_variants
 
-CACHE = RUNS / "cache"  # generated splits, keyed by settings and seed
 COMMITTED_JSON = RESULTS / "listops.json"
-
-PRESETS: dict[str, tuple[ListOpsConfig, TrainConfig]] = {
-    "smoke": (
-        ListOpsConfig(
-            min_length=8, max_length=64, max_depth=4, max_args=4, n_train=400, n_valid=100,
-            n_test=200,
-        ),
-        TrainConfig(steps=12, batch_size=16, warmup=3),
-    ),
-    "default": (ListOpsConfig(), TrainConfig()),
-    "full": (LRA_CONFIG, TrainConfig(steps=5000, batch_size=32, lr=1e-3, warmup=500)),
-}
+__all__ = ["CACHE", "load_or_make_splits", "main", "output_folder", "parse_args"]
 
 
-def _machine(device: str, threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def _machine(device: str, threads: int, dtype: str = "fp32") -> dict[str, Any]:
+    info = device_info(torch.device(device), dtype)
+    cpu = info["cpu_model"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     description = f"{cores} CPU cores ({cpu})"
     if device.startswith("cuda"):
-        description = f"{torch.cuda.get_device_name(device)}, " + description
+        description = f"{info['device_name']}, " + description
     return {
         "description": description,
         "cpu": cpu,
         "cores": cores,
         "threads": threads,
         "device": device,
+        "device_name": info["device_name"],
+        "dtype": info["dtype"],
         "torch": torch.__version__,
         "python": platform.python_version(),
         # other load on the machine when the run started (a shared machine inflates wall time)
@@ -82,38 +72,38 @@ def _data_summary(config: ListOpsConfig, splits: dict[str, Split]) -> dict[str, 
     }
 
 
-DATA_VERSION = 1  # bump when the generator changes, so cached splits are not reused
-
-
-def load_or_make_splits(config: ListOpsConfig, seed: int, cache: Path | None) -> dict[str, Split]:
-    """``make_splits(config, seed=seed)``, cached as a ``.pt`` file in ``cache`` when given."""
-    if cache is None:
-        return make_splits(config, seed=seed)
-    key = json.dumps([DATA_VERSION, config.to_dict(), seed], sort_keys=True)
-    path = cache / f"listops-data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    if path.exists():
-        stored = torch.load(path, weights_only=True)
-        return {name: Split(**tensors) for name, tensors in stored.items()}
-    splits = make_splits(config, seed=seed)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save({name: vars(split) for name, split in splits.items()}, path)
-    return splits
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.listops", description=__doc__)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="tiny data and budget (tests)")
-    mode.add_argument("--full", action="store_true", help="LRA-scale data and budget")
+    mode.add_argument("--full", action="store_true",
+                      help="the Nyströmformer paper's LRA ListOps setup (a GPU job)")
     p.add_argument("--steps", type=int, help="training steps per variant (preset default)")
     p.add_argument("--batch-size", type=int, help="training batch size (preset default)")
+    p.add_argument("--examples", type=int, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
+                   help="split sizes (preset default)")
+    p.add_argument("--lengths", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   help="expression lengths in tokens (preset default)")
+    p.add_argument("--eval-every", type=int,
+                   help="validate every N steps and test the best checkpoint (--full: 50)")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop each variant's training after this long (evaluation excluded)")
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help="only these variants (default: all; --full: those without R-Drop)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="autocast dtype of the forward passes (fp16 with a gradient scaler)")
+    p.add_argument("--data-workers", type=int,
+                   help="processes drawing --full's data (default: one per core)")
+    p.add_argument("--prepare-data", action="store_true",
+                   help="generate (and cache) the data, then stop")
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--rdrop-alpha", type=float, default=1.0, help="R-Drop weight α")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per run")
     p.add_argument(
         "--jobs", type=int, default=2, help="runs at a time, each in its own process (CPU only)"
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", type=parse_device, default=torch.device("cpu"),
+                   help="cpu (default), cuda, cuda:1, ...")
     add_output_options(p, "listops/ (--smoke: listops-smoke/)", committed="")
     p.add_argument(
         "--no-isolate",
@@ -139,11 +129,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.update_results and args.smoke:
         p.error("--update-results: --smoke runs are not committed results")
-    for name in ("steps", "batch_size", "threads", "jobs"):
+    for name in ("steps", "batch_size", "threads", "jobs", "eval_every", "data_workers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')}: expected a positive integer, got {value}")
+    if args.time_budget is not None and args.time_budget <= 0:
+        p.error(f"--time-budget: expected seconds > 0, got {args.time_budget}")
+    args.device = str(args.device)
     return args
+
+
+def _warmup(train_cfg: TrainConfig, steps: int) -> int:
+    """The preset's warm-up; for the one-cycle schedule with other ``steps``, the same
+    fraction of them (it needs 2 <= warm-up < steps, so at least 3 steps)."""
+    if train_cfg.schedule != "onecycle-linear" or steps == train_cfg.steps:
+        return train_cfg.warmup
+    return min(steps - 1, max(2, round(steps * train_cfg.warmup / train_cfg.steps)))
+
+
+def select_variants(args: argparse.Namespace) -> list[Variant]:
+    """The variants to run: ``--variants`` by name, else all (``--full``: without R-Drop,
+    the paper's rows)."""
+    variants = build_variants(full=args.full, rdrop_alpha=args.rdrop_alpha)
+    if args.variants is None:
+        return [v for v in variants if v.rdrop_alpha == 0] if args.full else variants
+    known = [v.name for v in variants]
+    unknown = [name for name in args.variants if name not in known]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; available: {known}")
+    return [v for v in variants if v.name in args.variants]
+
+
+def overrides(args: argparse.Namespace, data_cfg: ListOpsConfig) -> ListOpsConfig:
+    """The preset's data with ``--examples`` / ``--lengths`` applied."""
+    if args.examples:
+        data_cfg = replace(data_cfg, n_train=args.examples[0], n_valid=args.examples[1],
+                           n_test=args.examples[2])
+    if args.lengths:
+        data_cfg = replace(data_cfg, min_length=args.lengths[0], max_length=args.lengths[1])
+    return data_cfg
 
 
 def output_folder(args: argparse.Namespace) -> Path:
@@ -162,31 +186,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_all(result, out)
         return result
     mode = "smoke" if args.smoke else "full" if args.full else "default"
-    data_cfg, train_cfg = PRESETS[mode]
+    preset = PRESETS[mode]
+    data_cfg, model_cfg = overrides(args, preset.data), preset.model
+    train_cfg = preset.train
+    steps = args.steps or train_cfg.steps
     train_cfg = replace(
         train_cfg,
-        steps=args.steps or train_cfg.steps,
+        steps=steps,
+        warmup=_warmup(train_cfg, steps),
         batch_size=args.batch_size or train_cfg.batch_size,
+        eval_every=args.eval_every or train_cfg.eval_every,
+        time_budget_s=args.time_budget,
+        dtype=args.dtype,
         threads=args.threads,
         device=args.device,
         seed=args.seed,
     )
+    variants = select_variants(args)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
-    machine = _machine(args.device, args.threads)
+    machine = _machine(args.device, args.threads, args.dtype)
     begin = time.perf_counter()
     cache = None if (args.no_cache or args.smoke) else CACHE
-    splits = load_or_make_splits(data_cfg, args.seed, cache)
+    splits = load_or_make_splits(data_cfg, args.seed, cache, shards=preset.shards,
+                                 workers=args.data_workers)
     data = _data_summary(data_cfg, splits)
+    if args.prepare_data:
+        print(f"ListOps {mode} data ready in {time.perf_counter() - begin:.0f} s "
+              f"({len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])})")
+        return {"mode": mode, "data": data}
     print(
         f"ListOps {mode}: {len(splits['train'])}/{len(splits['valid'])}/{len(splits['test'])} "
         f"expressions, mean test length {data['mean_length']['test']:.0f} tokens, "
         f"ready in {time.perf_counter() - begin:.1f} s",
         flush=True,  # before the bars, which go to stderr
     )
-    model_cfg = ModelConfig()
-    variants = build_variants(full=args.full, rdrop_alpha=args.rdrop_alpha)
     call_args = [(v, splits, model_cfg, train_cfg) for v in variants]
     units = run_units(splits, train_cfg)
     # one bar per run, all drawn here (workers only report), all closed before the table
@@ -208,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "listops",
         "mode": mode,
         "seed": args.seed,
+        "preset_overridden": [k for k in ("steps", "examples", "lengths", "eval_every",
+                                          "time_budget", "batch_size") if getattr(args, k)],
         "machine": machine,
         "data": data,
         "model": model_cfg.__dict__,

@@ -15,10 +15,15 @@ probability ``op_p`` (LRA: 0.25) and a digit otherwise; at ``max_depth`` it is a
 Whole expressions are drawn until their token count lies in ``[min_length, max_length]``;
 duplicates are dropped, so the three splits are disjoint. Everything comes from one
 ``numpy.random.Generator(seed)``: same config + seed, same data.
+
+LRA's sizes (100k expressions of 500–2000 tokens, ~14 ms each in Python) take about 25 minutes
+on one core: ``make_splits_sharded`` draws them in independent streams ``(seed, shard)`` on
+several processes; its data depends on (config, seed, shards), not on how many processes ran.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -225,6 +230,88 @@ def make_splits(config: ListOpsConfig, *, seed: int = 0) -> dict[str, Split]:
         "valid": _pack(expressions[a:b]),
         "test": _pack(expressions[b:]),
     }
+
+
+def _shard(config: ListOpsConfig, seed: int, shard: int, count: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``count`` distinct expressions from the stream ``(seed, shard)``, encoded: the token ids
+    of all of them end to end (uint8), their lengths and their labels."""
+    rng = np.random.default_rng([seed, shard])
+    seen: set[str] = set()
+    ids: list[int] = []
+    lengths, labels = [], []
+    tries = 0
+    while len(lengths) < count:
+        tries += 1
+        if tries > 1000 * count:
+            raise ValueError(
+                f"could not draw {count} distinct expressions with lengths in "
+                f"[{config.min_length}, {config.max_length}] after {tries - 1} tries; "
+                "widen the length range or raise max_depth / max_args"
+            )
+        expr = generate_expression(rng, max_depth=config.max_depth, max_args=config.max_args,
+                                   op_p=config.op_p, root_is_operator=config.min_length >= 2)
+        if not config.min_length <= len(expr) <= config.max_length:
+            continue
+        key = " ".join(expr)
+        if key in seen:
+            continue
+        seen.add(key)
+        ids += encode(expr)
+        lengths.append(len(expr))
+        labels.append(evaluate(expr))
+    return (np.asarray(ids, dtype=np.uint8), np.asarray(lengths, dtype=np.int64),
+            np.asarray(labels, dtype=np.int64))
+
+
+def _pack_encoded(rows: list[np.ndarray], labels: list[int]) -> Split:
+    lengths = np.asarray([len(r) for r in rows], dtype=np.int64)
+    tokens = np.zeros((len(rows), int(lengths.max())), dtype=np.int64)
+    tokens[np.arange(tokens.shape[1])[None, :] < lengths[:, None]] = np.concatenate(rows)
+    return Split(torch.from_numpy(tokens), torch.from_numpy(lengths),
+                 torch.as_tensor(labels, dtype=torch.int64))
+
+
+def make_splits_sharded(config: ListOpsConfig, *, seed: int = 0, shards: int = 32,
+                        workers: int = 1) -> dict[str, Split]:
+    """``{"train", "valid", "test"}`` like ``make_splits``, drawn in ``shards`` independent
+    streams (``numpy.random.default_rng([seed, shard])``), ``workers`` processes at a time.
+
+    Each stream draws ⌈total / shards⌉ distinct expressions; they are joined in stream order,
+    duplicates across streams dropped (first kept), and extra streams (shards, shards + 1, …)
+    fill any gap, so the splits stay disjoint. Deterministic in (config, seed, shards); the
+    number of workers changes only the wall time.
+    """
+    if shards < 1 or workers < 1:
+        raise ValueError(f"shards and workers: expected >= 1, got {shards} and {workers}")
+    total = config.n_train + config.n_valid + config.n_test
+    per = -(-total // shards)
+    calls = [(config, seed, i, per) for i in range(shards)]
+    if workers == 1:
+        parts = [_shard(*c) for c in calls]
+    else:
+        with multiprocessing.get_context("spawn").Pool(min(workers, shards)) as pool:
+            parts = pool.starmap(_shard, calls)
+    rows: list[np.ndarray] = []
+    labels: list[int] = []
+    seen: set[bytes] = set()
+    extra = shards
+    while len(rows) < total:
+        if not parts:
+            parts = [_shard(config, seed, extra, per)]
+            extra += 1
+        flat, lengths, values = parts.pop(0)
+        for row, label in zip(np.split(flat, np.cumsum(lengths)[:-1]), values, strict=True):
+            key = row.tobytes()
+            if key in seen or len(rows) == total:
+                continue
+            seen.add(key)
+            rows.append(row)
+            labels.append(int(label))
+    a, b = config.n_train, config.n_train + config.n_valid
+    return {"train": _pack_encoded(rows[:a], labels[:a]),
+            "valid": _pack_encoded(rows[a:b], labels[a:b]),
+            "test": _pack_encoded(rows[b:], labels[b:])}
 
 
 def majority_baseline(train: Split, test: Split) -> tuple[int, float]:

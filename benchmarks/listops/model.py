@@ -1,8 +1,10 @@
-"""The ListOps classifier: token embedding + sinusoidal positions, ``Encoder``, mean pooling.
+"""The ListOps classifier: token embedding + positions, ``Encoder``, mean pooling.
 
 LRA's small configuration for ListOps (Tay et al. 2021, arXiv 2011.04006; the same as the
 Nyströmformer paper's): 2 layers, d_model 64, feed-forward 128, 2 heads, mean pooling over the
 real tokens, a linear head over the 10 classes. The attention is the part that varies.
+Positions: sinusoidal by default; learned (a table of ``max_len``), with attention dropout
+0.1, in the Nyströmformer paper's LRA code (``LRA_MODEL``).
 
 Shapes: tokens ``(b, n)`` int64 (0 = pad), mask ``(b, n)`` True = real token; logits ``(b, 10)``.
 """
@@ -14,7 +16,12 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from transformer_zoo import Encoder, EncoderConfig, SinusoidalPositionalEncoding
+from transformer_zoo import (
+    Encoder,
+    EncoderConfig,
+    LearnedPositionalEncoding,
+    SinusoidalPositionalEncoding,
+)
 from transformer_zoo.encoder.encoder import AttentionFactory
 
 from .data import N_CLASSES, PAD_ID, VOCAB
@@ -29,6 +36,14 @@ class ModelConfig:
     n_layers: int = 2
     d_ff: int = 128
     dropout: float = 0.1
+    attention_dropout: float = 0.0
+    learned_positions: bool = False
+    max_len: int = 2048  # the learned table's length (LRA: 2000 rounded up to 2048)
+
+
+#: The Nyströmformer paper's LRA ListOps model (``LRA/code/lra_config.py``): learned positions
+#: (max_seq_len 2000 -> 2048), dropout and attention dropout 0.1; the sizes are the defaults.
+LRA_MODEL = ModelConfig(attention_dropout=0.1, learned_positions=True, max_len=2048)
 
 
 class ListOpsClassifier(nn.Module):
@@ -45,8 +60,10 @@ class ListOpsClassifier(nn.Module):
                 n_layers=config.n_layers,
                 d_ff=config.d_ff,
                 dropout=config.dropout,
+                attention_dropout=config.attention_dropout,
                 attention=attention,
-                positional=SinusoidalPositionalEncoding(config.d_model),
+                positional=LearnedPositionalEncoding(config.max_len, config.d_model)
+                if config.learned_positions else SinusoidalPositionalEncoding(config.d_model),
             )
         )
         self.head = nn.Linear(config.d_model, N_CLASSES)

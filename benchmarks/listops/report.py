@@ -1,4 +1,10 @@
-"""Render ListOps results: a Markdown table (printed and written), JSON and a PNG."""
+"""Render ListOps results: a Markdown table (printed and written), JSON and a PNG.
+
+A ``--full`` (LRA preset) table has the paper's test accuracy beside ours: the Nyströmformer
+paper's re-run of LRA ListOps (Xiong et al. 2021, arXiv 2102.03902): softmax
+37.10, Nyströmformer 37.15, Performer 18.80 (LRA's own, Tay et al. 2021: Transformer 36.37,
+Performer 18.01), and the step of the checkpoint that was tested.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,34 @@ COLUMNS = (
 )
 
 
+#: Test accuracy (%) in the Nyströmformer paper's LRA ListOps run, by attention class.
+PAPER_TEST_ACCURACY = {"SoftmaxAttention": 37.10, "NystromAttention": 37.15,
+                       "PerformerAttention": 18.80}
+PAPER = "Xiong et al. 2021 (arXiv 2102.03902), their LRA results"
+FULL_COLUMNS = (("paper_test_accuracy", "paper test acc", "{:.4f}"),
+                ("best_step", "tested step", "{}"))
+
+
+def paper_accuracy(run: dict[str, Any]) -> float | None:
+    """The paper's test accuracy (a fraction) for a run's attention; None with R-Drop (not in
+    the paper) or for an attention it did not run."""
+    if run.get("rdrop_alpha"):
+        return None
+    value = PAPER_TEST_ACCURACY.get(run.get("attention", ""))
+    return None if value is None else value / 100
+
+
+def columns(result: dict[str, Any]) -> tuple[tuple[str, str, str], ...]:
+    """The table's columns: a ``full`` run adds the paper's accuracy and the tested step."""
+    if result.get("mode") != "full":
+        return COLUMNS
+    return COLUMNS[:2] + FULL_COLUMNS + COLUMNS[2:]
+
+
 def _cell(run: dict[str, Any], key: str, fmt: str) -> str:
+    if key == "paper_test_accuracy":
+        value = paper_accuracy(run)
+        return "-" if value is None else fmt.format(value)
     value = run.get(key)
     if key == "final_task_loss" and value is None and not run["rdrop_alpha"]:
         value = run.get("final_train_loss")  # a JSON from before the split: the same number
@@ -27,15 +60,16 @@ def _cell(run: dict[str, Any], key: str, fmt: str) -> str:
 
 def markdown_table(result: dict[str, Any]) -> str:
     """The results table in Markdown, with the majority-class baseline as its last row."""
+    cols = columns(result)
     lines = [
-        "| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(title for _, title, _ in cols) + " |",
+        "|" + "---|" * len(cols),
     ]
     for run in result["runs"]:
-        cells = [_cell(run, key, fmt) for key, _, fmt in COLUMNS]
+        cells = [_cell(run, key, fmt) for key, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
     base = result["data"]["majority_baseline"]
-    blanks = " |" * (len(COLUMNS) - 2)
+    blanks = " |" * (len(cols) - 2)
     lines.append(f"| majority class ({base['label']}) | {base['test_accuracy']:.3f} |{blanks}")
     return "\n".join(lines)
 
@@ -51,12 +85,37 @@ def loss_note(result: dict[str, Any]) -> str:
         "between the two passes, unweighted; the R-Drop objective is CE₁ + CE₂ + α·KL "
         f"= 2 · task loss + α · KL, α = {alpha}."
     )
+    if result.get("mode") == "full":
+        note += (
+            f" paper test acc: {PAPER} (their runs: fp16 mixed precision, dev scored on 62 "
+            "batches of 32); tested step: the best validation checkpoint, which the test "
+            "accuracy is of."
+        )
+    stopped = [run["variant"] for run in result["runs"] if run.get("stopped_early")]
+    if stopped:
+        note += (f" Stopped by the time budget before the full schedule: {', '.join(stopped)} "
+                 "(steps/s and the step count say how far each got).")
     if any(run["rdrop_alpha"] and "final_task_loss" not in run for run in result["runs"]):
         note += (
             " A +rdrop row with - in both columns was run before the two were recorded apart: "
             "its JSON holds only the whole objective (`final_train_loss`)."
         )
     return note
+
+
+def _settings(result: dict[str, Any]) -> str:
+    """Precision, evaluation and preset overrides, where a run has them (older JSON: none)."""
+    train, parts = result["train"], []
+    if train.get("dtype", "fp32") != "fp32":
+        parts.append(f"{train['dtype']} autocast")
+    if train.get("eval_every"):
+        parts.append(f"validation every {train['eval_every']} steps, the best checkpoint "
+                     "tested")
+    if train.get("time_budget_s"):
+        parts.append(f"time budget {train['time_budget_s']:g} s per run")
+    if result.get("preset_overridden"):
+        parts.append("preset overridden: " + ", ".join(result["preset_overridden"]))
+    return "".join(f"; {p}" for p in parts)
 
 
 def markdown_report(result: dict[str, Any]) -> str:
@@ -72,7 +131,7 @@ def markdown_report(result: dict[str, Any]) -> str:
             f"{cfg['n_test']} train / valid / test expressions of {cfg['min_length']}–"
             f"{cfg['max_length']} tokens (mean {data['mean_length']['test']:.0f}), depth ≤ "
             f"{cfg['max_depth']}, ≤ {cfg['max_args']} arguments; {train['steps']} steps of "
-            f"batch {train['batch_size']}, seed {result['seed']}. "
+            f"batch {train['batch_size']}, seed {result['seed']}{_settings(result)}. "
             f"Machine: {machine['description']}; torch {machine['torch']}, "
             f"{machine['threads']} thread(s) per run, {result.get('jobs', 1)} run(s) at a time, "
             f"{load_text}; "

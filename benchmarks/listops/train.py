@@ -1,21 +1,27 @@
 """Train and evaluate one ListOps variant for a fixed step budget.
 
-Each run can go in a fresh process (``run_in_processes``) so its peak memory is its own: on CPU
-the peak resident set growth over the run (``ru_maxrss`` after training minus before), on
-CUDA ``torch.cuda.max_memory_allocated``.
+Each run can go in a fresh process (``processes.run_in_processes``) so its peak memory is its
+own: on CPU the peak resident set growth over the run (``ru_maxrss`` after training minus
+before), on CUDA ``torch.cuda.max_memory_allocated``.
+
+Evaluation: by default the final model, on the validation and test splits. With
+``eval_every`` (the LRA preset: every 50 steps, as the Nyströmformer code), the model is
+scored on the validation split every ``eval_every`` steps and after the last step, the state
+with the best validation accuracy (the first, on ties) is kept, and the test split is scored
+with THAT state, not the last one (the last one reads ~17.5 % on LRA ListOps: LRA issues #15,
+#60). ``time_budget_s`` stops training early (the schedule is not stretched: a stopped run
+says so, ``stopped_early``). ``dtype`` bf16 / fp16 runs forward passes under autocast (fp16
+with a gradient scaler).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
-import multiprocessing
 import resource
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from typing import Any
 
@@ -23,32 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import AMP_DTYPES, TrainConfig, evaluations, make_schedule
 from .data import PAD_ID, Split
 from .model import ListOpsClassifier, ModelConfig
 from .progress import Progress
 from .variants import Variant, rdrop_loss, rdrop_parts
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings: AdamW, linear warm-up then cosine decay to 0."""
-
-    steps: int = 1400
-    batch_size: int = 32
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    warmup: int = 100
-    eval_batch_size: int = 256
-    threads: int = 1
-    device: str = "cpu"
-    seed: int = 0
-
-
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def bucketed_batches(
@@ -84,8 +69,11 @@ def eval_batches(split: Split, batch_size: int) -> int:
 
 
 def run_units(splits: dict[str, Split], cfg: TrainConfig) -> int:
-    """The units of work ``train_variant`` reports: training steps, then evaluation batches."""
-    return cfg.steps + sum(eval_batches(splits[s], cfg.eval_batch_size) for s in ("valid", "test"))
+    """The units of work ``train_variant`` reports: training steps and the evaluation
+    batches (every validation, then the test)."""
+    valid = eval_batches(splits["valid"], cfg.eval_batch_size)
+    return cfg.steps + len(evaluations(cfg)) * valid + eval_batches(splits["test"],
+                                                                     cfg.eval_batch_size)
 
 
 @torch.no_grad()
@@ -96,17 +84,34 @@ def accuracy(
     batch_size: int,
     device: str,
     tick: Callable[[], None] | None = None,
+    dtype: str = "fp32",
 ) -> float:
-    """Accuracy over ``split``; ``tick()`` after each batch."""
+    """Accuracy over ``split`` (forward under autocast for ``dtype`` bf16 / fp16); ``tick()``
+    after each batch. Leaves the model in eval mode."""
     model.eval()
     order = torch.argsort(split.lengths)  # similar lengths together: less padding
     correct = 0
     for start in range(0, len(split), batch_size):
         tokens, mask, labels = _batch(split, order[start : start + batch_size], device)
-        correct += int((model(tokens, mask).argmax(-1) == labels).sum())
+        with _autocast(device, dtype):
+            logits = model(tokens, mask)
+        correct += int((logits.argmax(-1) == labels).sum())
         if tick is not None:
             tick()
     return correct / len(split)
+
+
+def _autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    if AMP_DTYPES[dtype] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AMP_DTYPES[dtype])
+
+
+def _options(variant: Variant) -> dict[str, Any]:
+    """The attention factory's keyword options, JSON-ready (objects by their repr)."""
+    options = dict(getattr(variant.attention, "keywords", {}) or {})
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else repr(v)
+            for k, v in options.items()}
 
 
 def _peak_rss_mb() -> float:
@@ -132,7 +137,7 @@ def train_variant(
     """Train ``variant`` for ``train_cfg.steps`` steps; return its metrics as a dict.
 
     ``progress(done, note)``, when given, hears of every finished unit of work
-    (``run_units``: the training steps, then the evaluation batches). This function draws
+    (``run_units``: the training steps and the evaluation batches). This function draws
     nothing itself: the caller owns the bars (``progress.RunBars``).
     """
     report: Progress = progress or (lambda done, note: None)
@@ -141,9 +146,11 @@ def train_variant(
     device = train_cfg.device
     model = ListOpsClassifier(variant.attention, model_cfg).to(device)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
+        model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+        eps=train_cfg.adam_eps,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, train_cfg))
+    schedule = make_schedule(optimizer, train_cfg)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=train_cfg.dtype == "fp16")
     loss_rdrop = rdrop_loss(variant.rdrop_alpha)
     train = splits["train"]
     gen = torch.Generator().manual_seed(train_cfg.seed)
@@ -152,6 +159,30 @@ def train_variant(
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _peak_rss_mb()
+    valid_batches = eval_batches(splits["valid"], train_cfg.eval_batch_size)
+    marks = set(evaluations(train_cfg))
+    done = 0  # units of work reported (run_units)
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        report(done, "")
+
+    evaluate = partial(accuracy, model, batch_size=train_cfg.eval_batch_size, device=device,
+                       dtype=train_cfg.dtype)
+    curve: list[tuple[int, float]] = []  # (step, validation accuracy)
+    best: tuple[float, int, dict[str, Tensor]] | None = None  # (accuracy, step, state)
+    eval_seconds = 0.0
+
+    def validate(step: int) -> None:
+        nonlocal best, eval_seconds
+        begin = time.perf_counter()
+        acc = evaluate(splits["valid"], tick=tick)
+        eval_seconds += time.perf_counter() - begin
+        curve.append((step, acc))
+        if best is None or acc > best[0]:  # strictly better: the first best is kept
+            best = (acc, step, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        model.train()
 
     model.train()
     losses: list[float] = []  # the training objective, per step
@@ -160,33 +191,51 @@ def train_variant(
     report(0, "training")
     start, cpu_start = time.perf_counter(), time.process_time()
     batches = bucketed_batches(train.lengths, train_cfg.batch_size, gen)
+    stopped_early = False
+    steps_done = 0
     for step in range(1, train_cfg.steps + 1):
         index = next(batches)
         tokens, mask, labels = _batch(train, index, device)
-        if variant.rdrop_alpha > 0:  # both dropout passes in one forward: duplicate the batch
-            logits = model(tokens.repeat(2, 1), mask.repeat(2, 1))
-            first, second = logits.chunk(2)
-            loss = loss_rdrop(first, second, labels)
+        with _autocast(device, train_cfg.dtype):
+            if variant.rdrop_alpha > 0:  # both dropout passes in one forward: duplicate
+                logits = model(tokens.repeat(2, 1), mask.repeat(2, 1))
+                first, second = logits.float().chunk(2)
+                loss = loss_rdrop(first, second, labels)
+            else:
+                loss = F.cross_entropy(model(tokens, mask).float(), labels)
+        if variant.rdrop_alpha > 0:
             task, kl = rdrop_parts(first.detach(), second.detach(), labels)
             task_losses.append(task)
             kl_terms.append(kl)
         else:
-            loss = F.cross_entropy(model(tokens, mask), labels)
             task_losses.append(float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.scale(loss).backward()
+        if train_cfg.clip_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
         schedule.step()
         losses.append(float(loss.detach()))
+        steps_done = step
+        done += 1
         if step % 20 == 0:
             recent = task_losses[-20:]
-            report(step, f"task loss={sum(recent) / len(recent):.3f}")
+            report(done, f"task loss={sum(recent) / len(recent):.3f}")
         else:
-            report(step, "")
+            report(done, "")
+        budget = train_cfg.time_budget_s
+        stopped_early = (budget is not None and step < train_cfg.steps
+                         and time.perf_counter() - start - eval_seconds >= budget)
+        if step in marks or stopped_early:
+            if train_cfg.eval_every is not None:
+                validate(step)
+            if stopped_early:
+                break
     if cuda:
         torch.cuda.synchronize(device)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - eval_seconds  # training steps only
     cpu_seconds = time.process_time() - cpu_start  # all threads: robust to a busy machine
 
     if cuda:
@@ -195,31 +244,33 @@ def train_variant(
     else:
         peak_mb = _peak_rss_mb() - rss_before
         memory_kind = "cpu peak RSS growth"
+
     def tail_mean(values: list[float]) -> float:  # over the last 10 % of the steps
         tail = values[-max(1, len(values) // 10) :]
         return sum(tail) / len(tail)
 
-    done = train_cfg.steps
+    if stopped_early:  # the validations and steps that will not run count as done
+        done = train_cfg.steps + (len(evaluations(train_cfg)) * valid_batches
+                                  if train_cfg.eval_every is not None else 0)
     report(done, "evaluating")
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        report(done, "")
-
-    evaluate = partial(accuracy, model, batch_size=train_cfg.eval_batch_size, device=device,
-                       tick=tick)
-    valid_accuracy, test_accuracy = evaluate(splits["valid"]), evaluate(splits["test"])
+    if train_cfg.eval_every is None:  # the final model on both splits
+        valid_accuracy = evaluate(splits["valid"], tick=tick)
+        best_step = steps_done
+    else:  # the best validation state on the test split (validate ran after the last step)
+        valid_accuracy, best_step, state = best  # type: ignore[misc]
+        model.load_state_dict(state)
+    test_accuracy = evaluate(splits["test"], tick=tick)
     report(done, f"test acc {test_accuracy:.3f}")
     return {
         "variant": variant.name,
         "attention": getattr(variant.attention, "func", variant.attention).__name__,
-        "attention_options": dict(getattr(variant.attention, "keywords", {}) or {}),
+        "attention_options": _options(variant),
         "rdrop_alpha": variant.rdrop_alpha,
         "rdrop_loss": "transformer_zoo.RDropLoss" if variant.rdrop_alpha > 0 else None,
-        "steps": train_cfg.steps,
+        "steps": steps_done,
+        "stopped_early": stopped_early,
         "train_seconds": train_seconds,
-        "steps_per_second": train_cfg.steps / train_seconds,
+        "steps_per_second": steps_done / train_seconds,
         "train_cpu_seconds": cpu_seconds,
         # means over the last 10 % of the steps; task loss comparable across every run
         "final_task_loss": tail_mean(task_losses),
@@ -227,69 +278,12 @@ def train_variant(
         "final_objective": tail_mean(losses),
         "valid_accuracy": valid_accuracy,
         "test_accuracy": test_accuracy,
+        "evaluated": "final model" if train_cfg.eval_every is None
+        else "best validation checkpoint",
+        "best_step": best_step,
+        "validation_curve": curve,
         "peak_memory_mb": peak_mb,
         "memory_kind": memory_kind,
         "parameters": sum(p.numel() for p in model.parameters()),
         "config": {"model": asdict(model_cfg), "train": asdict(train_cfg)},
     }
-
-
-_QUEUE: Any = None  # in a worker process: where its calls' progress reports go
-
-
-def _set_queue(queue: Any) -> None:
-    global _QUEUE
-    _QUEUE = queue
-
-
-def _send(index: int, done: int, note: str) -> None:
-    _QUEUE.put((index, done, note))
-
-
-def _call_reporting(index: int, fn: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> Any:
-    return fn(*args, progress=partial(_send, index), **kwargs)
-
-
-def run_in_processes(
-    fn: Callable[..., Any],
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]],
-    *,
-    jobs: int,
-    progress: Callable[[int, int, str], None] | None = None,
-) -> list[Any]:
-    """``[fn(*args, **kwargs) for args, kwargs in calls]``, ``jobs`` calls at a time, each in a
-    fresh spawned process so that its peak memory is its own; results in ``calls`` order.
-
-    With ``progress``, call ``i`` gets ``progress=`` a ``Progress`` whose reports travel by a
-    queue to this process, where a thread hands them to ``progress(i, done, note)``; every
-    report has been handed over when this returns. The workers draw nothing.
-    """
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue() if progress is not None else None
-    listener = None
-    if progress is not None:
-
-        def listen() -> None:
-            for message in iter(queue.get, None):
-                progress(*message)
-
-        listener = threading.Thread(target=listen, name="listops-progress", daemon=True)
-        listener.start()
-    try:
-        with ProcessPoolExecutor(
-            max_workers=jobs, mp_context=context, max_tasks_per_child=1,
-            initializer=_set_queue, initargs=(queue,),
-        ) as pool:
-            futures = [
-                pool.submit(fn, *args, **kwargs) if queue is None
-                else pool.submit(_call_reporting, i, fn, args, kwargs)
-                for i, (args, kwargs) in enumerate(calls)
-            ]
-            results = [f.result() for f in futures]
-        # the pool has joined its workers, which flushed their queue on exit: None comes last
-    finally:
-        if listener is not None:
-            queue.put(None)
-            listener.join()
-    return results

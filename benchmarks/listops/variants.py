@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from transformer_zoo import NystromAttention, PerformerAttention, RDropLoss, SoftmaxAttention
 from transformer_zoo.encoder.encoder import AttentionFactory
-from transformer_zoo.functional import symmetric_kl
+from transformer_zoo.functional import GeneralizedFeatures, symmetric_kl
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,22 @@ class Variant:
 def attention_factories(*, full: bool = False) -> list[tuple[str, AttentionFactory]]:
     """Softmax, Performer and Nyström.
 
-    Budgets: CPU-sized by default (64 features, 16 landmarks); ``full`` uses LRA's (256
-    features, 64 landmarks).
+    Budgets: CPU-sized by default (64 features of FAVOR+, 16 landmarks). ``full``: the
+    Nyströmformer paper's LRA runs (``LRA/code/lra_config.py``): performer-256 with its ReLU
+    kernel (``kernel_type: relu``: our ``GeneralizedFeatures``, 256 features) and nystrom-64
+    with a depthwise convolution of length 35.
     """
-    features, landmarks = (256, 64) if full else (64, 16)
+    if full:
+        return [
+            ("softmax", SoftmaxAttention),
+            ("performer-relu-256", partial(PerformerAttention, nb_features=256,
+                                           feature_map=GeneralizedFeatures())),
+            ("nystrom-64", partial(NystromAttention, num_landmarks=64, conv_kernel=35)),
+        ]
     return [
         ("softmax", SoftmaxAttention),
-        (f"performer-{features}", partial(PerformerAttention, nb_features=features)),
-        (f"nystrom-{landmarks}", partial(NystromAttention, num_landmarks=landmarks)),
+        ("performer-64", partial(PerformerAttention, nb_features=64)),
+        ("nystrom-16", partial(NystromAttention, num_landmarks=16)),
     ]
 
 
