@@ -107,8 +107,11 @@ def report(results: dict, out: Path) -> None:
     out.with_suffix(".md").write_text(table)
     print(table)
     landmarks = results["landmarks"]
-
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as error:  # optional (e.g. on a bare GPU image): the table is written
+        print(f"no plot: {error}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
