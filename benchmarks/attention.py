@@ -33,7 +33,8 @@ Error hook: a contenders module may define ``errors(n) -> dict[str, float]`` (re
 against exact softmax attention); the harness prints those in a separate table.
 Results: ``benchmarks/runs/attention.json`` (untracked), or ``--out``, with the ``.md`` table
 and the ``.png`` plot (time and memory vs length) beside it; ``--update-results`` refreshes the
-committed ``benchmarks/results/attention.*`` instead.
+committed ``benchmarks/results/attention.*`` instead. While it runs, ``attention.partial.json``
+holds the lengths done so far (a run stopped by a time cap keeps them).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -217,6 +219,18 @@ def measure_peak(module: str, name: str, factory: ContenderFactory, n: int,
 # -- main ---------------------------------------------------------------------------------------
 
 
+def _write_partial(out: Path, args: argparse.Namespace, results: Results, n: int) -> None:
+    """After each length, what is measured so far (``<out>.partial.json``, removed when the
+    run completes): a run killed by a time cap still leaves its numbers."""
+    partial = out.with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text(json.dumps({
+        "complete": False, "done_up_to_length": n,
+        "config": device_info(args.device, args.dtype),
+        "results": {nm: {str(k): r for k, r in per.items()} for nm, per in results.items()},
+    }, indent=1) + "\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -308,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{args.max_step_seconds:g})" if step_s > args.max_step_seconds
                         else f"failed at n = {n}"
                     )
+            _write_partial(out, args, results, n)
     tables = markdown_tables(results, lengths)
     tables += [f"- {nm}: not run: {why}" for nm, why in cannot.items()
                if not args.contenders or nm in args.contenders]
@@ -354,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown_report(report, tables, error_table))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     try:
         plot(results, out.with_suffix(".png"), report["config"])
     except ImportError as error:  # matplotlib is optional (e.g. on a bare GPU image)

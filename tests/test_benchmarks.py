@@ -65,6 +65,7 @@ SCRIPTS = [
     ("benchmarks.nystrom_errors", "nystrom_errors.json"),
     ("benchmarks.positional", "positional.json"),
     ("benchmarks.rdrop_two_pass", "rdrop_two_pass.json"),
+    ("benchmarks.sdpa_kernels", "sdpa_kernels.json"),
     ("benchmarks.whitening_minilm", "whitening_minilm.json"),
 ]
 

@@ -204,3 +204,15 @@ def test_more_targets_judge_the_scan_speed_and_linear_memory():
         in verdicts
     assert f"{FAVOR_SCAN} peak memory linear in n: met" in verdicts
     assert "NystromAttention peak memory linear in n: MISSED" in verdicts
+
+
+def test_sdpa_probe_names_the_kernel_of_ours_and_of_a_plain_call():
+    from benchmarks import sdpa_kernels
+
+    cases = sdpa_kernels.probe(32, torch.device("cpu"), "fp32")
+    assert set(cases) == set(sdpa_kernels.CASES)
+    for r in cases.values():
+        assert r["same"] and any("scaled_dot_product" in op for op in r["plain sdpa"])
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    explicit = lambda: torch.softmax(q @ q.mT, -1) @ q  # noqa: E731
+    assert sdpa_kernels.attention_ops(explicit) == []  # it tells SDPA from no SDPA

@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int,
                    help="validate every N steps and test the best checkpoint (--full: 50)")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
-                   help="stop each variant's training after this long (evaluation excluded)")
+                   help="stop each variant's training loop (validations included) after this "
+                   "long")
     p.add_argument("--variants", nargs="+", metavar="NAME",
                    help="only these variants (default: all; --full: those without R-Drop)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
@@ -117,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="regenerate the data instead of reusing benchmarks/runs/cache/listops-data-*.pt",
     )
+    p.add_argument("--cache-dir", type=Path, default=CACHE,
+                   help="where generated data is cached (default benchmarks/runs/cache)")
     p.add_argument(
         "--report-only",
         type=Path,
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     machine = _machine(args.device, args.threads, args.dtype)
     begin = time.perf_counter()
-    cache = None if (args.no_cache or args.smoke) else CACHE
+    cache = None if (args.no_cache or args.smoke) else args.cache_dir
     splits = load_or_make_splits(data_cfg, args.seed, cache, shards=preset.shards,
                                  workers=args.data_workers)
     data = _data_summary(data_cfg, splits)
