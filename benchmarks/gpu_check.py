@@ -8,8 +8,10 @@ Phases, in order, each a subprocess with its own log and a time cap cut to what 
 the budget (a capped process gets SIGINT, then is killed):
 
 1. peers as wheels: ``pip install --no-index --find-links WHEELS --no-deps WHEELS/*.whl``
-   when the wheels folder (``--wheels``, default ``$WHEELS`` or ``benchmarks/wheels/``) has
-   any; otherwise a note (the contenders and tests of a missing peer skip themselves);
+   when the wheels folder (``--wheels``, default ``$WHEELS`` or ``benchmarks/wheels/``, an
+   ignored folder: carry it) has any; otherwise a note (the contenders and tests of a
+   missing peer skip themselves). ``--fetch-wheels`` fills the folder beforehand, where the
+   package index is reachable;
 2. the environment: GPU name, torch / CUDA versions, ``nvidia-smi``, which peers import;
 3. in the background from here on: LRA ListOps data (``listops --full --prepare-data`` on the
    CPU cores the tests leave free);
@@ -45,6 +47,11 @@ from benchmarks.phases import REPO, Budget, partition, pytest_counts, run, start
 
 PEERS = ("fla", "performer_pytorch", "nystrom_attention", "rotary_embedding_torch",
          "transformers", "triton", "matplotlib", "tqdm")
+#: The peers that travel as wheels (pure Python; their own deps einops and torch are on the
+#: image): the versions installed here, fla's newest.
+WHEELS = ("performer-pytorch", "local-attention", "hyper-connections", "torch-einops-utils",
+          "axial-positional-embedding", "nystrom-attention", "rotary-embedding-torch",
+          "flash-linear-attention", "fla-core")
 LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 LRA_VARIANTS = ("softmax", "nystrom-64", "performer-relu-256")
 #: the dry run's stand-ins: every phase on tiny sizes, on the CPU
@@ -68,6 +75,21 @@ def install_wheels(folder: Path, out: Path, cap: float) -> dict[str, Any]:
     cmd = python("-m", "pip", "install", "--no-index", "--find-links", str(folder), "--no-deps",
                  *map(str, wheels))
     return run("wheels", cmd, out / "wheels.log", cap)
+
+
+def fetch_wheels_cmd(folder: Path) -> list[str]:
+    """``pip download`` of the peers' wheels into ``folder`` (run where the package index is
+    reachable, before a GPU run; the folder then travels with the tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for name in WHEELS:
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pinned.append(name)
+    return python("-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest",
+                  str(folder), *pinned)
 
 
 def environment(out: Path, device: str, cap: float) -> dict[str, Any]:
@@ -206,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output folder (default: $OUT, else benchmarks/runs/gpu_check)")
     p.add_argument("--wheels", type=Path,
                    default=Path(os.environ.get("WHEELS", REPO / "benchmarks" / "wheels")))
+    p.add_argument("--fetch-wheels", action="store_true",
+                   help="download the peers' wheels into --wheels and stop (needs the index)")
     p.add_argument("--budget", type=float, default=420.0, help="seconds for everything")
     p.add_argument("--reserve", type=float, default=5.0,
                    help="seconds kept back for writing the summary")
@@ -232,6 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.fetch_wheels:
+        return {"fetch_wheels": subprocess.run(fetch_wheels_cmd(args.wheels), cwd=REPO).returncode}
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     budget = Budget(args.budget)

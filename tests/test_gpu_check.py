@@ -107,3 +107,13 @@ def test_dry_run_end_to_end(tmp_path):
         == "bfloat16"
     assert "paper test acc" in (tmp_path / "listops" / "listops.md").read_text()
     assert all(Path(tmp_path / p).exists() for p in ("listops-softmax", "listops-nystrom-64"))
+
+
+def test_fetch_wheels_pins_the_installed_peers(tmp_path):
+    cmd = gpu_check.fetch_wheels_cmd(tmp_path)
+    assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd
+    assert cmd[cmd.index("--dest") + 1] == str(tmp_path)
+    from importlib.metadata import version
+
+    assert f"performer-pytorch=={version('performer-pytorch')}" in cmd
+    assert any(c.startswith("flash-linear-attention") for c in cmd)
