@@ -203,7 +203,8 @@ def encoder_config(
 # ------------------------------------------------------------------------------------------
 # running a module on deterministic inputs (serialization, meta-device checks)
 def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    """On torch's default device (the suite's ``--device``), where the tensors it draws go."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
 
 
 def padding_mask(b: int, n: int, g: torch.Generator) -> Tensor:

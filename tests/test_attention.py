@@ -164,6 +164,7 @@ def test_attn_mask_combines_with_padding_and_causal():
                                plain(x, attn_mask=combined.expand(2, 4, 5, 5)))
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("shaw", [False, True])  # Shaw's value term takes the explicit path
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize(

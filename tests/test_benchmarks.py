@@ -11,6 +11,8 @@ import pytest
 
 from benchmarks.memory import measure_memory
 
+pytestmark = pytest.mark.cpu_only  # the CPU benchmark harness (RSS probes, subprocesses)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mib", [16, 48])

@@ -49,6 +49,7 @@ def favor_like(n, p, q, spread, dtype=F64, seed=0, lead=(2, 3)):
 
 
 # -- values -----------------------------------------------------------------------------------
+@pytest.mark.cpu_only
 @settings(deadline=None, max_examples=60)
 @given(n=st.integers(1, 40), chunk=st.integers(1, 16), per_feature=st.booleans(),
        jumps=st.booleans(), tiny_rise=st.booleans())
@@ -72,6 +73,7 @@ def test_scan_matches_quadratic(n, chunk, per_feature, jumps, tiny_rise):
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("spread", [1.0, 30.0, 300.0, 3000.0])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_stabilised_features_are_exact_at_any_spread(spread, dtype):
@@ -88,6 +90,7 @@ def test_stabilised_features_are_exact_at_any_spread(spread, dtype):
     assert err < (2 * cl.max_rise(dtype) + 100) * eps, err
 
 
+@pytest.mark.cpu_only
 def test_future_rows_never_change_past_outputs_bit_for_bit():
     """Scaling later keys' features by e^{±700} (so their g rises far past max_rise) or
     replacing their values leaves every earlier output bit-identical: each row's path
@@ -104,6 +107,7 @@ def test_future_rows_never_change_past_outputs_bit_for_bit():
         assert torch.equal(moved[..., :cut, :], base[..., :cut, :]), cut
 
 
+@pytest.mark.cpu_only
 def test_chunk_size_invariance_at_steep_rises():
     (a, b, x, g), truth = favor_like(200, 8, 3, 500.0, torch.float32, lead=(2,))
     outs = [causal_linear_scan(a, b, x, g, chunk=c).to(F64) for c in (1, 3, 16, 128, 256)]
@@ -112,6 +116,7 @@ def test_chunk_size_invariance_at_steep_rises():
                                    truth[..., :-1] / truth[..., -1:], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.cpu_only
 def test_tiles_agree_with_one_tile(monkeypatch):
     (a, b, x, g), _ = favor_like(70, 6, 3, 100.0, F64)
     want = causal_linear_scan(a, b, x, g, chunk=4)
@@ -128,6 +133,7 @@ def test_tiles_agree_with_one_tile(monkeypatch):
 
 
 # -- gradients --------------------------------------------------------------------------------
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("per_feature", [True, False])
 @pytest.mark.parametrize("tiny_rise", [False, True])
 def test_gradcheck_across_chunks(per_feature, tiny_rise, monkeypatch):
@@ -143,6 +149,7 @@ def test_gradcheck_across_chunks(per_feature, tiny_rise, monkeypatch):
     assert torch.autograd.gradgradcheck(fn, args, fast_mode=True)  # create_graph=True
 
 
+@pytest.mark.cpu_only
 def test_gradients_equal_autograd_of_the_quadratic_reference():
     (a, b, x, g), _ = favor_like(37, 6, 3, 200.0, F64)
     args = [t.clone().requires_grad_() for t in (a, b, x)]
@@ -154,6 +161,7 @@ def test_gradients_equal_autograd_of_the_quadratic_reference():
         torch.testing.assert_close(gt, wt, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.cpu_only
 def test_custom_op_registration_passes_opcheck():
     """Fake (meta) kernel, autograd registration and schema agree with the eager kernel."""
     gen = torch.Generator().manual_seed(0)

@@ -149,6 +149,7 @@ def test_attention_bad_forward(inp, kw, error, match):
         attn(inp, **kw)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("which", ["x", "context"])
 def test_autocast_takes_what_it_casts_and_names_float64(which):
     cross = SoftmaxAttention(8, 2, kv_dim=6)

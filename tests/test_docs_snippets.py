@@ -49,6 +49,7 @@ def test_python_blocks_parser() -> None:
     assert python_blocks(text) == [(3, "x = 1\n"), (14, "y = x + 1\n"), (17, "z = 3\n")]
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_doc_snippets_run(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = python_blocks(path.read_text(encoding="utf-8"))

@@ -247,6 +247,7 @@ def test_measured_rho_is_a_stop_gradient():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_no_overflow_at_large_norms_under_autocast(dtype):
     torch.manual_seed(0)
@@ -306,6 +307,7 @@ def test_validation():
     assert OptimalPositiveFeatures(antithetic=False).num_features(8) == 8
 
 
+@pytest.mark.cpu_only
 def test_measured_rho_ignores_padded_rows_of_any_content():
     """Padded keys holding 1e20 (or inf) must not reach ρ: mask before squaring."""
     gen = torch.Generator().manual_seed(3)

@@ -307,6 +307,7 @@ def test_angles_exact_at_chunk_boundaries(p):
     torch.testing.assert_close(batched[0, 0, 0], got[0], rtol=0, atol=0)
 
 
+@pytest.mark.cpu_only
 @settings(max_examples=30, deadline=None)
 @given(st.lists(INT64, min_size=1, max_size=3), st.integers(1, 16), st.integers(0, 2**32))
 def test_plain_fp64_frequencies_are_taken_as_exact(positions, half, seed):

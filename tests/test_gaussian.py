@@ -47,6 +47,7 @@ def reference_bhattacharyya(mu_p, cov_p, mu_q, cov_q) -> float:
     return float(maha / 8 + 0.5 * math.log(dets[0] / math.sqrt(dets[1] * dets[2])))
 
 
+@pytest.mark.cpu_only
 @given(st.integers(1, 5), st.integers(0, 2**16))
 def test_against_references(n: int, seed: int) -> None:
     mu_p, cov_p, mu_q, cov_q = random_pair((3,), n, seed)
@@ -61,6 +62,7 @@ def test_against_references(n: int, seed: int) -> None:
         assert w2[i].item() == pytest.approx(reference_w2_sq(*args), rel=1e-9, abs=1e-10)
 
 
+@pytest.mark.cpu_only
 @given(st.integers(1, 6), st.integers(0, 2**16))
 def test_zero_for_identical_and_symmetry(n: int, seed: int) -> None:
     mu_p, cov_p, mu_q, cov_q = random_pair((4,), n, seed)
@@ -80,6 +82,7 @@ def test_kl_is_not_symmetric() -> None:
     assert backward.item() == pytest.approx(2 * 0.5 * (4 - 1 - math.log(4)))
 
 
+@pytest.mark.cpu_only
 @given(st.integers(1, 6), st.integers(0, 2**16))
 def test_w2_with_commuting_covariances(n: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -121,6 +124,7 @@ def test_bhattacharyya_is_minus_log_overlap_integral() -> None:
     assert got.item() == pytest.approx(-math.log(overlap.item()), rel=1e-10)
 
 
+@pytest.mark.cpu_only
 def test_batch_broadcasting() -> None:
     g = torch.Generator().manual_seed(1)
     mu_p = torch.randn(4, 1, 3, generator=g, dtype=torch.float64)
@@ -134,6 +138,7 @@ def test_batch_broadcasting() -> None:
         torch.testing.assert_close(out[2, 3], loop)
 
 
+@pytest.mark.cpu_only
 def test_gradcheck_and_finite_gradients_at_repeated_eigenvalues() -> None:
     g = torch.Generator().manual_seed(7)
     inputs = [torch.randn(2, *s, generator=g, dtype=torch.float64) for s in ((3,), (3, 3)) * 2]
@@ -184,6 +189,7 @@ def test_w2_gradient_at_singular_cov_q_is_the_eps_limit() -> None:
     assert grad_q[1, 1].item() == 1.0
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("seed", range(3))
 def test_w2_gradients_through_a_low_rank_cov_q_converge_to_ours(seed: int) -> None:
     """Σq = XᵀX of rank 2 in 5-D (a sample covariance of 2 points): the gradients for Σp, the

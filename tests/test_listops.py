@@ -32,6 +32,8 @@ from benchmarks.listops.model import ListOpsClassifier, ModelConfig
 from benchmarks.listops.variants import build_variants, rdrop_loss
 from transformer_zoo import SoftmaxAttention
 
+pytestmark = pytest.mark.cpu_only  # a CPU training harness (worker processes, RSS)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

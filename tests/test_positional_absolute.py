@@ -66,6 +66,7 @@ def test_sinusoidal_bad_arguments():
         SinusoidalPositionalEncoding(8)(torch.arange(3, dtype=torch.int32))
 
 
+@pytest.mark.cpu_only
 @given(st.integers(1, 20), st.integers(1, 12), st.integers(1, 3), st.integers(1, 6),
        st.integers(0, 2**31 - 1))
 def test_learned_is_a_table_lookup(max_len, d, b, n, seed):

@@ -25,6 +25,7 @@ def official_kl(p: torch.Tensor, q: torch.Tensor, pad_mask: torch.Tensor | None)
 shapes = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(2, 7))
 
 
+@pytest.mark.cpu_only
 @given(shapes, st.integers(0, 2**16))
 def test_matches_official_reference(shape: tuple[int, int, int], seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -35,6 +36,7 @@ def test_matches_official_reference(shape: tuple[int, int, int], seed: int) -> N
     torch.testing.assert_close(symmetric_kl(p, q, reduction="sum"), official_kl(p, q, None))
 
 
+@pytest.mark.cpu_only
 @given(shapes, st.integers(0, 2**16))
 def test_nonnegative_and_symmetric(shape: tuple[int, int, int], seed: int) -> None:
     g = torch.Generator().manual_seed(seed)

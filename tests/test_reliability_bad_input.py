@@ -110,6 +110,7 @@ def _check(call, module, exc, fragments):
     assert not missing, f"message {msg!r} lacks {missing}"
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("case", MODULE_CASES + ATTENTION_ONLY, ids=lambda c: c[0])
 @pytest.mark.parametrize("cls", attention_classes(), ids=lambda c: c.__name__)
 def test_attention_rejects_bad_input(cls, case):
@@ -117,6 +118,7 @@ def test_attention_rejects_bad_input(cls, case):
     _check(call, make_attention(cls), exc, fragments)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("pair", pairs(), ids=pair_id)
 def test_encoder_rejects_bad_input(pair):
     enc = Encoder(encoder_config(*pair))
@@ -149,6 +151,7 @@ KERNEL_CASES = [
 ]
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c[0])
 @pytest.mark.parametrize("name", attention_kernels())
 def test_attention_kernel_rejects_bad_input(name, case):

@@ -23,7 +23,7 @@ from reliability_dist import WORLD, build, single_process, worker
 ATOL, RTOL = 1e-5, 1e-4
 NAMES = [c.__name__ for c in attention_classes()]
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cpu_only]  # gloo process groups on the CPU
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,7 @@ def _inputs(b: int, n: int, seed: int) -> tuple[tuple, dict]:
     return (torch.randn(b, n, SMALL.d_model, generator=g),), {"mask": padding_mask(b, n, g)}
 
 
+@pytest.mark.cpu_only
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", pairs(), ids=pair_id)
 def test_encoder_exports_every_pair_with_dynamic_shapes(pair):
@@ -136,6 +137,7 @@ def _torch_inputs(b: int, n: int, causal: bool, seed: int) -> tuple[tuple, dict]
     return (x,), kwargs
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("kernel", sorted(SWAPS))
 def test_swapped_transformer_encoder_exports_with_dynamic_length(kernel):
     """nn.TransformerEncoder after swap_attention: padding (+ causal) masks, dynamic length."""
@@ -156,6 +158,7 @@ def test_swapped_transformer_encoder_exports_with_dynamic_length(kernel):
         _assert_same(program.module(), model, *_torch_inputs(2, length, causal, seed))
 
 
+@pytest.mark.cpu_only
 def test_swapped_transformer_and_compat_export():
     """nn.Transformer (cross-attention, causal decoder) and direct MultiheadAttentionCompat
     calls (need_weights=True, kdim != vdim)."""

@@ -117,6 +117,7 @@ def run_case(case: dict[str, Any]) -> str:
     return "ok"
 
 
+@pytest.mark.cpu_only
 @settings(max_examples=60)
 @given(case=fuzz_cases())
 def test_encoder_config_fuzz(case):

@@ -34,6 +34,8 @@ from reliability_cases import (
 
 from transformer_zoo import Encoder, Place
 
+pytestmark = pytest.mark.cpu_only  # CPU autocast throughout; see tests/test_device.py
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():

@@ -90,6 +90,7 @@ def _poison(module: torch.nn.Module) -> None:
                 t.fill_(float("nan"))
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("pair", pairs(), ids=pair_id)
 def test_meta_construction_to_empty_and_reset(pair):
     """Every parameter and buffer is re-initialised; then weights from a CPU-built twin give
@@ -109,6 +110,7 @@ def test_meta_construction_to_empty_and_reset(pair):
     assert torch.equal(run_encoder(enc), run_encoder(twin))
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("cls", module_classes(), ids=lambda c: c.__name__)
 def test_meta_construction_of_every_module(cls):
     case = module_case(cls)

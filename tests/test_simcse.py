@@ -29,6 +29,7 @@ def reference_loss(z1: torch.Tensor, z2: torch.Tensor, tau: float, symmetric: bo
     return 0.5 * (forward + one_way(z2, z1)) if symmetric else forward
 
 
+@pytest.mark.cpu_only
 @given(
     st.integers(1, 6), st.integers(1, 8), st.floats(0.02, 1.0), st.booleans(), st.integers(0, 999)
 )

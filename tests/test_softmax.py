@@ -90,6 +90,7 @@ def problems(draw, *, with_mask=True, with_bias=True):
     return dict(q=q, k=k, v=v, mask=mask, bias=bias, causal=causal, scale=scale)
 
 
+@pytest.mark.cpu_only
 @given(problems())
 def test_sdpa_path_equals_reference(p):
     out = softmax_attention(p["q"], p["k"], p["v"], mask=p["mask"], bias=p["bias"],
@@ -99,6 +100,7 @@ def test_sdpa_path_equals_reference(p):
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.cpu_only
 @given(problems())
 def test_explicit_path_equals_reference(p):
     out, weights = explicit_softmax_attention(
@@ -113,6 +115,7 @@ def test_explicit_path_equals_reference(p):
     assert torch.all(((sums - 1).abs() < 1e-12) | (sums == 0))
 
 
+@pytest.mark.cpu_only
 @given(problems(with_mask=False, with_bias=False))
 def test_fp32_close_to_fp64_reference(p):
     ref, _ = reference_attention(**p)
@@ -148,6 +151,7 @@ def _broadcast_problem(seed):
     return g, q, k, v
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
 @pytest.mark.parametrize("shape", ALL_SHAPES, ids=str)
@@ -165,6 +169,7 @@ def test_mask_of_every_rank_broadcasts(shape, kernel, causal):
             assert torch.equal(out, torch.zeros_like(out))  # fully masked rows give 0
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
 @pytest.mark.parametrize("shape", ALL_SHAPES, ids=str)
@@ -182,6 +187,7 @@ def test_bias_of_every_rank_broadcasts(shape, kernel, causal):
         torch.testing.assert_close(out, expanded, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
 def test_low_rank_mask_and_bias_together_with_gradients(kernel):
     """A (m,) mask with a 0-d bias: one dead key column, gradients finite and equal to the
@@ -207,6 +213,7 @@ def test_causal_mask_is_bottom_right_aligned():
         assert torch.equal(causal_mask(n, m), want)
 
 
+@pytest.mark.cpu_only
 @given(st.integers(1, 6), st.integers(0, 5), st.integers(0, 2**31 - 1))
 def test_causal_cross_lengths_equal_last_rows_of_full_causal(n, extra, seed):
     """Queries that are the last n of m tokens see what those rows see in full self-attention."""
@@ -269,6 +276,7 @@ def _dead_row_problem():
     return q, k, v, bias, mask, dead
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_minus_inf_bias_rows_give_zero_in_both_kernels(with_mask):
     q, k, v, bias, mask, dead = _dead_row_problem()
@@ -292,6 +300,7 @@ def test_minus_inf_bias_rows_give_zero_in_both_kernels(with_mask):
     assert (sums == 0).sum() == len(dead)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("kernel", ["sdpa", "explicit", "weights"])
 def test_minus_inf_bias_rows_have_finite_zero_gradients(kernel):
     q, k, v, bias, mask, dead = _dead_row_problem()
@@ -328,6 +337,7 @@ def test_finite_minimum_bias_row_averages_its_values(dtype):
     torch.testing.assert_close(weights[0, 1, 2], torch.full((5,), 0.2, dtype=dtype))
 
 
+@pytest.mark.cpu_only
 def test_gradcheck_kernel_mask_bias_causal_gqa():
     g = torch.Generator().manual_seed(1)
     q = torch.randn(1, 4, 3, 4, generator=g, dtype=F64, requires_grad=True)

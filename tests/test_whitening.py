@@ -24,6 +24,7 @@ def reference_whitening(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x - mu) @ (u / s.sqrt())[:, :k]
 
 
+@pytest.mark.cpu_only
 @given(st.integers(2, 8), st.integers(0, 999))
 def test_fitted_set_is_white(d: int, seed: int) -> None:
     x = correlated(50, d, seed)
@@ -35,6 +36,7 @@ def test_fitted_set_is_white(d: int, seed: int) -> None:
     torch.testing.assert_close(torch.cov(y0.T, correction=0), torch.eye(d, dtype=torch.float64))
 
 
+@pytest.mark.cpu_only
 @given(st.integers(2, 8), st.integers(0, 999))
 def test_truncation_is_the_leading_columns_and_matches_reference(d: int, seed: int) -> None:
     x = correlated(40, d, seed)
@@ -47,6 +49,7 @@ def test_truncation_is_the_leading_columns_and_matches_reference(d: int, seed: i
     torch.testing.assert_close(part @ part.T, ref @ ref.T)
 
 
+@pytest.mark.cpu_only
 @given(st.lists(st.integers(1, 30), min_size=1, max_size=6), st.integers(0, 999))
 def test_partial_fit_over_chunks_equals_fit(chunks: list[int], seed: int) -> None:
     x = correlated(sum(chunks) + 8, 6, seed)
@@ -62,6 +65,7 @@ def test_partial_fit_over_chunks_equals_fit(chunks: list[int], seed: int) -> Non
     torch.testing.assert_close(streamed.bias, whole.bias)
 
 
+@pytest.mark.cpu_only
 def test_row_by_row_streaming_recurrence() -> None:
     x = correlated(30, 4, 3)
     w = Whitening()
@@ -86,6 +90,7 @@ def numpy_whitening(x: np.ndarray) -> np.ndarray:
     return (x - x.mean(0, keepdims=True)) @ (u / np.sqrt(s))
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("offset", [0.0, 1e2, 1e4, 1e5, 1e6])
 def test_fp64_data_far_from_zero_is_whitened_to_fp64_accuracy(offset: float) -> None:
     """A mean of 1e6 against unit spread: fit, partial_fit in chunks and row by row all give
@@ -116,6 +121,7 @@ def test_fp64_data_far_from_zero_is_whitened_to_fp64_accuracy(offset: float) -> 
         torch.testing.assert_close(streamed.kernel, whole.kernel, rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("offset", [0.0, 1e4, 1e6])
 def test_fp32_data_far_from_zero_stays_fp32(offset: float) -> None:
     """fp32 data gives fp32 buffers and outputs, white to fp32 rounding at any offset."""
@@ -126,6 +132,7 @@ def test_fp32_data_far_from_zero_stays_fp32(offset: float) -> None:
     assert (torch.cov(y.double().T) - torch.eye(6, dtype=torch.float64)).abs().max() <= 1e-6
 
 
+@pytest.mark.cpu_only
 def test_fp64_checkpoint_keeps_its_precision_and_old_checkpoints_load() -> None:
     """A fresh module (fp32 buffers) takes an fp64 checkpoint without rounding it; a checkpoint
     in the earlier layout (fp32 kernel and bias, fp64 statistics: the same five buffers)
@@ -150,6 +157,7 @@ def test_fp64_checkpoint_keeps_its_precision_and_old_checkpoints_load() -> None:
     torch.testing.assert_close(legacy.kernel, refit.kernel)
 
 
+@pytest.mark.cpu_only
 @given(st.integers(2, 6), st.integers(0, 999))
 def test_cosines_invariant_to_invertible_affine_maps(d: int, seed: int) -> None:
     x = correlated(60, d, seed)
@@ -167,6 +175,7 @@ def test_cosines_invariant_to_invertible_affine_maps(d: int, seed: int) -> None:
     torch.testing.assert_close(cosines(y1), cosines(y2), atol=1e-7, rtol=1e-7)
 
 
+@pytest.mark.cpu_only
 def test_state_dict_round_trip_and_buffers() -> None:
     x = correlated(100, 6, 0).float()
     w = Whitening(n_components=3).fit(x)
@@ -185,6 +194,7 @@ def test_state_dict_round_trip_and_buffers() -> None:
     torch.testing.assert_close(fresh.kernel, refit.kernel)
 
 
+@pytest.mark.cpu_only
 def test_rank_deficient_data_stays_finite() -> None:
     x = correlated(10, 16, 0)  # 10 samples in 16 dims: rank 9
     w = Whitening(n_components=9).double().fit(x)
@@ -220,6 +230,7 @@ def test_validation() -> None:
         Whitening(n_components=0)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.slow
 def test_whitening_real_minilm_embeddings_removes_anisotropy() -> None:
     pytest.importorskip("transformers")
