@@ -51,6 +51,9 @@ def pytest_configure(config: pytest.Config) -> None:
     dev = _suite_device(config)
     if dev.type != "cpu":
         torch.set_default_device(dev)
+    if dev.type == "cuda":  # the tolerances are fp32's: no TF32 (cuDNN convolutions default to it)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
