@@ -308,6 +308,7 @@ def test_fused_path_matches_generic_values_and_gradients(pair, padded, tiled, pr
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "16-row-tiles"])
 def test_fused_path_value_width_may_differ_from_head_dim(tiled, monkeypatch):
     """v (b, h, m, d_v) with d_v != d: the fused kernel's K'ᵀ[V, 1] is (F, d_v + 1)."""
@@ -454,6 +455,7 @@ CAUSAL_MAPS = [PositiveFeatures(), HyperbolicFeatures(),
                OptimalPositiveFeatures(rho=0.5, antithetic=True)]
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("fmap", CAUSAL_MAPS, ids=repr)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_causal_matches_fp64_logsumexp_reference_at_every_norm(fmap, dtype):
@@ -482,6 +484,7 @@ def test_causal_matches_fp64_logsumexp_reference_at_every_norm(fmap, dtype):
         assert float((got - own).abs().max() / scale) <= 2 * cond + 1e-5 + out_eps, norm
 
 
+@pytest.mark.cpu_only
 def test_causal_single_query_and_key_give_v_exactly():
     """One query, one key: the output is v whatever the directions (the issue's case:
     q = −50u, k = 50u, d = 64, r = 256 gave 0 for 5 of 20 directions u)."""
@@ -501,6 +504,7 @@ def test_causal_single_query_and_key_give_v_exactly():
                                    atol=0)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("norm", [10, 300])
 @pytest.mark.parametrize("chunk", [8, 128])
 def test_future_keys_never_change_past_outputs_bit_for_bit(norm, chunk):
@@ -524,6 +528,7 @@ def test_future_keys_never_change_past_outputs_bit_for_bit(norm, chunk):
             assert torch.equal(moved[:, :, :cut], base[:, :, :cut]), (cut, change)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("norm", [3, 300])
 def test_causal_is_chunk_size_invariant(norm):
     q, k, v = gaussian_qkv(norm, n=100, m=100)
@@ -534,6 +539,7 @@ def test_causal_is_chunk_size_invariant(norm):
                                    want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("fmap", [*CAUSAL_MAPS, GeneralizedFeatures()], ids=repr)
 @pytest.mark.parametrize("norm", [3, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
@@ -556,6 +562,7 @@ def test_decode_steps_equal_parallel_at_every_norm(fmap, norm, dtype):
     assert (want.abs().sum(-1) > 0).all()
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("lengths", [(24, 40), (40, 24)])
 def test_cross_lengths_align_bottom_right_at_large_norms(lengths):
     """n != m: query i sees keys j <= i + m − n, and takes the running max of exactly those
@@ -571,6 +578,7 @@ def test_cross_lengths_align_bottom_right_at_large_norms(lengths):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("causal", [False, True])
 def test_numerator_transform_keeps_the_scalar_stabiliser_documented_limit(causal):
     """Su's numerator-only form mixes features, so its key max is one scalar (it commutes with

@@ -148,6 +148,7 @@ def test_gradients_finite_for_every_pinv_setting(pinv_iterations, pinv_ridge):
     assert q.grad[:2].abs().max() > 0
 
 
+@pytest.mark.cpu_only
 @given(st.integers(1, 24), st.integers(0, 2**16))
 def test_regularized_pinv_equals_torch_pinv_on_well_conditioned_matrices(m, seed):
     g = torch.Generator().manual_seed(seed)
@@ -332,6 +333,7 @@ def test_fully_masked_rows_give_zero_with_finite_gradients():
 
 
 # -- segmentation and shapes ----------------------------------------------------------------
+@pytest.mark.cpu_only
 @given(st.integers(1, 300), st.integers(1, 64), st.integers(0, 300))
 def test_segments_hold_floor_or_ceil_of_valid_length(n, m, length):
     length = min(length, n)
@@ -367,6 +369,7 @@ def test_factor_shapes_cross_attention_and_gqa():
     torch.testing.assert_close(f.attention_matrix() @ expanded, out, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.cpu_only
 def test_pinv_in_fp32_under_autocast():
     q, k, v = qkv(1, 2, 64, 16, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

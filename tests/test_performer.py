@@ -201,6 +201,7 @@ def test_large_query_norms_do_not_underflow():
     assert (peer - want).abs().max() > 0.1
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_autocast_at_large_norms_is_finite_and_close(dtype, causal):

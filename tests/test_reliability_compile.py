@@ -111,6 +111,7 @@ def _inputs(n: int, seed: int = 0, b: int = 2, d: int = 16):
     return torch.randn(b, n, d, generator=g), padding_mask(b, n, g)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("pair", pairs(), ids=pair_id)
 def test_encoder_compiles_fullgraph_without_recompiles(pair):
     """Train mode, three steps of one shape (fwd + bwd): one frame, outputs equal eager.
@@ -130,6 +131,7 @@ def test_encoder_compiles_fullgraph_without_recompiles(pair):
     assert counter.frame_count == 1, f"{counter.frame_count} frames for one shape"
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("cls", attention_classes(), ids=lambda c: c.__name__)
 def test_encoder_compiles_fullgraph_under_bf16_autocast(cls):
     """Training in bf16 under compile: autocast regions and the kernels' own fp32 islands
@@ -148,6 +150,7 @@ def test_encoder_compiles_fullgraph_under_bf16_autocast(cls):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize(
     "cls", [c for c in attention_classes() if c.__name__ in REDRAW_OPTIONS],
     ids=lambda c: c.__name__,
@@ -189,6 +192,7 @@ def _dynamic_id(case):
     return f"{pair_id(case[:2])}-{'causal' if case[2] else 'bidirectional'}"
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("case", _dynamic_cases(), ids=_dynamic_id)
 def test_dynamic_shapes_compile_at_most_twice_over_eight_lengths(case):
     """fullgraph=True over eight (batch, length) shapes: the first compiles static, the
@@ -209,6 +213,7 @@ def test_dynamic_shapes_compile_at_most_twice_over_eight_lengths(case):
     )
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("lengths", [(None, None), (3, None)], ids=["self", "cross"])
 def test_causal_favor_kernels_compile_at_most_twice_over_lengths(lengths):
     """The causal FAVOR kernel itself (fused custom op, cross lengths, padding; forward and
@@ -239,6 +244,7 @@ def test_causal_favor_kernels_compile_at_most_twice_over_lengths(lengths):
     assert max(frames) <= 2, f"{frames} compiles (favor_attention, causal_linear_scan)"
 
 
+@pytest.mark.cpu_only
 @pytest.mark.slow
 def test_encoder_inductor_matches_eager():
     """One real inductor compile (slow on CPU, so forward only): generated code agrees."""
