@@ -69,7 +69,10 @@ def gaussian_orthogonal_matrix(
     s = 1 if draws is None else check_positive_int(draws, "draws")
     if not isinstance(row_norms, RowNorms):
         raise TypeError(f"row_norms: expected a RowNorms member, got {row_norms!r}")
-    opts = dict(generator=generator, dtype=torch.float64)
+    # drawn where the generator lives (CPU without one), whatever torch's default device is:
+    # the same numbers on every machine, and no CPU-generator/CUDA-tensor mismatch
+    dev = generator.device if generator is not None else torch.device("cpu")
+    opts = dict(generator=generator, dtype=torch.float64, device=dev)
     if not orthogonal:
         w = torch.randn(s, nb_features, dim, **opts)
     else:
@@ -81,7 +84,7 @@ def gaussian_orthogonal_matrix(
         if row_norms is RowNorms.CHI:
             norms = torch.randn(s, nb_features, dim, **opts).norm(dim=-1)  # independent chi(d)
         else:
-            norms = torch.full((s, nb_features), math.sqrt(dim), dtype=torch.float64)
+            norms = torch.full((s, nb_features), math.sqrt(dim), dtype=torch.float64, device=dev)
         w = norms.unsqueeze(-1) * w
     return (w if draws is not None else w[0]).to(dtype)
 
