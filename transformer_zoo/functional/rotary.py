@@ -191,7 +191,7 @@ def rotary_reference(x: Tensor, angles: Tensor, *, layout: RotaryLayout) -> Tens
         x1, x2 = x[..., :half], x[..., half:r]  # (b, h, n, r/2) each
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     else:
-        pairs = x[..., :r].unflatten(-1, (half, 2))  # (b, h, n, r/2, 2)
+        pairs = x[..., :r].reshape(*x.shape[:-1], half, 2)  # (b, h, n, r/2, 2)
         x1, x2 = pairs[..., 0], pairs[..., 1]
         rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
     return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
@@ -242,7 +242,7 @@ def apply_rotary_tables(x: Tensor, tables: tuple[Tensor, ...], *, layout: Rotary
     half = rotor.shape[-1]
     r = 2 * half
     work = torch.promote_types(x.dtype, torch.float32)
-    pairs = x[..., :r].to(work).unflatten(-1, (half, 2))  # (b, h, n, r/2, 2)
+    pairs = x[..., :r].to(work).reshape(*x.shape[:-1], half, 2)  # (b, h, n, r/2, 2)
     if pairs.stride(-1) != 1 or pairs.storage_offset() % 2 or any(
         s % 2 for s in pairs.stride()[:-1]
     ):
