@@ -151,14 +151,23 @@ class MultiHeadAttention(nn.Module):
             return self.positional(q, k, q_positions, k_positions)
         return q, k
 
-    def logit_bias(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor | None:
+    def logit_bias(
+        self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *, k: Tensor | None = None
+    ) -> Tensor | None:
         """The ``LogitBias`` encoding's ``(b|1, h, n, m)`` bias plus ``call_bias``, or None.
 
         Both apply: an additive mask never replaces the encoding (nor a rotary transform).
+        ``k`` ``(b, h, m, d)`` reaches encodings with ``needs_keys``.
         """
         bias = None
-        if isinstance(self.positional, LogitBias):
-            bias = self.positional(q, q_positions, k_positions)
+        pe = self.positional
+        if isinstance(pe, LogitBias):
+            if pe.needs_keys:
+                if k is None:
+                    raise ValueError(f"{type(pe).__name__} needs the keys: pass k=")
+                bias = pe(q, q_positions, k_positions, k=k)
+            else:
+                bias = pe(q, q_positions, k_positions)
         if self.call_bias is None:
             return bias
         return self.call_bias if bias is None else bias + self.call_bias

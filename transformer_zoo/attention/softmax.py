@@ -53,9 +53,13 @@ class SoftmaxAttention(MultiHeadAttention):
             None if key_padding_mask is None else padding_to_attn_mask(key_padding_mask),
             attn_mask,
         )
-        bias = self.logit_bias(q, q_positions, k_positions)
-        options = dict(mask=mask, bias=bias, causal=self.causal, dropout_p=self.attention_dropout())
         pe = self.positional
+        keys = isinstance(pe, LogitBias) and pe.needs_keys
+        bias_k = expand_kv_heads(k, v, q.shape[1])[0] if keys else None
+        bias = self.logit_bias(q, q_positions, k_positions, k=bias_k)
+        scale = pe.logit_scale(q.shape[-1]) if isinstance(pe, LogitBias) else None
+        options = dict(mask=mask, bias=bias, causal=self.causal, dropout_p=self.attention_dropout(),
+                       scale=scale)
         if isinstance(pe, LogitBias) and pe.has_value_term:
             # The values and the value term must see the same dropped weights (Shaw et al.).
             p = options.pop("dropout_p")

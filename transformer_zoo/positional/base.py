@@ -74,18 +74,34 @@ class LogitBias(PositionalEncoding):
     """Additive logit bias ``forward(q, q_positions, k_positions) -> (b|1, h, n, m)``.
 
     ``q`` ``(b, h, n, d)`` is passed so content-dependent terms (Shaw's qᵀa^K) can use it; the
-    returned bias is added to the already scaled logits. Encodings with a value term set
-    ``has_value_term = True`` and implement ``value_term(weights, q_positions, k_positions)``
-    returning ``(b, h, n, d)`` to add to the attention output.
+    returned bias is added to the already scaled logits. Encodings whose terms read the keys
+    too (Transformer-XL's global content bias uᵀk_j, DeBERTa's position→content term) set
+    ``needs_keys = True`` and receive ``k=`` ``(b, h, m, d)`` as a keyword; others are called
+    without it. Encodings with a value term set ``has_value_term = True`` and implement
+    ``value_term(weights, q_positions, k_positions)`` returning ``(b, h, n, d)`` to add to the
+    attention output.
+
+    Row blocks: row i of the bias depends only on q_i, q_positions_i and the keys, so calling
+    ``forward`` on a block of query rows (and their positions) gives exactly those rows of the
+    full bias — the exact blockwise kernels rely on this.
+
+    ``logit_scale(head_dim)`` is the factor on the content logits qᵀk (1/√d unless the
+    encoding's paper says otherwise, e.g. DeBERTa's 1/√(3d)).
     """
 
     place = Place.BIAS
     has_value_term: ClassVar[bool] = False
+    #: True: ``forward`` also takes the keys as ``k=`` ``(b, h, m, d)``.
+    needs_keys: ClassVar[bool] = False
 
     def forward(
         self, q: Tensor, q_positions: Tensor, k_positions: Tensor
     ) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def logit_scale(self, head_dim: int) -> float:
+        """The factor on the content logits qᵀk that this encoding's bias is added to."""
+        return head_dim ** -0.5
 
     def value_term(
         self, weights: Tensor, q_positions: Tensor, k_positions: Tensor
