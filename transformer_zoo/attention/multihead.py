@@ -35,6 +35,7 @@ from transformer_zoo._checks import (
     check_same_device,
 )
 from transformer_zoo._scripting import refuse_scripting
+from transformer_zoo.attention.kv_cache import extend_kv_cache
 from transformer_zoo.compat import check_pair
 from transformer_zoo.positional.base import LogitBias, Place, PositionalEncoding, QKTransform
 
@@ -141,6 +142,52 @@ class MultiHeadAttention(nn.Module):
         (Nyström's landmarks) use it, others may ignore it.
         """
         raise NotImplementedError
+
+    # -- decoding: new tokens on a per-layer cache (kv_cache.py) ----------------------------
+    def attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: object | None, *,
+        key_padding_mask: Tensor | None, q_positions: Tensor, k_positions: Tensor,
+    ) -> tuple[Tensor, object]:
+        """Causal self-attention of n new tokens on themselves and every token before them:
+        q, k, v ``(b, h, n, d)`` (before rotation), ``cache`` the object the previous call
+        returned (None first) -> ``(out (b, h, n, d), cache)``; equal to ``attend`` on the
+        whole prefix. Default: a growing ``KVCache``; recurrent kernels override this."""
+        first = cache is None
+        cache = extend_kv_cache(cache, k, v, key_padding_mask=key_padding_mask,
+                                k_positions=k_positions)
+        out = self.attend(q, cache.keys, cache.values, key_padding_mask=cache.mask,
+                          attn_mask=None, q_positions=q_positions, k_positions=cache.positions,
+                          query_padding_mask=key_padding_mask if first else None)
+        return out, cache
+
+    def forward_cached(
+        self, x: Tensor, cache: object | None = None, *, mask: Tensor | None = None,
+        positions: Tensor | None = None,
+    ) -> tuple[Tensor, object]:
+        """``forward`` for causal decoding: x ``(b, n, d_model)`` new tokens at ``positions``
+        (default ``cache.length + arange(n)``), ``mask`` ``(b, n)`` their padding ->
+        ``(out (b, n, d_model), cache)``. Prefill with ``cache=None``, then feed tokens."""
+        if not self.causal:
+            raise ValueError(f"forward_cached decodes causal attention; build "
+                             f"{type(self).__name__} with causal=True")
+        check_rank(x, "x", 3, "(batch, seq, d_model)")
+        check_floating(x, "x")
+        check_nonempty(x, "x", "(batch, seq, d_model)")
+        b, n, width = x.shape
+        if width != self.d_model:
+            raise ValueError(f"x: expected last dim d_model={self.d_model}, got {tuple(x.shape)}")
+        check_param_dtype(x, "x", self.q_proj.weight.dtype)
+        if mask is not None:
+            check_key_padding_mask(mask, b, n)
+        if positions is None:
+            start = 0 if cache is None else int(cache.length)
+            positions = torch.arange(start, start + n, device=x.device)
+        check_positions(positions, b, n)
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.n_heads)
+        k, v = rearrange(self.kv_proj(x), "b m (two h d) -> two b h m d", two=2, h=self.n_heads)
+        out, cache = self.attend_cached(q, k, v, cache, key_padding_mask=mask,
+                                        q_positions=positions, k_positions=positions)
+        return self.out_proj(rearrange(out, "b h n d -> b n (h d)")), cache
 
     # -- helpers for subclasses ---------------------------------------------------------------
     def rotate(

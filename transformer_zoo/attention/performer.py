@@ -26,7 +26,11 @@ from transformer_zoo._checks import (
 )
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.favor import NumeratorTransform, favor_attention
-from transformer_zoo.functional.favor_decode import FavorState, favor_decode_step
+from transformer_zoo.functional.favor_decode import (
+    FavorState,
+    favor_decode_step,
+    performer_attend_cached,
+)
 from transformer_zoo.functional.feature_maps import FeatureMap, PositiveFeatures
 from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatures
 from transformer_zoo.functional.random_features import RowNorms, draw_projection
@@ -214,6 +218,11 @@ class PerformerAttention(MultiHeadAttention):
         )  # (b, h, n, d)
         p = self.attention_dropout()
         return F.dropout(out, p=p) if p > 0 else out
+
+    def attend_cached(self, q, k, v, cache, *, key_padding_mask, q_positions, k_positions):
+        """The recurrent ``FavorState`` (O(r·d) per head) instead of a KV cache."""
+        return performer_attend_cached(self, q, k, v, cache, key_padding_mask=key_padding_mask,
+                                       q_positions=q_positions, k_positions=k_positions)
 
     @torch.no_grad()
     def step(self, x: Tensor, state: FavorState | None = None) -> tuple[Tensor, FavorState]:

@@ -13,26 +13,39 @@ arXiv 2006.16236; Choromanski et al. 2021, arXiv 2009.14794. Shapes: q ``(b, h, 
 ``(b, h_kv, 1, d)``; state S ``(b, h, F, d)``, z ``(b, h, F)``, g ``(b, h, F)`` (``(b, h, 1)``
 scalar). Memory O(F·d) per head, independent of the sequence length. Exact (equal to the
 parallel causal kernel).
+
+``favor_prefill`` starts the state from a whole prompt in one parallel pass (the prompt's outputs
+from the parallel causal kernel, the state by one reduction over its keys: g = the max of each
+key log-feature over the real keys, S = Σ_j φ̃(k_j) v_jᵀ, z = Σ_j φ̃(k_j)), which equals the
+state the steps reach token by token. ``favor_decode_step`` takes a ``key_padding_mask``
+``(b, 1)``: a padded token leaves the state as it was. ``performer_attend_cached`` is
+``PerformerAttention.attend_cached`` (rotations, prefill or steps).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
+from transformer_zoo._checks import check_key_padding_mask
 from transformer_zoo.functional.favor import (
     _DEFAULT_MAP,
     NumeratorTransform,
     _ratio,
     check_projection,
     compute_dtype,
+    favor_attention,
     log_features,
     stabilized_query,
 )
 from transformer_zoo.functional.feature_maps import FeatureMap
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
+
+if TYPE_CHECKING:
+    from transformer_zoo.attention.performer import PerformerAttention
 
 
 @dataclass
@@ -42,7 +55,16 @@ class FavorState:
     numerator: Tensor  # (b, h, F, d)   Σ_j e^{log φ(k_j) − g} v_jᵀ (rotated φ in Su's form)
     denominator: Tensor  # (b, h, F)    Σ_j e^{log φ(k_j) − g}
     g: Tensor  # (b, h, F): running max of each key log-feature ((b, h, 1): one scalar)
-    length: int = 0
+    length: int = 0  # tokens seen (padded ones included: the next token's position)
+
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors (constant in ``length``)."""
+        return sum(t.numel() * t.element_size() for t in (self.numerator, self.denominator, self.g))
+
+    def index_select(self, index: Tensor) -> FavorState:
+        """The state of the batch rows ``index`` (beam search, batch selection)."""
+        return replace(self, **{name: getattr(self, name).index_select(0, index.to(self.g.device))
+                                for name in ("numerator", "denominator", "g")})
 
 
 def favor_decode_step(
@@ -54,8 +76,13 @@ def favor_decode_step(
     *,
     feature_map: FeatureMap = _DEFAULT_MAP,
     numerator_transform: NumeratorTransform | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, FavorState]:
-    """One causal step: returns ``(out (b, h, 1, d) in q's dtype, new state)``."""
+    """One causal step: returns ``(out (b, h, 1, d) in q's dtype, new state)``.
+
+    ``key_padding_mask`` ``(b, 1)``, True = real token: a padded token leaves its row's state
+    unchanged (its own output is then that of the state before it).
+    """
     b, h, n, _, _ = check_qkv(q, k, v)
     if n != 1 or k.shape[-2] != 1:
         raise ValueError(
@@ -67,11 +94,17 @@ def favor_decode_step(
         raise TypeError(f"feature_map: expected a FeatureMap, got {type(feature_map).__name__}")
     if state is not None and not isinstance(state, FavorState):
         raise TypeError(f"state: expected a FavorState or None, got {type(state).__name__}")
+    if key_padding_mask is not None:
+        check_key_padding_mask(key_padding_mask, b, 1, "key_padding_mask")
+        if bool(key_padding_mask.all()):
+            key_padding_mask = None
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         k, v = expand_kv_heads(k, v, h)
         qz, kz = log_features(q, k, projection, feature_map=feature_map, causal=True)
+        if key_padding_mask is not None and state is None:  # padded rows start empty
+            state = _empty_state(kz[..., 0, :], v, numerator_transform, feature_map)
         kz, qz = kz[..., 0, :], qz[..., 0, :]  # (b, h, F)
         if state is not None:
             scalar = numerator_transform is not None or not feature_map.exponential
@@ -97,7 +130,99 @@ def favor_decode_step(
         out = _ratio(torch.einsum("bhf,bhfd->bhd", qn, num),
                      (qf * den).sum(-1, keepdim=True))[..., None, :]  # (b, h, 1, d)
     length = 1 if state is None else state.length + 1
-    return out.to(out_dtype), FavorState(num, den, g, length)
+    new = FavorState(num, den, g, length)
+    if key_padding_mask is not None:  # padded rows keep their state
+        keep = ~key_padding_mask[:, None, :]  # (b, 1, 1)
+        new = FavorState(torch.where(keep[..., None], state.numerator.to(dtype), num),
+                         torch.where(keep, state.denominator.to(dtype), den),
+                         torch.where(keep, state.g.to(dtype), g), length)
+    return out.to(out_dtype), new
+
+
+def _empty_state(kz: Tensor, v: Tensor, transform: NumeratorTransform | None,
+                 feature_map: FeatureMap) -> FavorState:
+    """No key yet: S = 0, z = 0, g = −inf (the first real key sets it)."""
+    b, h, f = kz.shape
+    scalar = transform is not None or not feature_map.exponential
+    g = kz.new_full((b, h, 1 if scalar else f), float("-inf") if feature_map.exponential else 0.0)
+    return FavorState(v.new_zeros(b, h, f, v.shape[-1]), kz.new_zeros(b, h, f), g, 0)
+
+
+def favor_prefill(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor,
+    *,
+    feature_map: FeatureMap = _DEFAULT_MAP,
+    numerator_transform: NumeratorTransform | None = None,
+    key_padding_mask: Tensor | None = None,
+    chunk_size: int = 128,
+) -> tuple[Tensor, FavorState]:
+    """A whole prompt at once: ``(out (b, h, n, d), state after its n tokens)``.
+
+    ``out`` is ``favor_attention(..., causal=True)`` (the parallel kernel); the state is one
+    reduction over the real keys (``key_padding_mask`` ``(b, n)``, True = real token: padded
+    keys never enter it), equal to the state ``favor_decode_step`` reaches token by token.
+    """
+    b, h, n, m, _ = check_qkv(q, k, v)
+    if n != m:
+        raise ValueError(f"favor_prefill: self-attention over one prompt, expected q and k of "
+                         f"the same length, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    out = favor_attention(q, k, v, projection, feature_map=feature_map, causal=True,
+                          key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+                          numerator_transform=numerator_transform,
+                          query_padding_mask=key_padding_mask)
+    dtype = compute_dtype(q.dtype)
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        k, v = expand_kv_heads(k, v, h)
+        qz, kz = log_features(q, k, projection, feature_map=feature_map,
+                              key_padding_mask=key_padding_mask, causal=True,
+                              query_padding_mask=key_padding_mask)
+        if not feature_map.exponential:  # plain features (zero at padded keys), no stabiliser
+            g, kf = kz.new_zeros(b, h, 1), kz
+        else:
+            g = kz.amax(-2)  # (b, h, F): the last running max; −inf where no real key
+            g = g.amax(-1, keepdim=True) if numerator_transform is not None else g
+            kf = (kz - torch.where(torch.isfinite(g), g, 0.0)[..., None, :]).exp()
+        kn = kf if numerator_transform is None else numerator_transform(kf, kf)[1]
+        state = FavorState(torch.einsum("bhmf,bhmd->bhfd", kn, v), kf.sum(-2), g, n)
+    return out, state
+
+
+def performer_attend_cached(
+    attention: PerformerAttention,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: FavorState | None,
+    *,
+    key_padding_mask: Tensor | None,
+    q_positions: Tensor,
+    k_positions: Tensor,
+) -> tuple[Tensor, FavorState]:
+    """``PerformerAttention.attend_cached``: q, k, v ``(b, h, n, d)`` of n new tokens (positions
+    ``state.length`` on) -> ``(out (b, h, n, d), state)``. No state: ``favor_prefill``; then
+    ``favor_decode_step`` per token, O(F·d) per head and token whatever the length."""
+    q, k = attention._rotate_qk(q, k, q_positions, k_positions)
+    options = dict(feature_map=attention.feature_map)
+    if state is None:
+        return favor_prefill(
+            q, k, v, attention.projection, key_padding_mask=key_padding_mask,
+            numerator_transform=attention._numerator_transform(q_positions, k_positions),
+            chunk_size=attention.chunk_size, **options)
+    outs = []
+    for i in range(q.shape[-2]):  # later chunks: one step per token
+        token = slice(i, i + 1)
+        out, state = favor_decode_step(
+            q[..., token, :], k[..., token, :], v[..., token, :], attention.projection, state,
+            key_padding_mask=None if key_padding_mask is None else key_padding_mask[:, token],
+            numerator_transform=attention._numerator_transform(q_positions[..., token],
+                                                               k_positions[..., token]),
+            **options)
+        outs.append(out)
+    return torch.cat(outs, -2), state
 
 
 def _check_state(state: FavorState, numerator: tuple[int, ...], g_width: int) -> None:
