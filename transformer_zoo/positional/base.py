@@ -19,6 +19,7 @@ Shapes: b batch, h heads, n query length, m key length, d head dim, positions in
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -107,3 +108,12 @@ class LogitBias(PositionalEncoding):
         self, weights: Tensor, q_positions: Tensor, k_positions: Tensor
     ) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} has no value term")
+
+    def score_mod(
+        self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor
+    ) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] | None:
+        """This bias as a FlexAttention ``score_mod`` ``(score, b, h, q_idx, kv_idx) ->
+        score + bias`` for these q ``(b, h, n, d)``, k ``(b, h, m, d)`` and positions, or None
+        when the encoding has none (``SoftmaxAttention`` then uses the exact blockwise kernel).
+        Its value at every (b, h, i, j) must equal ``forward``'s. Default: None."""
+        return None
