@@ -118,6 +118,8 @@ class MultiHeadAttention(nn.Module):
         self.q_proj = nn.Linear(d_model, inner, bias=bias)
         self.kv_proj = nn.Linear(kv_dim, 2 * inner, bias=bias)
         self.out_proj = nn.Linear(inner, d_model, bias=bias)
+        if positional is not None:
+            positional.attach(self)  # after the projections: an encoding may reuse them
 
     # -- the kernel call: subclasses implement this ------------------------------------------
     def attend(

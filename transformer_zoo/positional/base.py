@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
 
 from transformer_zoo._scripting import refuse_scripting
+
+if TYPE_CHECKING:
+    from transformer_zoo.attention.multihead import MultiHeadAttention
 
 
 class Place(enum.Enum):
@@ -45,6 +48,12 @@ class PositionalEncoding(nn.Module):
     def check_attention(self, *, n_heads: int, causal: bool) -> None:
         """Raise ValueError when this encoding cannot serve an attention module with these
         settings (called by ``MultiHeadAttention`` at construction). Default: any."""
+
+    def attach(self, attention: MultiHeadAttention) -> None:
+        """Called by ``MultiHeadAttention.__init__`` once its projections exist (after
+        ``check_attention``). Default: nothing. An encoding that reuses the attention's own
+        projections (DeBERTa's ``share_att_key``) keeps references to them here; it may raise
+        ValueError when it cannot serve this attention."""
 
 
 class InputEncoding(PositionalEncoding):
