@@ -12,12 +12,20 @@ attention × encoding pair is checked when the encoder is built.
 
 Shapes: x ``(b, n, d_model)``, mask ``(b, n)`` True = real token, positions int64 ``(n,)`` or
 ``(b, n)``; output ``(b, n, d_model)``. Outputs at padded positions are set to 0.
+
+Causal stacks also decode incrementally: ``prefill(x)`` then ``step(x_t, state)``, one token
+(or a chunk) at a time, each layer's attention keeping its own cache in ``DecodeState`` (a
+``KVCache`` for softmax and its encodings, FAVOR+'s fixed-size ``FavorState`` for Performer;
+``MultiHeadAttention.attend_cached``); token t sits at position t (input encodings and
+rotations included). Equal, to rounding, to the parallel forward on the whole prefix (eval
+mode: dropout draws differ).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -139,6 +147,18 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.norm_first = config.norm_first
 
+    def forward_cached(
+        self, x: Tensor, cache: Any, *, mask: Tensor | None, positions: Tensor
+    ) -> tuple[Tensor, Any]:
+        """``forward`` on new tokens with the attention's decoding cache (see ``Encoder.step``)."""
+        h = self.norm1(x) if self.norm_first else x
+        a, cache = self.attention.forward_cached(h, cache, mask=mask, positions=positions)
+        if self.norm_first:
+            x = x + self.dropout(a)
+            return x + self.dropout(self.feedforward(self.norm2(x))), cache
+        x = self.norm1(x + self.dropout(a))
+        return self.norm2(x + self.dropout(self.feedforward(x))), cache
+
     def forward(self, x: Tensor, *, mask: Tensor | None, positions: Tensor) -> Tensor:
         def attn(h: Tensor) -> Tensor:
             return self.dropout(self.attention(h, mask=mask, positions=positions))
@@ -148,6 +168,18 @@ class EncoderLayer(nn.Module):
             return x + self.dropout(self.feedforward(self.norm2(x)))
         x = self.norm1(x + attn(x))
         return self.norm2(x + self.dropout(self.feedforward(x)))
+
+
+@dataclass
+class DecodeState:
+    """An encoder's decoding state: each layer's attention cache and the tokens seen."""
+
+    caches: list[Any]
+    length: int = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the per-layer caches."""
+        return sum(int(c.nbytes()) for c in self.caches)
 
 
 class Encoder(nn.Module):
@@ -183,9 +215,44 @@ class Encoder(nn.Module):
             nn.LayerNorm(config.d_model, eps=config.norm_eps) if config.norm_first else None
         )
 
+    # -- incremental decoding (causal stacks) ---------------------------------------------
+    def prefill(self, x: Tensor, *, mask: Tensor | None = None) -> tuple[Tensor, DecodeState]:
+        """The prompt x ``(b, n, d_model)`` (``mask`` ``(b, n)``, True = real token) in one
+        parallel pass: ``(output (b, n, d_model), state)`` for ``step``."""
+        return self.step(x, None, mask=mask)
+
+    def step(
+        self, x: Tensor, state: DecodeState | None, *, mask: Tensor | None = None
+    ) -> tuple[Tensor, DecodeState]:
+        """The next token(s) x ``(b, n, d_model)`` (usually n = 1) at positions
+        ``state.length …`` -> ``(output (b, n, d_model), new state)``; equal to the last n
+        rows of ``forward`` on the whole sequence. Needs ``EncoderConfig(causal=True)``."""
+        if not self.config.causal:
+            raise ValueError("step/prefill decode causal stacks; build the encoder with "
+                             "EncoderConfig(causal=True)")
+        if state is not None and not isinstance(state, DecodeState):
+            raise TypeError(f"state: expected a DecodeState or None, got {type(state).__name__}")
+        x, mask, positions = self._inputs(x, mask, None, 0 if state is None else state.length)
+        caches = [None] * len(self.layers) if state is None else state.caches
+        new = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            x, cache = layer.forward_cached(x, cache, mask=mask, positions=positions)
+            new.append(cache)
+        return self._output(x, mask), DecodeState(new, positions.shape[-1] + (
+            0 if state is None else state.length))
+
     def forward(
         self, x: Tensor, *, mask: Tensor | None = None, positions: Tensor | None = None
     ) -> Tensor:
+        x, mask, positions = self._inputs(x, mask, positions, 0)
+        for layer in self.layers:
+            x = layer(x, mask=mask, positions=positions)
+        return self._output(x, mask)
+
+    def _inputs(
+        self, x: Tensor, mask: Tensor | None, positions: Tensor | None, start: int
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Checks, positions (default ``start + arange(n)``), input encoding and dropout."""
         check_rank(x, "x", 3, "(batch, seq, d_model)")
         check_floating(x, "x")
         check_nonempty(x, "x", "(batch, seq, d_model)")
@@ -199,7 +266,7 @@ class Encoder(nn.Module):
             check_key_padding_mask(mask, b, n)
             check_same_device("mask", mask, "x", x.device)
         if positions is None:
-            positions = torch.arange(n, device=x.device)
+            positions = torch.arange(start, start + n, device=x.device)
         check_positions(positions, b, n)
         check_same_device("positions", positions, "x", x.device)
         if self.input_encoding is not None:
@@ -211,8 +278,9 @@ class Encoder(nn.Module):
                 f"x has dtype {x.dtype} but the parameters are {param_dtype}; "
                 "cast one to the other (or use torch.autocast)"
             )
-        for layer in self.layers:
-            x = layer(x, mask=mask, positions=positions)
+        return x, mask, positions
+
+    def _output(self, x: Tensor, mask: Tensor | None) -> Tensor:
         if self.final_norm is not None:
             x = self.final_norm(x)
         if mask is not None:

@@ -69,6 +69,19 @@ class HFKernel:
         """See the module docstring for shapes and conventions."""
         raise NotImplementedError
 
+    def recurrent(self, module: nn.Module) -> bool:
+        """Whether ``module`` decodes with its own state (``hf_cache.RecurrentLayer``) instead
+        of HF's KV cache. Default: no."""
+        return False
+
+    def attend_cached(
+        self, module: nn.Module, q: Tensor, k: Tensor, v: Tensor, layer: object, *,
+        key_padding_mask: Tensor | None, scaling: float | None,
+    ) -> Tensor:
+        """Causal attention of the n new tokens q, k, v ``(b, h, n, d)`` on ``layer.state``
+        (``key_padding_mask`` ``(b, n)``); updates the state. Only when ``recurrent``."""
+        raise NotImplementedError
+
 
 @dataclass
 class SoftmaxKernel(HFKernel):
@@ -138,6 +151,35 @@ class ModuleKernel(HFKernel):
         if isinstance(factory, type) and not factory.supports_causal:
             raise ValueError(_no_causal(factory, module, path))
 
+    #: Decode with the kernel's own state when it has one (``recurrent``); False: HF's KV cache.
+    recurrent_cache: bool = True
+
+    def recurrent(self, module):
+        """True for a causal module whose kernel overrides ``MultiHeadAttention.attend_cached``
+        (a state of its own, e.g. ``PerformerAttention``'s ``FavorState``), unless
+        ``recurrent_cache`` is False."""
+        inner = getattr(module, "tz_attention", None)
+        return (bool(self.recurrent_cache) and bool(getattr(module, "is_causal", False))
+                and isinstance(inner, MultiHeadAttention)
+                and type(inner).attend_cached is not MultiHeadAttention.attend_cached)
+
+    def attend_cached(self, module, q, k, v, layer, *, key_padding_mask, scaling):
+        inner: MultiHeadAttention = module.tz_attention
+        d, n = q.shape[-1], q.shape[-2]
+        if scaling is not None and not math.isclose(scaling, d ** -0.5):
+            q = q * (scaling * math.sqrt(d))
+        start = layer.consume()
+        positions = torch.arange(start, start + n, device=q.device)
+        saved = inner.causal
+        inner.causal = True
+        try:
+            out, layer.state = inner.attend_cached(
+                q, k, v, layer.state, key_padding_mask=key_padding_mask,
+                q_positions=positions, k_positions=positions)
+        finally:
+            inner.causal = saved
+        return out
+
     def attend(self, module, q, k, v, *, key_padding_mask, attn_mask, bias, causal, dropout,
                scaling, need_weights):
         inner: MultiHeadAttention = module.tz_attention
@@ -170,6 +212,7 @@ class AttentionKernel(ModuleKernel):
 
     name: ClassVar[str] = "module"
     attention: Callable[..., MultiHeadAttention]
+    recurrent_cache: bool = True
 
     def __post_init__(self) -> None:
         check_factory(self.attention, "kernel")
@@ -185,13 +228,18 @@ class PerformerKernel(ModuleKernel):
     Each HF attention module holds a ``PerformerAttention`` (``tz_attention``) whose W, seed and
     redraw counter are buffers. With ``seed`` set, layer l draws W from ``(seed, step,
     layer=module.layer_idx)``; with ``seed=None`` every layer takes a seed from torch's global
-    generator (reproducible under ``torch.manual_seed``). Causal models run the causal scan.
+    generator (reproducible under ``torch.manual_seed``). Causal models run the causal scan;
+    decoding with a cache (``generate``, ``use_cache=True``) keeps FAVOR+'s fixed-size state
+    per layer (``hf_cache.RecurrentLayer``) instead of keys and values, unless
+    ``recurrent_cache=False`` (HF's KV cache; the features of every cached key recomputed per
+    token).
     """
 
     name: ClassVar[str] = "performer"
     nb_features: int = 256
     redraw_interval: int | None = None
     seed: int | None = None
+    recurrent_cache: bool = True
 
     def attention_factory(self, layer):
         return functools.partial(PerformerAttention, nb_features=self.nb_features,

@@ -38,6 +38,12 @@ from transformers.masking_utils import (
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.softmax import expand_kv_heads
 from transformer_zoo.interop._masks import settle_bias, split_additive
+from transformer_zoo.interop.hf_cache import (
+    RecurrentCache,
+    RecurrentLayer,
+    bind_cache,
+    unbind_cache,
+)
 from transformer_zoo.interop.hf_kernels import (
     KERNELS,
     AttentionKernel,
@@ -50,7 +56,8 @@ from transformer_zoo.interop.hf_kernels import (
 )
 
 __all__ = ["KERNELS", "AttentionKernel", "HFKernel", "ModuleKernel", "NystromKernel",
-           "PerformerKernel", "SoftmaxKernel", "padding_only_mask", "register", "use"]
+           "PerformerKernel", "RecurrentCache", "RecurrentLayer", "SoftmaxKernel",
+           "padding_only_mask", "register", "use"]
 
 _UNSUPPORTED = ("softcap", "s_aux", "sinks")
 
@@ -112,6 +119,17 @@ def _attention_function(kernel_cls: type[HFKernel]) -> Callable:
         if position_bias is not None:
             bias = position_bias if bias is None else bias + position_bias
         kpm = None
+        layer = getattr(module, "tz_cache_layer", None)
+        if isinstance(layer, RecurrentLayer) and layer.holds(key):  # new tokens on the state
+            if bias is not None or (allowed is not None and allowed.shape[-2] != 1):
+                raise ValueError(f"{where}: a recurrent state takes key padding masks only")
+            if allowed is not None:
+                kpm = allowed[:, 0, 0, -m:].expand(query.shape[0], m)  # the new tokens' padding
+            if not kernel_cls.grouped_kv:
+                key, value = expand_kv_heads(key, value, query.shape[1])
+            out = kernel.attend_cached(module, query, key, value, layer, key_padding_mask=kpm,
+                                       scaling=scaling)
+            return out.transpose(1, 2).contiguous(), None
         if kernel_cls.dense_mask:
             # HF's rule: a given mask already holds causality; without one, n == m or n == 1.
             causal = bool(causal) and attention_mask is None and n > 1
@@ -178,6 +196,11 @@ def use(
             ``MultiHeadAttention`` subclass / factory (wrapped in ``AttentionKernel``).
         **options: the named kernel's options (fields of its adapter dataclass; typos raise).
 
+    Decoding with a cache (``generate``, ``forward(use_cache=True)``): layers whose kernel has a
+    recurrent form (``"performer"`` on a causal model) keep their fixed-size state in the
+    cache (``hf_cache.RecurrentLayer``) instead of keys and values; the others keep HF's KV
+    cache (``recurrent_cache=False`` keeps it everywhere).
+
     Per-module state is created now (replacing any from an earlier ``use``), as buffers, so it
     saves with the model: to restore it, ``use`` the same kernel, then ``load_state_dict``.
     To go back: ``model.set_attn_implementation("sdpa")``.
@@ -216,6 +239,12 @@ def use(
             del module.tz_attention
         module.tz_kernel = kernel
         kernel.setup(module, *shape)
+        for handle in module.__dict__.pop("_tz_cache_hooks", ()):  # from an earlier use()
+            handle.remove()
+        module._tz_cache_hooks = (  # recurrent kernels decode on their state (hf_cache.py)
+            module.register_forward_pre_hook(bind_cache, with_kwargs=True),
+            module.register_forward_hook(unbind_cache, with_kwargs=True, always_call=True),
+        )
     model.set_attn_implementation(name)
     return [path for path, _, _ in targets]
 
