@@ -25,17 +25,23 @@ from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatu
 from transformer_zoo.functional.random_features import RowNorms
 from transformer_zoo.positional import (
     ALiBi,
+    DynamicNTKScaling,
     InputEncoding,
     LearnedPositionalEncoding,
+    Llama3Scaling,
     LogitBias,
+    LongRoPEScaling,
     Place,
     PositionalEncoding,
     QKTransform,
+    RopeScaling,
     RotaryEmbedding,
     RotaryLayout,
     ShawRelativePosition,
     SinusoidalPositionalEncoding,
     T5RelativeBias,
+    XPosEmbedding,
+    YaRNScaling,
 )
 from transformer_zoo.regularizers import RDropLoss, SimCSELoss, Whitening
 
@@ -64,6 +70,12 @@ __all__ = [
     "RowNorms",
     "RDropLoss",
     "RotaryEmbedding",
+    "RopeScaling",
+    "YaRNScaling",
+    "DynamicNTKScaling",
+    "Llama3Scaling",
+    "LongRoPEScaling",
+    "XPosEmbedding",
     "RotaryLayout",
     "ShawRelativePosition",
     "SimCSELoss",

@@ -32,6 +32,14 @@ from transformer_zoo.functional.relative import (
     t5_bucket_lookup,
     t5_relative_bucket,
 )
+from transformer_zoo.functional.rope_scaling import (
+    dynamic_ntk_base,
+    llama3_frequencies,
+    longrope_attention_factor,
+    longrope_frequencies,
+    yarn_attention_factor,
+    yarn_frequencies,
+)
 from transformer_zoo.functional.rotary import (
     RotaryLayout,
     apply_rotary,
@@ -79,6 +87,12 @@ __all__ = [
     "relative_positions",
     "rotary_angles",
     "rotary_frequencies",
+    "dynamic_ntk_base",
+    "llama3_frequencies",
+    "longrope_attention_factor",
+    "longrope_frequencies",
+    "yarn_attention_factor",
+    "yarn_frequencies",
     "shaw_relative_index",
     "simcse_logits",
     "simcse_loss",

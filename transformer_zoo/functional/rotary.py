@@ -63,13 +63,22 @@ def _check_layout(layout: object) -> RotaryLayout:
     return layout
 
 
-def rotary_reference(x: Tensor, angles: Tensor, *, layout: RotaryLayout) -> Tensor:
+def _scaled(t: Tensor, scale: float | Tensor) -> Tensor:
+    return t if isinstance(scale, (int, float)) and scale == 1.0 else t * scale
+
+
+def rotary_reference(
+    x: Tensor, angles: Tensor, *, layout: RotaryLayout, scale: float | Tensor = 1.0
+) -> Tensor:
     """The rotation written out in the input dtype (cos/sin cast to it): the readable
     definition, and the path used under ``torch.compile`` (where it fuses into one kernel).
+    ``scale`` (a number, or fp32 broadcastable to angles) multiplies cos and sin of the rotated
+    channels only, as HF applies an attention factor and rotary-embedding-torch xPos scales.
     """
     half = angles.shape[-1]
     r = 2 * half
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)  # (.., n, r/2)
+    cos = _scaled(angles.cos(), scale).to(x.dtype)  # (.., n, r/2)
+    sin = _scaled(angles.sin(), scale).to(x.dtype)
     if layout is RotaryLayout.HALF_SPLIT:
         x1, x2 = x[..., :half], x[..., half:r]  # (b, h, n, r/2) each
         rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -107,13 +116,18 @@ class _HalfSplitRotation(torch.autograd.Function):
         return _HalfSplitRotation.apply(grad, cos, -sin), None, None
 
 
-def rotary_tables(angles: Tensor, dtype: torch.dtype, layout: RotaryLayout) -> tuple[Tensor, ...]:
+def rotary_tables(
+    angles: Tensor, dtype: torch.dtype, layout: RotaryLayout, scale: float | Tensor = 1.0
+) -> tuple[Tensor, ...]:
     """What ``apply_rotary_tables`` multiplies by, computed once per set of angles: (cos, sin)
-    in ``dtype`` for half-split, the rotor e^(iθ) (complex, fp32 or fp64) for interleaved."""
+    in ``dtype`` for half-split, the rotor e^(iθ) (complex, fp32 or fp64) for interleaved;
+    both times ``scale`` (see ``rotary_reference``; the rotation stays R·scale, whose
+    transpose the half-split backward applies)."""
     if layout is RotaryLayout.HALF_SPLIT:
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return _scaled(angles.cos(), scale).to(dtype), _scaled(angles.sin(), scale).to(dtype)
     angles = angles.to(torch.promote_types(dtype, torch.float32))  # fp32, or fp64 for fp64
-    return (torch.polar(torch.ones_like(angles), angles),)  # e^(iθ), (.., n, r/2)
+    modulus = _scaled(torch.ones_like(angles), scale).to(angles.dtype)
+    return (torch.polar(*torch.broadcast_tensors(modulus, angles)),)  # scale·e^(iθ), (.., n, r/2)
 
 
 def apply_rotary_tables(x: Tensor, tables: tuple[Tensor, ...], *, layout: RotaryLayout) -> Tensor:
@@ -136,8 +150,11 @@ def apply_rotary_tables(x: Tensor, tables: tuple[Tensor, ...], *, layout: Rotary
     return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
 
 
-def apply_rotary_angles(x: Tensor, angles: Tensor, *, layout: RotaryLayout) -> Tensor:
-    """Rotate the first r = 2·angles.shape[-1] channels of ``x`` by ``angles`` (fp32).
+def apply_rotary_angles(
+    x: Tensor, angles: Tensor, *, layout: RotaryLayout, scale: float | Tensor = 1.0
+) -> Tensor:
+    """Rotate the first r = 2·angles.shape[-1] channels of ``x`` by ``angles`` (fp32), times
+    ``scale`` on those channels (default 1: a pure rotation).
 
     x ``(b, h, n, w)``; angles broadcastable to ``(b, h, n, r/2)``. Same result as
     ``rotary_reference`` (up to rounding), faster in eager mode:
@@ -147,8 +164,8 @@ def apply_rotary_angles(x: Tensor, angles: Tensor, *, layout: RotaryLayout) -> T
     - half-split: cos/sin cast to x's dtype, written into one buffer, custom backward.
     """
     if torch.compiler.is_compiling():
-        return rotary_reference(x, angles, layout=layout)
-    return apply_rotary_tables(x, rotary_tables(angles, x.dtype, layout), layout=layout)
+        return rotary_reference(x, angles, layout=layout, scale=scale)
+    return apply_rotary_tables(x, rotary_tables(angles, x.dtype, layout, scale), layout=layout)
 
 
 def check_rotary_input(x: Tensor, positions: Tensor, dim: int) -> None:

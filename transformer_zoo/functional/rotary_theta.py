@@ -141,3 +141,30 @@ def exact_rotary_angles(
     table = _phase_table_for(dim, base, interpolation_factor, positions.device)
     angles = phase_angles(positions, table)
     return angles[:, None] if positions.ndim == 2 else angles
+
+
+_FREQUENCY_TABLES: dict[tuple, Tensor] = {}
+
+
+def exact_angles_for_frequencies(
+    positions: Tensor, frequencies: tuple[tuple[float, ...], tuple[float, ...]],
+    interpolation_factor: float = 1.0,
+) -> Tensor:
+    """``exact_rotary_angles`` for any per-dimension frequencies given as the double-double
+    (θ_hi, θ_lo) Python tuples (``functional.rope_scaling``): exact for every int64 position,
+    rounded once to fp32; the phase table is cached per (frequencies, s, device)."""
+    hi, lo = frequencies
+    if _wide(positions.device) == torch.float32:  # MPS: no fp64
+        inv_freq = torch.tensor(hi, dtype=torch.float32, device=positions.device)
+        return rotary_angles(positions, inv_freq, interpolation_factor=interpolation_factor)
+    key = (hi, lo, interpolation_factor, positions.device)
+    table = None if torch.compiler.is_compiling() else _FREQUENCY_TABLES.get(key)
+    if table is None:
+        t = torch.tensor((hi, lo), dtype=torch.float64, device=positions.device)
+        table = phase_table(t[0], t[1], interpolation_factor)
+        if not torch.compiler.is_compiling():
+            if len(_FREQUENCY_TABLES) > 256:  # dynamic NTK makes one per length: bounded
+                _FREQUENCY_TABLES.clear()
+            _FREQUENCY_TABLES[key] = table
+    angles = phase_angles(positions, table)
+    return angles[:, None] if positions.ndim == 2 else angles

@@ -10,10 +10,18 @@ from transformer_zoo.positional.base import (
     QKTransform,
 )
 from transformer_zoo.positional.learned import LearnedPositionalEncoding
+from transformer_zoo.positional.rope_scaling import (
+    DynamicNTKScaling,
+    Llama3Scaling,
+    LongRoPEScaling,
+    RopeScaling,
+    YaRNScaling,
+)
 from transformer_zoo.positional.rotary import RotaryEmbedding
 from transformer_zoo.positional.shaw import ShawRelativePosition
 from transformer_zoo.positional.sinusoidal import SinusoidalPositionalEncoding
 from transformer_zoo.positional.t5 import T5RelativeBias
+from transformer_zoo.positional.xpos import XPosEmbedding
 
 __all__ = [
     "ALiBi",
@@ -24,6 +32,12 @@ __all__ = [
     "PositionalEncoding",
     "QKTransform",
     "RotaryEmbedding",
+    "RopeScaling",
+    "YaRNScaling",
+    "DynamicNTKScaling",
+    "Llama3Scaling",
+    "LongRoPEScaling",
+    "XPosEmbedding",
     "RotaryLayout",
     "ShawRelativePosition",
     "SinusoidalPositionalEncoding",
