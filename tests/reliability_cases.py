@@ -230,7 +230,7 @@ def run_encoding(pe: PositionalEncoding, s: Sizes = SMALL, seed: int = 0) -> Ten
     k = torch.randn(2, s.n_heads, n, s.head_dim, generator=g)
     if pe.place is Place.QK:
         return torch.cat(pe(q, k, pos, pos), dim=-1)
-    bias = pe(q, pos, pos)
+    bias = pe(q, pos, pos, k=k) if getattr(pe, "needs_keys", False) else pe(q, pos, pos)
     if getattr(pe, "has_value_term", False):
         w = torch.softmax(torch.randn(2, s.n_heads, n, n, generator=g), dim=-1)
         return torch.cat([bias.expand(2, s.n_heads, n, n), pe.value_term(w, pos, pos)], -1)
@@ -427,6 +427,15 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
     ),
     "t5_bucket_lookup": KernelCase(
         lambda: ((torch.arange(-200, 200, 7),), dict(causal=True, num_buckets=32))
+    ),
+    "relative_distance_table": KernelCase(
+        lambda: ((torch.arange(5) + 3, torch.arange(8)), dict(clamp_len=6))
+    ),
+    "transformer_xl_sinusoid": KernelCase(lambda: ((torch.arange(-6, 7), 16), {})),
+    "transformer_xl_bias": KernelCase(
+        lambda: ((_qkv(m=8)[0], _qkv(m=8)[1]),
+                 dict(u=torch.randn(2, 8), v=torch.randn(2, 8), r_weight=torch.randn(16, 12),
+                      q_positions=torch.arange(6) + 2, k_positions=torch.arange(8)))
     ),
     "gaussian_kl": KernelCase(lambda: _gaussians()),
     "gaussian_bhattacharyya": KernelCase(lambda: _gaussians()),

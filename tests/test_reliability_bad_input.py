@@ -172,9 +172,12 @@ def _encoding_cases(place: Place):
             (lambda pe: pe(q, q, bad, pos), TypeError, ["int64", "float32"]),
             (lambda pe: pe(q[0], q[0], pos, pos), ValueError, ["4-D"]),
         ]
+    def bias(pe, qp, kp):  # encodings with needs_keys also take the keys
+        return pe(q, qp, kp, k=q) if getattr(pe, "needs_keys", False) else pe(q, qp, kp)
+
     return [
-        (lambda pe: pe(q, bad, pos), TypeError, ["int64", "float32"]),
-        (lambda pe: pe(q, pos, pos.int()), TypeError, ["int64", "int32"]),
+        (lambda pe: bias(pe, bad, pos), TypeError, ["int64", "float32"]),
+        (lambda pe: bias(pe, pos, pos.int()), TypeError, ["int64", "int32"]),
     ]
 
 

@@ -159,6 +159,8 @@ def encoding_error(cls, dtype, start, n=6, seed=0):
     if cls.place is Place.QK:
         low = torch.cat(pe(q, k, pos, pos), -1)
         ref = torch.cat(pe(q.float(), k.float(), pos, pos), -1)
+    elif cls.place is Place.BIAS and getattr(pe, "needs_keys", False):
+        low, ref = pe(q, pos, pos, k=k), pe(q.float(), pos, pos, k=k.float())
     elif cls.place is Place.BIAS:
         low, ref = pe(q, pos, pos), pe(q.float(), pos, pos)
     else:

@@ -40,6 +40,7 @@ from transformer_zoo.positional import (
     ShawRelativePosition,
     SinusoidalPositionalEncoding,
     T5RelativeBias,
+    TransformerXLRelativePosition,
     XPosEmbedding,
     YaRNScaling,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "SoftmaxAttention",
     "SwiGLUFeedForward",
     "T5RelativeBias",
+    "TransformerXLRelativePosition",
     "Whitening",
     "check_pair",
     "compatibility_table",

@@ -50,6 +50,11 @@ from transformer_zoo.functional.rotary import (
 )
 from transformer_zoo.functional.simcse import simcse_logits, simcse_loss
 from transformer_zoo.functional.softmax import explicit_softmax_attention, softmax_attention
+from transformer_zoo.functional.transformer_xl import (
+    relative_distance_table,
+    transformer_xl_bias,
+    transformer_xl_sinusoid,
+)
 from transformer_zoo.positional.sinusoidal import sinusoidal_encoding
 
 __all__ = [
@@ -84,6 +89,7 @@ __all__ = [
     "permute_rotary_weight",
     "rdrop_mse",
     "regularized_pinv",
+    "relative_distance_table",
     "relative_positions",
     "rotary_angles",
     "rotary_frequencies",
@@ -101,4 +107,6 @@ __all__ = [
     "symmetric_kl",
     "t5_bucket_lookup",
     "t5_relative_bucket",
+    "transformer_xl_bias",
+    "transformer_xl_sinusoid",
 ]

@@ -21,6 +21,7 @@ from transformer_zoo.positional.rotary import RotaryEmbedding
 from transformer_zoo.positional.shaw import ShawRelativePosition
 from transformer_zoo.positional.sinusoidal import SinusoidalPositionalEncoding
 from transformer_zoo.positional.t5 import T5RelativeBias
+from transformer_zoo.positional.transformer_xl import TransformerXLRelativePosition
 from transformer_zoo.positional.xpos import XPosEmbedding
 
 __all__ = [
@@ -42,4 +43,5 @@ __all__ = [
     "ShawRelativePosition",
     "SinusoidalPositionalEncoding",
     "T5RelativeBias",
+    "TransformerXLRelativePosition",
 ]
