@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from transformer_zoo._checks import check_positive_int, check_rank
+from transformer_zoo.functional.flex import ScoreMod, position_at
 from transformer_zoo.functional.relative import alibi_bias, alibi_slopes
 from transformer_zoo.positional.base import LogitBias
 
@@ -80,6 +81,18 @@ class ALiBi(LogitBias):
                 f"q: expected n_heads={self.n_heads} heads, got shape {tuple(q.shape)}"
             )
         return alibi_bias(self.slopes, q_positions, k_positions, causal=self.causal)
+
+    def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
+                  k_positions: Tensor) -> ScoreMod:
+        """FlexAttention score_mod: score + m_h·(j − i) (causal) or − m_h·|j − i|, fp32."""
+        slopes, causal = self.slopes.to(q.device), self.causal
+
+        def alibi(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            r = (position_at(k_positions, b, kv_idx)
+                 - position_at(q_positions, b, q_idx)).to(torch.float32)  # j − i
+            return score + slopes[h] * (r if causal else -r.abs())
+
+        return alibi
 
     def extra_repr(self) -> str:
         return f"n_heads={self.n_heads}, causal={self.causal}"

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from transformer_zoo._checks import check_positive_int, check_rank
+from transformer_zoo.functional.flex import ScoreMod, position_at
 from transformer_zoo.functional.relative import shaw_relative_index
 from transformer_zoo.positional.base import LogitBias
 
@@ -74,6 +75,21 @@ class ShawRelativePosition(LogitBias):
         scores = (q @ self.key_embedding.to(q.dtype).T) * scale  # (b, h, n, 2k+1): q_i·a^K_r/√d
         idx = self._index((b, h, n, m), q_positions, k_positions)
         return scores.gather(-1, idx)  # (b, h, n, m)
+
+    def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
+                  k_positions: Tensor) -> ScoreMod:
+        """FlexAttention score_mod of the logit term only: score + q_i·a^K_r/√d, gathered from
+        a captured ``(b, h, n, 2k+1)`` tensor. The value term needs the weights, which
+        FlexAttention does not return: ``SoftmaxAttention`` runs Shaw blockwise."""
+        scale = 1.0 / math.sqrt(self.head_dim)
+        scores = (q @ self.key_embedding.to(q.dtype).T) * scale  # (b, h, n, 2k+1)
+        d = self.max_distance
+
+        def shaw(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            r = position_at(k_positions, b, kv_idx) - position_at(q_positions, b, q_idx)
+            return score + scores[b, h, q_idx, r.clamp(-d, d) + d]
+
+        return shaw
 
     def value_term(self, weights: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         check_rank(weights, "weights", 4, "(batch, heads, q_len, k_len)")

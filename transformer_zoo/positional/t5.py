@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from transformer_zoo._checks import check_positive_int, check_rank
+from transformer_zoo.functional.flex import ScoreMod, position_at
 from transformer_zoo.functional.relative import (
     relative_positions,
     t5_bucket_lookup,
@@ -107,12 +108,30 @@ class T5RelativeBias(LogitBias):
         d = self.max_distance
         r = relative_positions(q_positions, k_positions).clamp_(-d, d).add_(d)  # (.., n, m)
         r = r[None] if r.ndim == 2 else r  # (1|b, n, m)
-        span = torch.arange(-d, d + 1, device=r.device)
-        bucket_of_r = t5_relative_bucket(span, causal=self.causal, num_buckets=self.num_buckets,
-                                         max_distance=d)  # (2D + 1,)
-        per_distance = self.weight.T[:, bucket_of_r]  # (h, 2D + 1), contiguous
+        per_distance = self.per_distance(r.device)  # (h, 2D + 1)
         bias = per_distance.index_select(1, r.flatten())  # (h, b·n·m)
         return bias.view(self.n_heads, *r.shape).transpose(0, 1)  # (1|b, h, n, m)
+
+    def per_distance(self, device: torch.device) -> Tensor:
+        """The table per clamped distance r + D, r ∈ [−D, D]: ``(h, 2D + 1)`` (D =
+        max_distance; every distance past D is in the last bucket either way)."""
+        d = self.max_distance
+        span = torch.arange(-d, d + 1, device=device)
+        bucket_of_r = t5_relative_bucket(span, causal=self.causal, num_buckets=self.num_buckets,
+                                         max_distance=d)  # (2D + 1,)
+        return self.weight.T[:, bucket_of_r]  # (h, 2D + 1), contiguous
+
+    def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
+                  k_positions: Tensor) -> ScoreMod:
+        """FlexAttention score_mod: score + T[bucket(j − i), h], looked up per clamped distance
+        in a captured ``(h, 2D + 1)`` table (the gradient reaches ``weight`` through it)."""
+        table, d = self.per_distance(q.device).to(q.dtype), self.max_distance
+
+        def t5(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            r = position_at(k_positions, b, kv_idx) - position_at(q_positions, b, q_idx)
+            return score + table[h, r.clamp(-d, d) + d]
+
+        return t5
 
     def extra_repr(self) -> str:
         return (

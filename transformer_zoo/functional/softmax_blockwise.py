@@ -1,0 +1,165 @@
+"""Exact softmax attention with a logit-bias encoding, one block of query rows at a time.
+
+    O[I] = softmax(Q[I] Kᵀ · s + B[I] + C[I] + log M[I]) V[, + value term of those rows],
+    B = positional(Q, q_positions, k_positions[, k=K]),   I = rows i0 … i1 − 1 of one block
+
+The same attention as ``softmax_attention(q, k, v, bias=B + C, mask=M, causal=...)`` (Vaswani
+et al. 2017, arXiv 1706.03762) with the bias of a ``LogitBias`` encoding (T5, ALiBi, Shaw, or
+any other), but the ``(b, h, n, m)`` bias is never built: row i of B depends only on q_i, its
+position and the keys (the ``LogitBias`` row-block contract), so each block of query rows gets
+its own bias rows, mask rows, causal rows and rows of C (a float additive mask), and one
+softmax over all m keys. Exact: every row sees every key, in the same arithmetic as the
+materialised kernel (outputs and gradients equal it to rounding).
+
+Backward: each block runs under ``torch.utils.checkpoint`` (``use_reentrant=False``): its
+bias, softmax and weights are dropped after the forward and recomputed, one block at a time, in
+the backward, so the ``(b, h, n, m)`` bias gradient is never held either; the gradient reaches
+the encoding's parameters (T5's bucket table, Shaw's embeddings, …) through autograd of the
+recomputed block bias. Dropout: checkpoint restores the RNG state for the recompute, so the
+backward sees the very mask the forward drew; with a value term (Shaw) one dropout mask of the
+weights serves both the values and the value term, as in the materialised path. (The masks
+drawn differ from the materialised kernel's: a different but equally valid dropout draw.)
+
+Cost: the forward runs twice (once more in the backward). Memory: one block's ``(b, h, rows,
+m)`` tensors at a time; ``block_size`` query rows per block (default: as many as keep one
+block's bias at ``BLOCK_ELEMENTS`` elements).
+
+Shapes: b batch, h query heads, h_kv key/value heads (h_kv divides h), n query length, m key
+length, d head dim, d_v value head dim. q ``(b, h, n, d)``, k ``(b, h_kv, m, d)``, v ``(b, h_kv,
+m, d_v)`` -> ``(b, h, n, d_v)``; positions int64 ``(n,)``/``(b, n)`` and ``(m,)``/``(b, m)``;
+``mask`` boolean (True = may attend) and ``bias`` float, each broadcastable to ``(b, h, n, m)``;
+``causal``: bottom-right aligned (query i sees key j <= i + m − n). Dead rows (no key left)
+give 0, as in ``softmax_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from transformer_zoo._checks import (
+    check_bool_mask,
+    check_broadcastable,
+    check_floating,
+    check_positions,
+    check_positive_int,
+    check_probability,
+)
+from transformer_zoo.functional.masks import merge_masks
+from transformer_zoo.functional.softmax import (
+    check_qkv,
+    expand_kv_heads,
+    explicit_softmax_attention,
+    softmax_attention,
+)
+from transformer_zoo.positional.base import LogitBias
+
+#: Default size of one block's bias, in elements (b · h · rows · m): 2^21 fp32 = 8 MiB.
+BLOCK_ELEMENTS = 2**21
+
+
+def block_rows(b: int, h: int, n: int, m: int, block_size: int | None = None) -> int:
+    """Query rows per block: ``block_size`` if given, else as many as keep b·h·rows·m at
+    ``BLOCK_ELEMENTS`` (at least 16 rows, at most n)."""
+    if block_size is not None:
+        return min(check_positive_int(block_size, "block_size"), n)
+    return max(1, min(n, max(16, BLOCK_ELEMENTS // max(1, b * h * m))))
+
+
+def _rows(x: Tensor | None, i0: int, i1: int, n: int) -> Tensor | None:
+    """Rows i0:i1 of a 4-D view broadcastable to (b, h, n, m) (a size-1 row dim broadcasts)."""
+    if x is None or x.shape[-2] == 1:
+        return x
+    return x[:, :, i0:i1]
+
+
+def _causal_rows(i0: int, i1: int, n: int, m: int, device: torch.device) -> Tensor:
+    """Rows i0:i1 of the bottom-right aligned causal mask: key j <= i + (m − n)."""
+    i = torch.arange(i0, i1, device=device)[:, None]
+    return torch.arange(m, device=device) <= i + (m - n)  # (rows, m)
+
+
+def blockwise_softmax_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    positional: LogitBias | None = None,
+    q_positions: Tensor | None = None,
+    k_positions: Tensor | None = None,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    block_size: int | None = None,
+) -> Tensor:
+    """Exact softmax attention with ``positional``'s bias, block by block; see the module.
+
+    ``positional``: a ``LogitBias`` (or None: plain attention with ``bias``/``mask``);
+    positions default to ``arange(n)`` and ``arange(m)``. ``bias``: an additive float term
+    broadcastable to ``(b, h, n, m)`` added to the encoding's (e.g. ``call_bias``).
+    ``scale`` defaults to ``positional.logit_scale(d)`` (1/√d without an encoding).
+    ``block_size``: query rows per block (default ``block_rows``). Returns ``(b, h, n, d_v)``.
+    """
+    b, h, n, m, _ = check_qkv(q, k, v)
+    if positional is not None and not isinstance(positional, LogitBias):
+        raise TypeError(
+            f"positional: expected a LogitBias encoding (or None), got "
+            f"{type(positional).__name__}"
+        )
+    dropout_p = check_probability(dropout_p, "dropout_p")
+    target = (b, h, n, m)
+    if mask is not None:
+        check_bool_mask(mask, "mask")
+        mask = check_broadcastable(mask, "mask", target, "(b, h, n, m)")
+    if bias is not None:
+        check_floating(bias, "bias")
+        bias = check_broadcastable(bias, "bias", target, "(b, h, n, m)")
+    if q_positions is None:
+        q_positions = torch.arange(n, device=q.device)
+    if k_positions is None:
+        k_positions = torch.arange(m, device=q.device)
+    check_positions(q_positions, b, n, "q_positions")
+    check_positions(k_positions, b, m, "k_positions")
+    if scale is None:
+        scale = positional.logit_scale(q.shape[-1]) if positional is not None else (
+            1.0 / math.sqrt(q.shape[-1]))
+    rows = block_rows(b, h, n, m, block_size)
+    k, v = expand_kv_heads(k, v, h)  # once, not per block
+    value_term = positional is not None and positional.has_value_term
+
+    def block(q_blk: Tensor, qp_blk: Tensor, i0: int, i1: int) -> Tensor:
+        total = _rows(bias, i0, i1, n)
+        if positional is not None:
+            if positional.needs_keys:
+                pe = positional(q_blk, qp_blk, k_positions, k=k)
+            else:
+                pe = positional(q_blk, qp_blk, k_positions)
+            total = pe if total is None else pe + total
+        blk_mask = _rows(mask, i0, i1, n)
+        if causal:
+            blk_mask = merge_masks(blk_mask, _causal_rows(i0, i1, n, m, q.device))
+        if not value_term:
+            return softmax_attention(q_blk, k, v, mask=blk_mask, bias=total,
+                                     dropout_p=dropout_p, scale=scale)
+        out, weights = explicit_softmax_attention(q_blk, k, v, mask=blk_mask, bias=total,
+                                                  scale=scale)
+        if dropout_p > 0:
+            weights = F.dropout(weights, p=dropout_p)  # one mask for the values and the term
+            out = weights @ v
+        return out + positional.value_term(weights, qp_blk, k_positions)  # type: ignore[union-attr]
+
+    outs = []
+    for i0 in range(0, n, rows):
+        i1 = min(i0 + rows, n)
+        args = (q[:, :, i0:i1], q_positions[..., i0:i1], i0, i1)
+        if torch.is_grad_enabled():
+            outs.append(checkpoint(block, *args, use_reentrant=False))
+        else:
+            outs.append(block(*args))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
