@@ -232,15 +232,23 @@ def test_decode_step_rejects_more_than_one_token():
 
 
 # -- the fused bidirectional path -----------------------------------------------------------------
-class UnfusedPositive(PositiveFeatures):
-    """Same map; a subclass takes the generic autograd path instead of the fused Function."""
+class Unfused:
+    """Same map without its fused form: the generic autograd path (features formed by the
+    map, then the linear form or the scan) instead of the fused kernels."""
+
+    def fused_affine(self, w):
+        return None
 
 
-class UnfusedHyperbolic(HyperbolicFeatures):
+class UnfusedPositive(Unfused, PositiveFeatures):
     pass
 
 
-class UnfusedOptimal(OptimalPositiveFeatures):
+class UnfusedHyperbolic(Unfused, HyperbolicFeatures):
+    pass
+
+
+class UnfusedOptimal(Unfused, OptimalPositiveFeatures):
     def prepare(self, *args, **kwargs):
         prepared = super().prepare(*args, **kwargs)
         copy = UnfusedOptimal(rho=prepared.rho, antithetic=prepared.antithetic)

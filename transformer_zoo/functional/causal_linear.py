@@ -83,11 +83,16 @@ def _scan(a: Tensor | None, b: Tensor, x: Tensor, g: Tensor, h: Tensor | None, c
 
 def scan_rows(rows_of, x: Tensor, h: Tensor | None, chunk: int, *, want_y: bool = True,
               s0: Tensor | None = None, r0: Tensor | None = None, reverse: bool = False,
-              swap: bool = False, times_a: bool = False):
+              swap: bool = False, times_a: bool = False, sink=None):
     """``_scan`` with a, b, g served tile by tile by ``rows_of(index, slice)``: tiles of about
     ``TILE_ELEMENTS`` feature entries (small temporaries, reused from the heap instead of
     fresh pages; reversed tile by tile), the state carried along. ``swap``: a and b trade
-    places (the reverse scans of backward); ``times_a``: z_r ⊙ a_r instead of z_r."""
+    places (the reverse scans of backward); ``times_a``: z_r ⊙ a_r instead of z_r.
+
+    x and h may be any object with ``shape``, ``new_zeros`` and ``[..., rows, :]`` (rows
+    computed on demand). ``sink(index, slice, y, z)``: receives each tile's rows (in order
+    within the tile) instead of full outputs, and ``(None, None)`` is returned: nothing of
+    size n × P is ever allocated."""
     *lead, n, p = rows_of.shape
     q = x.shape[-1]
     c = min(chunk, n)
@@ -96,8 +101,8 @@ def scan_rows(rows_of, x: Tensor, h: Tensor | None, chunk: int, *, want_y: bool 
     state = x.new_zeros(*lead, p, q) if s0 is None else s0
     ref = r0
     one = rows >= n
-    y_out = None if not want_y or one else x.new_empty(*lead, n, q)
-    z_out = None if h is None or one else x.new_empty(*lead, n, p)
+    y_out = None if not want_y or one or sink else x.new_empty(*lead, n, q)
+    z_out = None if h is None or one or sink else x.new_empty(*lead, n, p)
     starts = list(range(0, n, rows))
     for index in reversed(range(len(starts))) if reverse else range(len(starts)):
         sl = slice(starts[index], starts[index] + rows)
@@ -115,6 +120,9 @@ def scan_rows(rows_of, x: Tensor, h: Tensor | None, chunk: int, *, want_y: bool 
         if times_a and z is not None:
             z = z * a_t
         y, z = _cut(y, slice(None), reverse), _cut(z, slice(None), reverse)
+        if sink is not None:
+            sink(index, sl, y, z)
+            continue
         if one:
             return y, z
         for out, t in ((y_out, y), (z_out, z)):

@@ -49,13 +49,9 @@ from transformer_zoo.functional.favor_causal import (
     first_valid,
     stabilized_query,
 )
+from transformer_zoo.functional.favor_causal_fused import causal_favor_affine
 from transformer_zoo.functional.favor_fused import FusedFavor
-from transformer_zoo.functional.feature_maps import (
-    FeatureMap,
-    HyperbolicFeatures,
-    PositiveFeatures,
-)
-from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatures
+from transformer_zoo.functional.feature_maps import FeatureMap, PositiveFeatures
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
 
 #: ``(φ(q), φ(k)) -> (rotated φ(q), rotated φ(k))`` for Su's numerator-only rotary form.
@@ -161,18 +157,6 @@ def favor_features(
     return stabilized_query(qz, g_q), (kz - g).exp(), g
 
 
-def _fused_affine(feature_map: FeatureMap, w: Tensor):
-    """``(W_F, B, β)`` for the fused kernel, or None when the map (or a subclass) has no fused
-    form. Exactly these classes: a subclass may change the map, so it takes the generic path."""
-    if type(feature_map) is PositiveFeatures:
-        return w, None, None
-    if type(feature_map) is HyperbolicFeatures:
-        return torch.cat([w, -w], dim=-2), None, None
-    if type(feature_map) is OptimalPositiveFeatures:
-        return feature_map.affine(w)
-    return None
-
-
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     """num / den with den = 0 -> 0 (no key, or every feature underflowed), never NaN."""
     live = den > 0
@@ -231,15 +215,32 @@ def favor_attention(
                 key_padding_mask=key_padding_mask, causal=False,
             )
             # fused (favor_fused.py: the same function in tiles, fewer passes) unless W needs ∂W
-            affine = None if projection.requires_grad else _fused_affine(feature_map,
-                                                                           projection.to(dtype))
+            affine = None if projection.requires_grad else feature_map.fused_affine(
+                projection.to(dtype))
             if affine is not None:
                 out = FusedFavor.apply(q, k, v, affine[0], key_padding_mask, *affine[1:])
                 return out.to(out_dtype)
         front, pad_k = (max(m - n, 0), max(n - m, 0)) if causal else (0, 0)
         ones = v.new_ones(*v.shape[:-1], 1)
         if causal and numerator_transform is None and feature_map.exponential:
-            # fused (favor_causal.py): g, φ̃(q), φ̃(k) and the prefix sum per tile of rows
+            scale = q.shape[-1] ** -0.25
+            feature_map = feature_map.prepare(
+                q * scale, k * scale, query_padding_mask=query_padding_mask,
+                key_padding_mask=key_padding_mask, causal=True,
+            )
+            affine = feature_map.fused_affine(projection.to(dtype))
+            if affine is not None:  # favor_causal_fused.py: features formed per tile inside
+                valid = key_padding_mask
+                if front:  # align bottom-right: queries without output, dropped
+                    q = F.pad(q, (0, 0, front, 0))
+                if pad_k:  # ... and keys that are not there
+                    k, v = (F.pad(t, (0, 0, pad_k, 0)) for t in (k, v))
+                    valid = v.new_ones(b, m, dtype=torch.bool) if valid is None else valid
+                    valid = F.pad(valid, (pad_k, 0), value=False)
+                out = causal_favor_affine(q, k, v, *affine, valid, chunk=chunk_size)
+                return out[..., front:, :].to(out_dtype)
+            # favor_causal.py: g, φ̃(q), φ̃(k) and the prefix sum per tile of rows, from
+            # log-features formed by the map (saved for backward: O(n·F))
             qz, kz = log_features(q, k, projection, feature_map=feature_map,
                                   key_padding_mask=key_padding_mask, causal=True,
                                   query_padding_mask=query_padding_mask)

@@ -33,9 +33,24 @@ class FeatureMap:
     #: True when ``__call__`` returns log φ (the kernel stabilizes and exponentiates).
     exponential: ClassVar[bool] = True
 
+    #: False when the map holds its own parameters and never reads the kernel's random W
+    #: (learnable maps, ``transformer_zoo.attention.learned_feature_maps``): redrawing W
+    #: would change nothing, so ``PerformerAttention`` refuses ``redraw_interval`` for it.
+    uses_projection: ClassVar[bool] = True
+
     def num_features(self, rows: int) -> int:
         """F, the feature count produced from a W with ``rows`` rows."""
         return rows
+
+    def build(self, *, n_heads: int, head_dim: int, projection: Tensor) -> FeatureMap:
+        """The map one attention layer uses, sized for its ``(n_heads, head_dim)``.
+
+        ``PerformerAttention.__init__`` calls it, so the map it is given is a spec: stateless
+        maps return ``self`` (sharing one is harmless); learnable maps return a fresh module
+        with this layer's own parameters (``projection``, the layer's W ``(r, head_dim)`` at
+        redraw step 0, initialises maps that start from FAVOR+'s random features).
+        """
+        return self
 
     def prepare(
         self,
@@ -55,6 +70,20 @@ class FeatureMap:
     def __call__(self, x_hat: Tensor, w: Tensor, *, query: bool) -> Tensor:
         raise NotImplementedError
 
+    def fused_affine(self, w: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None] | None:
+        """``(W_F, B, β)`` when log φ(x̂) = B W_F x̂ + β − |x̂|²/2 (the query side without
+        −|x̂|²/2), for the fused kernels (``favor_fused.py``, ``favor_causal_fused.py``, which
+        form the features themselves, tile by tile); None (default): no such form, the
+        kernel calls the map. W_F ``(F, d)`` or per head ``(h, F, d)``; B None, 0-d or
+        ``(b, h, 1, 1)``; β None, ``(F,)`` or ``(b, h, 1, F)``. A subclass that redefines
+        ``__call__`` without redefining this gets None (its map is no longer this form)."""
+        return None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in vars(cls) and "fused_affine" not in vars(cls):
+            cls.fused_affine = FeatureMap.fused_affine
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -70,6 +99,9 @@ class PositiveFeatures(FeatureMap):
         proj = torch.matmul(x_hat, w.transpose(-2, -1))  # (b, h, n, r)
         return proj if query else proj - _half_sq_norm(x_hat)
 
+    def fused_affine(self, w: Tensor) -> tuple[Tensor, None, None]:
+        return w, None, None
+
 
 class HyperbolicFeatures(FeatureMap):
     """log φ(x̂) = [W x̂, −W x̂] − |x̂|²/2: F = 2r features, lower variance (paper eq. 7)."""
@@ -81,6 +113,9 @@ class HyperbolicFeatures(FeatureMap):
         proj = torch.matmul(x_hat, w.transpose(-2, -1))  # (b, h, n, r)
         both = torch.cat([proj, -proj], dim=-1)  # (b, h, n, 2r)
         return both if query else both - _half_sq_norm(x_hat)
+
+    def fused_affine(self, w: Tensor) -> tuple[Tensor, None, None]:
+        return torch.cat([w, -w], dim=-2), None, None
 
 
 class GeneralizedFeatures(FeatureMap):

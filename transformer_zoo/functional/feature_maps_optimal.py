@@ -127,6 +127,9 @@ class OptimalPositiveFeatures(FeatureMap):
         w_f = torch.cat([w, -w], dim=-2) if self.antithetic else w  # (F, d)
         return w_f, torch.sqrt(1 - 4 * a), a * w_f.square().sum(-1)
 
+    def fused_affine(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.affine(w)
+
     def __call__(self, x_hat: Tensor, w: Tensor, *, query: bool) -> Tensor:
         w_f, b_coef, bias = self.affine(w)
         logf = torch.matmul(x_hat, w_f.transpose(-2, -1)) * b_coef + bias  # (b, h, n, F)
