@@ -307,8 +307,27 @@ if hasattr(tz, "SimCSELoss"):
         lambda s: tz.SimCSELoss(temperature=0.05 * s.head_dim / 8), _views_loss
     )
 
+
+def _feature_map_run(m: nn.Module, s: Sizes) -> Tensor:
+    x_hat = torch.randn(2, s.n_heads, 5, s.head_dim, generator=_gen(0))
+    return m(x_hat, None, query=False)
+
+
+# learnable feature maps (attention/learned_feature_maps.py), built at the attention's sizes
+def _feature_map_build(name: str, **options: Any) -> Callable[[Sizes], nn.Module]:
+    def build(s: Sizes) -> nn.Module:
+        return getattr(tz, name)(n_heads=s.n_heads, head_dim=s.head_dim, **options,
+                                 projection=tz.functional.draw_projection(12, s.head_dim, seed=0))
+    return build
+
+
+for _name, _opts in {"HedgehogFeatures": {}, "T2RFeatures": {"feature_dim": 12},
+                     "LearnedPositiveFeatures": {}}.items():
+    if hasattr(tz, _name):
+        MODULE_TABLE[_name] = ModuleCase(_feature_map_build(_name, **_opts), _feature_map_run)
+
 ABSTRACT = {"MultiHeadAttention", "PositionalEncoding", "InputEncoding", "QKTransform",
-            "LogitBias"}
+            "LogitBias", "LearnedFeatureMap"}
 
 
 def module_classes() -> list[type[nn.Module]]:

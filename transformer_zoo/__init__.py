@@ -2,11 +2,14 @@
 
 from transformer_zoo import functional, interop, regularizers
 from transformer_zoo.attention import (
+    HedgehogFeatures,
+    LearnedPositiveFeatures,
     MultiHeadAttention,
     NystromAttention,
     PerformerAttention,
     RotaryMode,
     SoftmaxAttention,
+    T2RFeatures,
 )
 from transformer_zoo.compat import check_pair, compatibility_table, supports
 from transformer_zoo.encoder import (
@@ -55,10 +58,12 @@ __all__ = [
     "EncoderLayer",
     "FeedForward",
     "GeneralizedFeatures",
+    "HedgehogFeatures",
     "HyperbolicFeatures",
     "OptimalPositiveFeatures",
     "InputEncoding",
     "LearnedPositionalEncoding",
+    "LearnedPositiveFeatures",
     "LogitBias",
     "MultiHeadAttention",
     "NystromAttention",
@@ -83,6 +88,7 @@ __all__ = [
     "SinusoidalPositionalEncoding",
     "SoftmaxAttention",
     "SwiGLUFeedForward",
+    "T2RFeatures",
     "T5RelativeBias",
     "TransformerXLRelativePosition",
     "Whitening",

@@ -1,14 +1,24 @@
 """Attention modules: parameters and plumbing around the kernels in ``functional``."""
 
+from transformer_zoo.attention.learned_feature_maps import (
+    HedgehogFeatures,
+    LearnedFeatureMap,
+    LearnedPositiveFeatures,
+    T2RFeatures,
+)
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.attention.nystrom import NystromAttention
 from transformer_zoo.attention.performer import PerformerAttention, RotaryMode
 from transformer_zoo.attention.softmax import SoftmaxAttention
 
 __all__ = [
+    "HedgehogFeatures",
+    "LearnedFeatureMap",
+    "LearnedPositiveFeatures",
     "MultiHeadAttention",
     "NystromAttention",
     "PerformerAttention",
     "RotaryMode",
     "SoftmaxAttention",
+    "T2RFeatures",
 ]

@@ -51,7 +51,12 @@ class PerformerAttention(MultiHeadAttention):
         nb_features: r, rows of the random matrix W (``HyperbolicFeatures`` gives 2r features).
         feature_map: a ``FeatureMap`` instance: ``PositiveFeatures()`` (default),
             ``HyperbolicFeatures()``, ``OptimalPositiveFeatures()`` (FAVOR++, lowest
-            variance; causal needs a fixed ``rho``) or ``GeneralizedFeatures(fn)`` (ReLU).
+            variance; causal needs a fixed ``rho``) or ``GeneralizedFeatures(fn)`` (ReLU);
+            or a learnable map (``HedgehogFeatures()``, ``T2RFeatures()``,
+            ``LearnedPositiveFeatures()``, ``attention/learned_feature_maps.py``). The map
+            given is a spec: ``feature_map.build(n_heads=, head_dim=, projection=W)`` gives
+            this layer's own (a learnable map: a fresh submodule ``feature_map`` with
+            per-head parameters, in ``state_dict``), so one spec serves many layers.
         orthogonal: orthogonal blocks (True) or iid Gaussian rows.
         row_norms: ``RowNorms.CHI`` (independent chi(d) norms, unbiased) or ``RowNorms.SQRT_D``.
         redraw_interval: redraw W every this many training forward calls (None: never). W is
@@ -67,7 +72,9 @@ class PerformerAttention(MultiHeadAttention):
     Dropout (``dropout``) applies to the attention output per head (no weights are formed).
     ``attn_mask`` is not supported (use ``mask`` for padding and ``causal=True``).
     W (``projection``), the seed and the redraw counter are buffers: they round-trip through
-    ``state_dict``. ``step`` decodes one token at a time with O(r·d) state per head.
+    ``state_dict``. With a learnable map W is only the map's starting point
+    (``LearnedPositiveFeatures``) or unused (Hedgehog, T2R), and it is never redrawn.
+    ``step`` decodes one token at a time with O(F·d) state per head.
 
     Example:
         >>> import torch
@@ -127,15 +134,29 @@ class PerformerAttention(MultiHeadAttention):
             )
         if redraw_interval is not None:
             check_positive_int(redraw_interval, "redraw_interval")
+            if not feature_map.uses_projection:
+                raise ValueError(
+                    f"redraw_interval={redraw_interval} with {type(feature_map).__name__}: "
+                    "this map trains its own parameters and never reads the random W, so a "
+                    "redraw would change nothing; pass redraw_interval=None"
+                )
         if seed is None:
             seed = int(torch.randint(0, 2**62, (), device="cpu").item())  # also under meta
-        self.feature_map, self.orthogonal, self.row_norms = feature_map, orthogonal, row_norms
+        self.orthogonal, self.row_norms = orthogonal, row_norms
         self.redraw_interval, self.layer, self.rotary = redraw_interval, layer, rotary
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
         self._init_seed = int(seed)
         self.register_buffer("seed", torch.tensor(int(seed), dtype=torch.int64))
         self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
         self.register_buffer("projection", self._draw(0))
+        # this layer's own map (learnable maps: fresh per-head parameters, a submodule)
+        self.feature_map = feature_map.build(n_heads=n_heads, head_dim=self.head_dim,
+                                             projection=self.projection)
+        if not isinstance(self.feature_map, FeatureMap):
+            raise TypeError(
+                f"{type(feature_map).__name__}.build returned "
+                f"{type(self.feature_map).__name__}, expected a FeatureMap"
+            )
 
     # -- random matrix --------------------------------------------------------------------
     @torch.no_grad()
@@ -257,9 +278,13 @@ class PerformerAttention(MultiHeadAttention):
         )
         return self.out_proj(rearrange(out, "b h n d -> b n (h d)")), state
 
+    def _map_repr(self) -> str:  # a learnable map prints as a child module
+        fm = self.feature_map
+        return type(fm).__name__ if isinstance(fm, torch.nn.Module) else repr(fm)
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, nb_features={self.nb_features}, "
-            f"feature_map={self.feature_map!r}, redraw_interval={self.redraw_interval}, "
+            f"feature_map={self._map_repr()}, redraw_interval={self.redraw_interval}, "
             f"layer={self.layer}, rotary={self.rotary.name}"
         )

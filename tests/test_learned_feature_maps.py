@@ -1,0 +1,366 @@
+"""Learnable feature maps (Hedgehog, T2R, learned-W FAVOR+) through the FAVOR+ kernel.
+
+Oracles: the maps' formulas written here in fp64 (softmax, ReLU, exp), a quadratic-form
+linear attention D⁻¹(φ(Q)φ(K)ᵀ ⊙ M)V next to the tests, and PerformerAttention with its
+random features (learned-W FAVOR+ at init).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer_zoo import (
+    Encoder,
+    EncoderConfig,
+    HedgehogFeatures,
+    LearnedPositiveFeatures,
+    PerformerAttention,
+    RotaryEmbedding,
+    RotaryMode,
+    T2RFeatures,
+)
+from transformer_zoo.functional import draw_projection, favor_attention
+from transformer_zoo.functional.favor_decode import favor_decode_step
+
+F64 = torch.float64
+H, D = 2, 8
+SPECS = {
+    "hedgehog": lambda: HedgehogFeatures(),
+    "hedgehog-shared": lambda: HedgehogFeatures(shared_qk=True, feature_dim=6),
+    "t2r": lambda: T2RFeatures(),
+    "learned-favor": lambda: LearnedPositiveFeatures(),
+}
+
+
+def built(name: str, *, seed: int = 0, dtype=F64, perturb: bool = True):
+    """A built map (n_heads=H, head_dim=D, r = 12) in ``dtype``; ``perturb`` moves every
+    parameter off its init (identity/zeros are special points for a gradient check)."""
+    torch.manual_seed(seed)
+    fm = SPECS[name]().build(n_heads=H, head_dim=D, projection=draw_projection(12, D, seed=seed))
+    fm = fm.to(dtype)
+    if perturb:
+        with torch.no_grad():
+            for p in fm.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    return fm
+
+
+def qkv(b=2, n=6, m=6, dtype=F64, scale=1.0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(b, H, n, D, generator=g, dtype=dtype),
+            scale * torch.randn(b, H, m, D, generator=g, dtype=dtype),
+            torch.randn(b, H, m, D, generator=g, dtype=dtype))
+
+
+# -- slow references, fp64, from the papers' formulas ---------------------------------------
+def phi_reference(fm, x: torch.Tensor, *, query: bool) -> torch.Tensor:
+    """φ(x̂) itself (not its log), x̂ = d^(−1/4) x, written from each paper's formula."""
+    xh = x.to(F64) * x.shape[-1] ** -0.25
+    if isinstance(fm, HedgehogFeatures):
+        p = "" if fm.shared_qk else ("query_" if query else "key_")
+        w, b = getattr(fm, p + "weight").to(F64), getattr(fm, p + "bias")
+        z = torch.einsum("bhnd,hdf->bhnf", xh, w) + (0 if b is None else b.to(F64)[:, None])
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
+    if isinstance(fm, T2RFeatures):
+        p = "" if fm.shared_qk else ("query_" if query else "key_")
+        w, b = getattr(fm, p + "weight").to(F64), getattr(fm, p + "bias")
+        return torch.relu(torch.einsum("bhnd,hfd->bhnf", xh, w)
+                          + (0 if b is None else b.to(F64)[:, None]))
+    w = fm.weight.to(F64)
+    return torch.exp(torch.einsum("bhnd,hrd->bhnr", xh, w) - xh.square().sum(-1, True) / 2)
+
+
+def linear_attention_reference(fm, q, k, v, *, causal=False, key_padding_mask=None):
+    """D⁻¹ (φ(Q)φ(K)ᵀ ⊙ M) V, with 0 for rows without weight."""
+    a = phi_reference(fm, q, query=True) @ phi_reference(fm, k, query=False).transpose(-2, -1)
+    n, m = a.shape[-2:]
+    if causal:
+        a = a * torch.ones(n, m, dtype=torch.bool).tril(m - n)
+    if key_padding_mask is not None:
+        a = a * key_padding_mask[:, None, None, :]
+    den = a.sum(-1, keepdim=True)
+    return torch.where(den > 0, (a @ v.to(F64)) / torch.where(den > 0, den, 1), 0.0)
+
+
+# -- the maps themselves --------------------------------------------------------------------
+def test_hedgehog_at_identity_init_is_its_formula():
+    fm = HedgehogFeatures(n_heads=H, head_dim=D)
+    for name, p in fm.named_parameters():
+        want = torch.eye(D).expand(H, D, D) if name.endswith("weight") else torch.zeros(H, D)
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=0)
+    x = torch.randn(3, H, 5, D, dtype=F64)
+    got = fm.double()(x, torch.empty(0, D), query=False).exp()
+    want = torch.cat([torch.softmax(x, -1), torch.softmax(-x, -1)], -1)  # W = I, b = 0
+    torch.testing.assert_close(got, want)
+
+
+def test_t2r_is_relu_of_an_affine_map_per_head():
+    fm = built("t2r")
+    x = torch.randn(2, H, 5, D, dtype=F64)
+    want = torch.relu(torch.einsum("bhnd,hfd->bhnf", x, fm.weight) + fm.bias[:, None])
+    torch.testing.assert_close(fm(x, None, query=True), want)
+    assert not fm.exponential and fm.num_features(999) == 12  # F = the attention's r
+
+
+def test_learned_favor_at_init_equals_random_favor_with_the_same_w():
+    """Unbiased at init: the attention equals PerformerAttention's own random features."""
+    torch.manual_seed(0)
+    for causal in (False, True):
+        ref = PerformerAttention(32, 2, nb_features=16, seed=5, layer=3, causal=causal)
+        attn = PerformerAttention(32, 2, nb_features=16, seed=5, layer=3, causal=causal,
+                                  feature_map=LearnedPositiveFeatures())
+        attn.load_state_dict(ref.state_dict(), strict=False)
+        for h in range(2):
+            torch.testing.assert_close(attn.feature_map.weight[h], ref.projection, rtol=0, atol=0)
+        x = torch.randn(2, 9, 32)
+        mask = torch.ones(2, 9, dtype=torch.bool)
+        mask[1, 6:] = False
+        torch.testing.assert_close(attn(x, mask=mask), ref(x, mask=mask), rtol=1e-5, atol=1e-6)
+
+
+def _call(fm, x, *params, query):
+    return fm(x, None, query=query)  # params are fm's own tensors, perturbed in place
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_gradcheck_map_alone(name):
+    fm = built(name)
+    x = torch.randn(1, H, 3, D, dtype=F64, requires_grad=True)
+    params = tuple(fm.parameters())
+    for query in (True, False):
+        assert torch.autograd.gradcheck(functools.partial(_call, fm, query=query), (x, *params))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", SPECS)
+def test_gradcheck_through_favor_attention(name, causal):
+    """∂out/∂(q, k, v, every parameter of the map), fp64, bidirectional and causal (the
+    causal exponential path is the fused custom op with its own backward)."""
+    fm = built(name)
+    q, k, v = (t.requires_grad_() for t in qkv(b=1, n=4, m=4))
+    mask = torch.tensor([[True, True, True, False]])
+    w = torch.empty(0, D, dtype=F64)
+
+    def fn(q, k, v, *params):  # params are fm's own tensors: gradcheck perturbs them in place
+        return favor_attention(q, k, v, w, feature_map=fm, causal=causal, key_padding_mask=mask,
+                               chunk_size=2)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, *fm.parameters()))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", SPECS)
+def test_kernel_equals_quadratic_reference(name, causal):
+    fm = built(name)
+    q, k, v = qkv(n=7, m=7)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    got = favor_attention(q, k, v, torch.empty(0, D, dtype=F64), feature_map=fm, causal=causal,
+                          key_padding_mask=mask, chunk_size=3)
+    want = linear_attention_reference(fm, q, k, v, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_hedgehog_log_features_stay_exact_where_softmax_underflows(causal):
+    """Why Hedgehog returns log_softmax (an exponential map): at per-head norms ~ 1700 the
+    features themselves underflow in fp32 (φ(q)ᵀφ(k) = 0 for whole rows), while the kernel's
+    stabilisers on log φ stay at the fp64 log-sum-exp reference."""
+    fm64 = built("hedgehog")
+    fm = copy.deepcopy(fm64).float()
+    q, k, v = qkv(n=8, m=8, dtype=torch.float32, scale=600.0)
+    got = favor_attention(q, k, v, torch.empty(0, D), feature_map=fm, causal=causal)
+    # reference: log A_ij = logsumexp_f(log φ(q_i)_f + log φ(k_j)_f), softmax over j, fp64
+    lq = fm64(q.double() * D ** -0.25, None, query=True)
+    lk = fm64(k.double() * D ** -0.25, None, query=False)
+    logits = torch.logsumexp(lq[..., :, None, :] + lk[..., None, :, :], -1)
+    if causal:
+        logits = logits.masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf"))
+    want = torch.softmax(logits, -1) @ v.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    # the plain (non-log) features in fp32: rows of zeros, so the formula itself gives 0/0
+    pq = fm(q * D ** -0.25, None, query=True).exp()
+    pk = fm(k * D ** -0.25, None, query=False).exp()
+    assert ((pq @ pk.transpose(-2, -1)).sum(-1) == 0).any()
+
+
+# -- through PerformerAttention -------------------------------------------------------------
+def attention(name: str, *, causal=False, seed=0, **kw) -> PerformerAttention:
+    torch.manual_seed(seed)
+    attn = PerformerAttention(32, H, nb_features=12, seed=seed, causal=causal,
+                              feature_map=SPECS[name](), **kw)
+    with torch.no_grad():
+        for p in attn.feature_map.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return attn
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_partial_gives_every_layer_its_own_parameters(name):
+    spec = SPECS[name]()
+    cfg = EncoderConfig(d_model=32, n_heads=4, n_layers=2, d_ff=64,
+                        attention=functools.partial(PerformerAttention, nb_features=12,
+                                                    feature_map=spec))
+    enc = Encoder(cfg)
+    maps = [layer.attention.feature_map for layer in enc.layers]
+    assert maps[0] is not maps[1] and maps[0] is not spec and not spec.built
+    assert maps[0].n_heads == 4 and maps[0].head_dim == 8
+    p0, p1 = (dict(m.named_parameters()) for m in maps)
+    assert p0 and all(p0[k].data_ptr() != p1[k].data_ptr() for k in p0)
+    names = {n for n, _ in enc.named_parameters()}
+    assert any(n.startswith("layers.0.attention.feature_map.") for n in names)
+    x = torch.randn(2, 5, 32)
+    enc(x).square().sum().backward()
+    for m in maps:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    # a different (n_heads, head_dim): the same spec builds to that layer's sizes
+    other = PerformerAttention(24, 3, nb_features=12, feature_map=spec)
+    assert (other.feature_map.n_heads, other.feature_map.head_dim) == (3, 8)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_state_dict_round_trip(name):
+    src = attention(name, causal=True)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    keys = [k for k in src.state_dict() if k.startswith("feature_map.")]
+    assert keys, "the map's parameters must be in the attention's state_dict"
+    dst = attention(name, causal=True, seed=9)  # other initial values
+    x = torch.randn(2, 7, 32)
+    assert not torch.allclose(dst(x), src(x))
+    buf.seek(0)
+    dst.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_causal_a_future_token_changes_no_past_output(name):
+    attn = attention(name, causal=True, chunk_size=3)
+    x = torch.randn(2, 9, 32)
+    y = x.clone()
+    y[:, 6] = 50 * torch.randn(2, 32)  # a large future key moves no earlier output
+    torch.testing.assert_close(attn(y)[:, :6], attn(x)[:, :6], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rotary", [None, RotaryMode.QUERY_KEY, RotaryMode.NUMERATOR])
+@pytest.mark.parametrize("name", SPECS)
+def test_decode_equals_parallel(name, rotary):
+    extra = {} if rotary is None else dict(positional=RotaryEmbedding(head_dim=16),
+                                           rotary=rotary)
+    attn = attention(name, causal=True, **extra).double()
+    x = torch.randn(2, 8, 32, dtype=F64)
+    want = attn(x)
+    state = None
+    for t in range(8):
+        out, state = attn.step(x[:, t:t + 1], state)
+        torch.testing.assert_close(out, want[:, t:t + 1], rtol=1e-9, atol=1e-10)
+    width = attn.feature_map.num_features(12)
+    assert state.numerator.shape == (2, H, width, 16)  # O(F·d) per head
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_rotary_numerator_mode_is_relative(name):
+    """Su's numerator-only form with learned features: shifting every position leaves the
+    output unchanged (also bidirectional)."""
+    attn = attention(name, positional=RotaryEmbedding(head_dim=16),
+                     rotary=RotaryMode.NUMERATOR).double()
+    x = torch.randn(2, 8, 32, dtype=F64)
+    torch.testing.assert_close(attn(x, positions=torch.arange(8) + 40), attn(x))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("name", SPECS)
+def test_padding_invariance(name, causal):
+    """Padded keys change nothing: real rows equal the unpadded sequence's."""
+    attn = attention(name, causal=causal)
+    x = torch.randn(1, 5, 32)
+    padded = torch.cat([x, 100 * torch.randn(1, 3, 32)], 1)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    torch.testing.assert_close(attn(padded, mask=mask)[:, :5], attn(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_fp32_features_under_autocast(name):
+    attn = attention(name, causal=True)
+    x = torch.randn(2, 6, 32)
+    want = attn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn(x)
+        assert got.dtype == torch.bfloat16
+        got.float().sum().backward()
+    assert all(p.grad is not None for p in attn.feature_map.parameters())
+    assert (got.float() - want).abs().max() < 0.1  # bf16 projections; features in fp32
+
+
+# -- errors -----------------------------------------------------------------------------------
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="redraw would change nothing"):
+        PerformerAttention(32, 2, feature_map=HedgehogFeatures(), redraw_interval=10)
+    with pytest.raises(ValueError, match=r"is a spec without parameters"):
+        HedgehogFeatures()(torch.randn(1, 2, 3, 8), None, query=True)
+    fm = HedgehogFeatures(n_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match=r"expected \(batch, heads=2, seq, head_dim=8\), got "
+                                         r"\(1, 3, 4, 8\)"):
+        fm(torch.randn(1, 3, 4, 8), None, query=True)
+    with pytest.raises(TypeError, match="floating"):
+        fm(torch.ones(1, 2, 4, 8, dtype=torch.long), None, query=True)
+    with pytest.raises(ValueError, match=r"built for \(n_heads=2, head_dim=8\) but this "
+                                         r"attention has \(n_heads=4, head_dim=8\)"):
+        PerformerAttention(32, 4, feature_map=fm)
+    with pytest.raises(ValueError, match="feature_dim"):
+        HedgehogFeatures(feature_dim=0)
+    with pytest.raises(TypeError, match="shared_qk: expected a bool"):
+        T2RFeatures(shared_qk="yes")
+    with pytest.raises(ValueError, match="give both n_heads and head_dim"):
+        T2RFeatures(n_heads=2)
+    with pytest.raises(ValueError, match="give feature_dim"):
+        T2RFeatures(n_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match=r"projection: expected \(nb_features, head_dim=8\)"):
+        LearnedPositiveFeatures(n_heads=2, head_dim=8, projection=torch.randn(4, 6))
+
+
+def test_a_built_map_is_copied_not_shared():
+    fm = HedgehogFeatures(n_heads=2, head_dim=16)
+    with torch.no_grad():
+        fm.query_bias.fill_(0.5)
+    a, b = (PerformerAttention(32, 2, feature_map=fm) for _ in range(2))
+    assert a.feature_map is not fm and a.feature_map is not b.feature_map
+    torch.testing.assert_close(a.feature_map.query_bias, fm.query_bias)
+
+
+def test_decode_kernel_with_a_learned_map_directly():
+    fm = built("hedgehog")
+    q, k, v = qkv(b=1, n=1, m=1)
+    out, state = favor_decode_step(q, k, v, torch.empty(0, D, dtype=F64), feature_map=fm)
+    torch.testing.assert_close(out, v)  # one key: its value
+    assert state.numerator.shape == (1, H, 2 * D, D)
+
+
+def test_reset_parameters_returns_to_init():
+    for name in SPECS:
+        if name == "t2r":
+            continue  # random init
+        fm = built(name, perturb=False)
+        init = {n: p.detach().clone() for n, p in fm.named_parameters()}
+        with torch.no_grad():
+            for p in fm.parameters():
+                p.add_(1.0)
+        fm.reset_parameters()
+        for n, p in fm.named_parameters():
+            torch.testing.assert_close(p, init[n], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+def test_compiles_fullgraph(causal):
+    attn = attention("hedgehog", causal=causal).eval()
+    x = torch.randn(2, 6, 32)
+    compiled = torch.compile(attn, fullgraph=True)
+    torch.testing.assert_close(compiled(x), attn(x), rtol=1e-5, atol=1e-6)
+    assert F.mse_loss(compiled(x), attn(x)) < 1e-10
