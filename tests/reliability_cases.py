@@ -273,6 +273,12 @@ MODULE_TABLE: dict[str, ModuleCase] = {
     ),
     "FeedForward": ModuleCase(lambda s: FeedForward(s.d_model, 2 * s.d_model),
                               lambda m, s: m(_x(s))),
+    "DebertaRelativeEmbeddings": ModuleCase(
+        lambda s: tz.DebertaRelativeEmbeddings(d_model=s.d_model, position_buckets=8,
+                                               max_relative_positions=s.max_len,
+                                               layer_norm=True),
+        lambda m, s: m(),
+    ),
     "SwiGLUFeedForward": ModuleCase(lambda s: SwiGLUFeedForward(s.d_model, 2 * s.d_model),
                                     lambda m, s: m(_x(s))),
 }
@@ -443,6 +449,23 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
         lambda: ((_qkv()[0], tz.functional.rotary_angles(torch.arange(6),
                                                          tz.functional.rotary_frequencies(8))),
                  dict(layout=tz.functional.RotaryLayout.HALF_SPLIT))
+    ),
+    "deberta_log_bucket": KernelCase(
+        lambda: ((torch.arange(-600, 600, 7),),
+                 dict(position_buckets=256, max_relative_positions=512))
+    ),
+    "deberta_relative_positions": KernelCase(
+        lambda: ((torch.arange(5) + 3, torch.arange(7)),
+                 dict(position_buckets=8, max_relative_positions=16))
+    ),
+    "deberta_position_index": KernelCase(lambda: ((torch.arange(-20, 20), 8), {})),
+    "disentangled_bias": KernelCase(
+        lambda: ((_qkv(m=7)[0], _qkv(m=7)[1],
+                  tz.functional.deberta_position_index(
+                      tz.functional.deberta_relative_positions(torch.arange(6), torch.arange(7)),
+                      4)),
+                 dict(pos_key=torch.randn(2, 8, 8, generator=_gen(4)),
+                      pos_query=torch.randn(2, 8, 8, generator=_gen(5)), scale=0.2))
     ),
     "t5_bucket_lookup": KernelCase(
         lambda: ((torch.arange(-200, 200, 7),), dict(causal=True, num_buckets=32))

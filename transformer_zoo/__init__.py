@@ -28,6 +28,8 @@ from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatu
 from transformer_zoo.functional.random_features import RowNorms
 from transformer_zoo.positional import (
     ALiBi,
+    DebertaRelativeBias,
+    DebertaRelativeEmbeddings,
     DynamicNTKScaling,
     InputEncoding,
     LearnedPositionalEncoding,
@@ -53,6 +55,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALiBi",
+    "DebertaRelativeBias",
+    "DebertaRelativeEmbeddings",
     "Encoder",
     "EncoderConfig",
     "EncoderLayer",

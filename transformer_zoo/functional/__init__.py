@@ -1,6 +1,12 @@
 """Kernels: plain functions over ``(batch, heads, seq, head_dim)`` tensors."""
 
 from transformer_zoo.functional.causal_linear import causal_linear_scan
+from transformer_zoo.functional.deberta import (
+    deberta_log_bucket,
+    deberta_position_index,
+    deberta_relative_positions,
+    disentangled_bias,
+)
 from transformer_zoo.functional.favor import favor_attention, favor_features
 from transformer_zoo.functional.favor_decode import FavorState, favor_decode_step
 from transformer_zoo.functional.feature_maps import (
@@ -58,6 +64,10 @@ from transformer_zoo.functional.transformer_xl import (
 from transformer_zoo.positional.sinusoidal import sinusoidal_encoding
 
 __all__ = [
+    "deberta_log_bucket",
+    "deberta_position_index",
+    "deberta_relative_positions",
+    "disentangled_bias",
     "causal_linear_scan",
     "draw_projection",
     "favor_attention",

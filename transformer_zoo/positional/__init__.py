@@ -9,6 +9,7 @@ from transformer_zoo.positional.base import (
     PositionalEncoding,
     QKTransform,
 )
+from transformer_zoo.positional.deberta import DebertaRelativeBias, DebertaRelativeEmbeddings
 from transformer_zoo.positional.learned import LearnedPositionalEncoding
 from transformer_zoo.positional.rope_scaling import (
     DynamicNTKScaling,
@@ -26,6 +27,8 @@ from transformer_zoo.positional.xpos import XPosEmbedding
 
 __all__ = [
     "ALiBi",
+    "DebertaRelativeBias",
+    "DebertaRelativeEmbeddings",
     "InputEncoding",
     "LearnedPositionalEncoding",
     "LogitBias",

@@ -1,0 +1,150 @@
+"""DeBERTa's relative positions and disentangled attention bias (pure functions).
+
+    Ã_ij = Q^c_i·K^c_j + Q^c_i·K^r_δ(i,j) + K^c_j·Q^r_δ(i,j),   scaled by 1/√(d·(1 + #terms))
+    δ(i, j) = clamp(bucket(i − j) + k, 0, 2k − 1)
+
+He, Liu, Gao & Chen 2021, "DeBERTa: Decoding-enhanced BERT with Disentangled Attention",
+arXiv 2006.03654, eqs. 2-4 (content→position "c2p", position→content "p2c"). ``bucket`` is
+the identity in v1 (k = max_relative_positions: the paper's clipped distance, 2k entries) and
+the log buckets of v2/v3 (``deberta_log_bucket``, k = position_buckets).
+
+The p2c term is indexed as in the authors' code and Hugging Face's ``deberta_v2``:
+``gather(K^c Q^rᵀ, clamp(−bucket(j − i) + k))ᵀ``, i.e. Q^r at clamp(bucket(i − j) + k) for
+query i, key j (the bucket is odd: bucket(−r) = −bucket(r)). The paper writes δ(j, i) there.
+
+Positions, not indices: δ uses the given int64 positions (query position − key position), so
+offsets and packed sequences work; with ``arange`` positions this is HF's
+``build_relative_position``.
+
+Shapes: b batch, h heads, n query length, m key length, d head dim, k the span (table of 2k
+rows). q ``(b, h, n, d)``, k ``(b, h, m, d)``, position keys/queries ``(h, 2k, d)``,
+positions ``(n,)``/``(b, n)`` and ``(m,)``/``(b, m)``; bias ``(b, h, n, m)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from transformer_zoo._checks import check_positive_int, check_rank, check_tensor
+from transformer_zoo.functional.relative import relative_positions
+
+
+def check_deberta_buckets(position_buckets: int, max_relative_positions: int) -> int:
+    """Validate the options; return the span k (rows of the table: 2k).
+
+    ``position_buckets`` −1 disables the log buckets (v1), a positive value enables them (v2/v3)
+    and then needs ``max_relative_positions − 1 > position_buckets // 2`` (the log's range).
+    """
+    check_positive_int(max_relative_positions, "max_relative_positions")
+    if isinstance(position_buckets, bool) or not isinstance(position_buckets, int) or (
+        position_buckets != -1 and position_buckets < 1
+    ):
+        raise ValueError(
+            f"position_buckets: expected -1 (no log buckets, DeBERTa v1) or a positive int "
+            f"(v2/v3), got {position_buckets!r}"
+        )
+    if position_buckets == -1:
+        return max_relative_positions
+    mid = position_buckets // 2
+    if position_buckets < 2 or max_relative_positions - 1 <= mid:
+        raise ValueError(
+            f"position_buckets={position_buckets}, max_relative_positions="
+            f"{max_relative_positions}: log buckets need position_buckets >= 2 and "
+            f"max_relative_positions - 1 > position_buckets // 2 = {mid} (else the log "
+            "ratio log((max_relative_positions - 1) / mid) is <= 0)"
+        )
+    return position_buckets
+
+
+def deberta_log_bucket(
+    relative_position: Tensor, *, position_buckets: int, max_relative_positions: int
+) -> Tensor:
+    """DeBERTa v2/v3 log bucket of a relative position r, int64.
+
+    With mid = position_buckets // 2: |r| <= mid is exact (r); otherwise
+    sign(r)·(⌈log(|r|/mid) / log((max_relative_positions − 1)/mid) · (mid − 1)⌉ + mid), so
+    |r| = max_relative_positions − 1 lands on 2·mid − 1. Odd in r. Bit-equal to HF's
+    ``make_log_bucket_position`` (same fp32 log, same order of operations); the authors'
+    NumPy original takes the log in fp64, which differs only for distances whose bucket lies
+    outside the table (both are clamped to its last row).
+    """
+    check_tensor(relative_position, "relative_position")
+    check_deberta_buckets(position_buckets, max_relative_positions)
+    r = relative_position.long()
+    mid = position_buckets // 2
+    sign = torch.sign(r)
+    abs_pos = torch.where((r < mid) & (r > -mid), torch.full_like(r, mid - 1), r.abs())
+    ratio = torch.log(torch.tensor((max_relative_positions - 1) / mid, dtype=torch.float32,
+                                   device=r.device))
+    log_pos = torch.ceil(torch.log(abs_pos.float() / mid) / ratio * (mid - 1)) + mid
+    return torch.where(abs_pos <= mid, r.float(), log_pos * sign).long()
+
+
+def deberta_relative_positions(
+    q_positions: Tensor,
+    k_positions: Tensor,
+    *,
+    position_buckets: int = -1,
+    max_relative_positions: int = 512,
+) -> Tensor:
+    """DeBERTa's relative position pos_i − pos_j (query minus key, the opposite sign of
+    ``relative_positions``), log-bucketed when ``position_buckets > 0``; int64 ``(n, m)`` or
+    ``(b, n, m)``. With ``arange`` positions this equals HF's ``build_relative_position``."""
+    delta = -relative_positions(q_positions, k_positions)
+    check_deberta_buckets(position_buckets, max_relative_positions)
+    if position_buckets > 0:
+        delta = deberta_log_bucket(delta, position_buckets=position_buckets,
+                                   max_relative_positions=max_relative_positions)
+    return delta
+
+
+def deberta_position_index(relative_position: Tensor, att_span: int) -> Tensor:
+    """Row of the relative table: clamp(δ + k, 0, 2k − 1) (paper's δ(i, j), eq. 3)."""
+    check_positive_int(att_span, "att_span")
+    return (relative_position + att_span).clamp(0, 2 * att_span - 1)
+
+
+def disentangled_bias(
+    q: Tensor,
+    k: Tensor | None,
+    index: Tensor,
+    *,
+    pos_key: Tensor | None,
+    pos_query: Tensor | None,
+    scale: float,
+) -> Tensor:
+    """c2p + p2c logit terms ``(b, h, n, m)``, already multiplied by ``scale``.
+
+    c2p(i, j) = q_i·K^r[index_ij] (``pos_key`` K^r ``(h, 2k, d)``, None = no c2p term);
+    p2c(i, j) = k_j·Q^r[index_ij] (``pos_query`` Q^r ``(h, 2k, d)``, None = no p2c term; then
+    ``k`` ``(b, h, m, d)`` is needed). ``index`` ``(n, m)`` or ``(b, n, m)`` is
+    ``deberta_position_index`` of the bucketed relative positions. Row i depends only on q_i
+    and index_i, so a block of query rows gives exactly those rows. Exact; one
+    ``(b, h, n, 2k)`` and one ``(b, h, 2k, m)`` score table, gathered once each.
+    """
+    check_rank(q, "q", 4, "(batch, heads, q_len, head_dim)")
+    b, h, n, _ = q.shape
+    m = index.shape[-1]
+    if index.ndim not in (2, 3) or index.shape[-2] != n:
+        raise ValueError(
+            f"index: expected (q_len, k_len) or (batch, q_len, k_len) with q_len={n}, got "
+            f"{tuple(index.shape)}"
+        )
+    idx = (index[None] if index.ndim == 2 else index)[:, None].expand(b, h, n, m)
+    bias: Tensor | None = None
+    if pos_key is not None:
+        c2p = torch.matmul(q, pos_key.to(q.dtype).transpose(-1, -2))  # (b, h, n, 2k)
+        bias = c2p.gather(-1, idx)
+    if pos_query is not None:
+        if k is None:
+            raise ValueError("disentangled_bias: the p2c term needs the keys k (b, h, m, d)")
+        check_rank(k, "k", 4, "(batch, heads, k_len, head_dim)")
+        if k.shape[-2] != m:
+            raise ValueError(f"k: expected k_len={m} keys (index), got {tuple(k.shape)}")
+        p2c = torch.matmul(pos_query.to(k.dtype), k.transpose(-1, -2))  # (b, h, 2k, m)
+        p2c = p2c.gather(-2, idx)  # Q^r[index_ij]·k_j
+        bias = p2c if bias is None else bias + p2c
+    if bias is None:  # no term: a zero bias, broadcast (no (b, h, n, m) storage)
+        return q.new_zeros(()).expand(b, h, n, m)
+    return bias * scale
