@@ -32,6 +32,7 @@ from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.attention.nystrom import NystromAttention
 from transformer_zoo.attention.performer import PerformerAttention
 from transformer_zoo.attention.softmax import SoftmaxAttention
+from transformer_zoo.functional.feature_maps import FeatureMap
 from transformer_zoo.functional.softmax import explicit_softmax_attention, softmax_attention
 
 
@@ -240,11 +241,13 @@ class PerformerKernel(ModuleKernel):
     redraw_interval: int | None = None
     seed: int | None = None
     recurrent_cache: bool = True
+    #: a ``FeatureMap`` spec (e.g. ``HedgehogFeatures()``): each layer builds its own from it
+    feature_map: FeatureMap | None = None
 
     def attention_factory(self, layer):
         return functools.partial(PerformerAttention, nb_features=self.nb_features,
                                  redraw_interval=self.redraw_interval, seed=self.seed,
-                                 layer=layer)
+                                 layer=layer, feature_map=self.feature_map)
 
 
 @dataclass
