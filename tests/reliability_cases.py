@@ -438,6 +438,15 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
         lambda: ((torch.arange(-200, 200, 7),), dict(causal=False, num_buckets=32))
     ),
     "rotary_frequencies": KernelCase(lambda: ((8,), dict(base=500.0))),
+    # RoPE length extension: Python numbers in, frequencies/factors out (no tensor input);
+    # used through RotaryEmbedding(scaling=...), which the encoding cases cover
+    "yarn_frequencies": "frequency constructor from Python numbers (RotaryEmbedding scaling)",
+    "llama3_frequencies": "frequency constructor from Python numbers (RotaryEmbedding scaling)",
+    "longrope_frequencies": "frequency constructor from Python numbers (RotaryEmbedding "
+    "scaling)",
+    "dynamic_ntk_base": "a float from Python numbers (RotaryEmbedding scaling)",
+    "yarn_attention_factor": "a float from Python numbers (RotaryEmbedding scaling)",
+    "longrope_attention_factor": "a float from Python numbers (RotaryEmbedding scaling)",
     "rotary_angles": KernelCase(
         lambda: ((torch.arange(6) + 4090, tz.functional.rotary_frequencies(8)),
                  dict(interpolation_factor=2.0))

@@ -11,11 +11,14 @@ meant for causal attention; in bidirectional attention keys after the query (m >
 amplified by ζ^(−(m−n)/γ) instead.
 
 c is an offset that cancels in every logit and only keeps ζ^(±(p − c)/γ) in floating-point
-range (fp32 overflows once |p − c|·ln(1/ζ₀)/γ passes ~88: |p − c| ≈ 36000 at γ = 512).
-``center=None`` takes c = (max position + 1) // 2 of each call (rotary-embedding-torch's
-len // 2 for positions 0 … n − 1, so outputs equal ``rotate_queries_and_keys``); keys scaled in
-an earlier call (a KV cache of transformed keys) then used a different c: give a fixed integer
-``center`` for cached decoding.
+range (fp32 overflows once |p − c|·ln(1/ζ₀)/γ passes ~88: |p − c| ≈ 36000 at γ = 512;
+fp16 at ~11: |p − c| ≈ 4500).
+``center=None`` takes the middle of each call's positions, c = lo + (hi − lo + 1) // 2 over
+q and k (rotary-embedding-torch's len // 2 for positions 0 … n − 1, so outputs equal
+``rotate_queries_and_keys``), which keeps |p − c| within half the span: fp32 is safe for spans
+up to ~70000 at γ = 512, fp16 (max 65504) up to ~9000. Keys scaled in an earlier call (a KV
+cache of transformed keys) used a different c: give a fixed integer ``center`` for cached
+decoding.
 
 Exact rotation (angles exact for every int64 position, as ``RotaryEmbedding``); the scale
 exp(((p − c)/γ)·ln ζ_i) is computed in fp64 from the exact integer p − c and rounded once to
@@ -60,7 +63,7 @@ class XPosEmbedding(QKTransform):
         base: the θ base of the rotation (10000).
         layout: channel pairing (rotary-embedding-torch uses ``INTERLEAVED``).
         scale_base: γ (512).
-        center: the offset c (an int), or None for (max position + 1) // 2 per call.
+        center: the offset c (an int), or None for the middle of each call's positions.
 
     Example:
         >>> import torch
@@ -122,7 +125,8 @@ class XPosEmbedding(QKTransform):
         if not q_positions.numel() or not k_positions.numel():
             return 0
         top = torch.maximum(q_positions.max(), k_positions.max())
-        return torch.div(top + 1, 2, rounding_mode="floor")
+        bottom = torch.minimum(q_positions.min(), k_positions.min())
+        return bottom + torch.div(top - bottom + 1, 2, rounding_mode="floor")  # no overflow
 
     def forward(
         self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor
