@@ -170,15 +170,18 @@ def _sum_to(t: Tensor | None, like: Tensor | None) -> Tensor:
 
 def _check_broadcast(w_f: Tensor, b_coef, beta, q: Tensor) -> None:
     lead = q.shape[:-2]
-    for name, t, tail in (("W_F", w_f, 2), ("B", b_coef, 2), ("beta", beta, 1)):
-        if t is not None and torch.broadcast_shapes(t.shape[:t.ndim - tail], lead) != lead:
+    for name, t in (("W_F", w_f), ("B", b_coef), ("beta", beta)):
+        extra = tuple(t.shape[:-2]) if t is not None else ()
+        tail = lead[len(lead) - len(extra):] if extra else ()
+        if len(extra) > len(lead) or any(e not in (1, s) for e, s in
+                                         zip(extra, tail, strict=True)):
             raise ValueError(f"causal_favor_affine: {name} {tuple(t.shape)} does not broadcast "
                              f"into the batch and heads {tuple(lead)}")
 
 
-@torch.library.custom_op("transformer_zoo::causal_favor_affine", mutates_args=())
-def _affine_op(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None,
-               beta: Tensor | None, valid: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None,
+             beta: Tensor | None, valid: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
+    """(out, 1/den): the scan over tiles of rows, each tile's rows written as they come."""
     rows = _AffineRows(q, k, w_f, b_coef, beta, valid, chunk, v.shape[-1] + 1)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     inv = q.new_empty(*q.shape[:-1], 1)
@@ -193,15 +196,20 @@ def _affine_op(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | No
     return out, inv
 
 
+@torch.library.custom_op("transformer_zoo::causal_favor_affine", mutates_args=())
+def _affine_op(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None,
+               beta: Tensor | None, valid: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, w_f, b_coef, beta, valid, chunk)
+
+
 @_affine_op.register_fake
 def _(q, k, v, w_f, b_coef, beta, valid, chunk):
     return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(*q.shape[:-1], 1)
 
 
-@torch.library.custom_op("transformer_zoo::causal_favor_affine_backward", mutates_args=())
-def _affine_backward_op(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None,
-                        beta: Tensor | None, valid: Tensor | None, out: Tensor, inv: Tensor,
-                        grad: Tensor, chunk: int, need: list[bool]) -> list[Tensor]:
+def _gradients(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None,
+               beta: Tensor | None, valid: Tensor | None, out: Tensor, inv: Tensor,
+               grad: Tensor, chunk: int, need: list[bool]) -> list[Tensor]:
     """∂q from the forward scan (∂L_q = φ̃(q) ⊙ ∂φ̃(q)), ∂k and ∂v from one reverse scan
     (∂L_k = φ̃(k) ⊙ ∂φ̃(k)); ∂W_F, ∂B, ∂β from both. Features recomputed per tile."""
     need_q, need_k, need_v, need_w, need_b, need_beta = need
@@ -236,6 +244,13 @@ def _affine_backward_op(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Te
         dq, dk, dv, _sum_to(acc.dw, w_f) if need_w else None,
         _sum_to(acc.db, b_coef) if params[1] else None,
         _sum_to(acc.dbeta, beta) if params[2] else None)]
+
+
+@torch.library.custom_op("transformer_zoo::causal_favor_affine_backward", mutates_args=())
+def _affine_backward_op(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None,
+                        beta: Tensor | None, valid: Tensor | None, out: Tensor, inv: Tensor,
+                        grad: Tensor, chunk: int, need: list[bool]) -> list[Tensor]:
+    return _gradients(q, k, v, w_f, b_coef, beta, valid, out, inv, grad, chunk, need)
 
 
 @_affine_backward_op.register_fake
