@@ -364,3 +364,53 @@ def test_compiles_fullgraph(causal):
     compiled = torch.compile(attn, fullgraph=True)
     torch.testing.assert_close(compiled(x), attn(x), rtol=1e-5, atol=1e-6)
     assert F.mse_loss(compiled(x), attn(x)) < 1e-10
+
+
+# -- the bridges: one spec, per-layer parameters, saved with the model ------------------------
+def test_swap_attention_builds_a_map_per_layer():
+    from torch import nn
+
+    from transformer_zoo.interop import swap_attention
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    swap_attention(model, "performer", nb_features=12, seed=0,
+                   feature_map=HedgehogFeatures())
+    keys = [k for k in model.state_dict() if "feature_map" in k]
+    assert {k.split(".")[1] for k in keys} == {"0", "1"}  # both layers, their own tensors
+    maps = [m for m in model.modules() if isinstance(m, HedgehogFeatures)]
+    assert len(maps) == 2 and maps[0].query_weight.data_ptr() != maps[1].query_weight.data_ptr()
+    x = torch.randn(2, 5, 32)
+    model(x).square().sum().backward()
+    assert all(m.query_weight.grad is not None for m in maps)
+
+
+def test_huggingface_bridge_state_dict_round_trip():
+    transformers = pytest.importorskip("transformers")
+    from transformer_zoo.interop import huggingface as hf
+
+    def model():
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, vocab_size=50,
+                                      attn_implementation="sdpa")
+        m = transformers.BertModel(cfg).eval()
+        hf.use(m, "performer", nb_features=12, seed=0, feature_map=T2RFeatures())
+        return m
+
+    src, dst = model(), model()
+    ids = torch.randint(0, 50, (2, 7))
+    keys = [k for k in src.state_dict() if ".tz_attention.feature_map." in k]
+    assert len(keys) == 4  # weight, bias per layer
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if ".feature_map." in name:
+                p.add_(torch.randn_like(p))
+    assert not torch.allclose(dst(ids).last_hidden_state, src(ids).last_hidden_state)
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    dst.load_state_dict(torch.load(buf))
+    torch.testing.assert_close(dst(ids).last_hidden_state, src(ids).last_hidden_state,
+                               rtol=0, atol=0)
