@@ -181,15 +181,27 @@ def test_frequencies_are_the_real_numbers(r, base, s, original):
             assert float(got[0, i]) == float(w)
 
 
+EXACT_CASES = {
+    "yarn": (YaRNScaling(factor=8.0, original_max_position_embeddings=4096),
+             lambda: mp_yarn(64, 10000.0, 8.0, 4096, 32, 1)),
+    "llama3": (Llama3Scaling(factor=8.0, original_max_position_embeddings=4096),
+               lambda: mp_llama3(64, 10000.0, 8.0, 1.0, 4.0, 4096)),
+    "longrope": (LongRoPEScaling(short_factor=[1.5 + i for i in range(32)],
+                                 long_factor=[1.0] * 32, original_max_position_embeddings=16,
+                                 factor=4.0),
+                 lambda: [t / (mpmath.mpf(1.5) + i) for i, t in enumerate(mp_theta(64, 1e4))]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT_CASES))
 @pytest.mark.parametrize("p", [2**40 + 12345, 2**53 + 1, 2**62 + 7, -(2**63)])
-def test_scaled_angles_exact_at_huge_int64_positions(p):
-    """The exact-angle machinery with per-dimension frequencies: YaRN's fp32 angles are the
+def test_scaled_angles_exact_at_huge_int64_positions(name, p):
+    """The exact-angle machinery with per-dimension frequencies: the fp32 angles are the
     correctly rounded p·θ'_i mod 2π of the 50-digit θ'_i (half an fp32 ulp + 1e-11)."""
-    r, base, s, original = 64, 10000.0, 8.0, 4096
-    rope = RotaryEmbedding(head_dim=r, scaling=YaRNScaling(
-        factor=s, original_max_position_embeddings=original))
-    got = rope.angles(torch.tensor([p]))[0]
-    for i, t in enumerate(mp_yarn(r, base, s, original, 32, 1)):
+    scaling, reference = EXACT_CASES[name]
+    rope = RotaryEmbedding(head_dim=64, scaling=scaling)
+    got = rope.angles(torch.tensor([p]), seq_len=8)[0]  # LongRoPE: the short factors
+    for i, t in enumerate(reference()):
         exact = mpmath.fmod(p * t, 2 * mpmath.pi)
         exact = exact + 2 * mpmath.pi if exact < 0 else exact
         d = abs(float(got[i]) - exact)
@@ -452,3 +464,25 @@ def test_xpos_validation_and_gradcheck():
     pos = torch.arange(5) + 30
     assert torch.autograd.gradcheck(lambda a, b: xpos(a, b, pos, pos), (q, k))
     assert not hasattr(xpos, "rotate")  # so Performer's RotaryMode.NUMERATOR refuses it
+
+
+@pytest.mark.parametrize("scaling", STATIC[:2], ids=lambda s: type(s).__name__)
+def test_static_scalings_compile_without_graph_breaks(scaling):
+    rope = RotaryEmbedding(head_dim=16, layout=RotaryLayout.HALF_SPLIT, scaling=scaling)
+    attn = SoftmaxAttention(64, 4, causal=True, positional=rope)
+    x, pos = torch.randn(2, 7, 64), torch.arange(7) + 3
+    compiled = torch.compile(attn, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, positions=pos), attn(x, positions=pos))
+
+
+def test_xpos_scale_range_with_centred_positions():
+    """Centred at the middle of the call's positions, the key scales ζ_0^(−(p − c)/γ) stay below
+    fp16's 65504 for a span of 8000 positions at γ = 512 and pass it by 10000 (the docs'
+    ~9000); fp32's 3.4e38 is passed between spans of 70000 and 75000."""
+    xpos = XPosEmbedding(head_dim=8)
+    for n, limit, inside in ((8000, 65504, True), (10000, 65504, False),
+                             (70000, 3.4e38, True), (75000, 3.4e38, False)):
+        pos = torch.arange(n) + 10**6
+        c = xpos._center_for(pos, pos)
+        top = float(xpos.scales(pos, c, sign=-1.0).double().max())
+        assert (top < limit) is inside, (n, top)

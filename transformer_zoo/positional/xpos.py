@@ -15,10 +15,10 @@ range (fp32 overflows once |p − c|·ln(1/ζ₀)/γ passes ~88: |p − c| ≈ 3
 fp16 at ~11: |p − c| ≈ 4500).
 ``center=None`` takes the middle of each call's positions, c = lo + (hi − lo + 1) // 2 over
 q and k (rotary-embedding-torch's len // 2 for positions 0 … n − 1, so outputs equal
-``rotate_queries_and_keys``), which keeps |p − c| within half the span: fp32 is safe for spans
-up to ~70000 at γ = 512, fp16 (max 65504) up to ~9000. Keys scaled in an earlier call (a KV
-cache of transformed keys) used a different c: give a fixed integer ``center`` for cached
-decoding.
+``rotate_queries_and_keys``), which keeps |p − c| within half the span: the scales stay within
+fp32 for spans up to ~70000 at γ = 512, within fp16 (max 65504) up to ~9000. Keys scaled in
+an earlier call (a KV cache of transformed keys) used a different c: give a fixed integer
+``center`` for cached decoding.
 
 Exact rotation (angles exact for every int64 position, as ``RotaryEmbedding``); the scale
 exp(((p − c)/γ)·ln ζ_i) is computed in fp64 from the exact integer p − c and rounded once to
