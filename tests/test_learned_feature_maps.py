@@ -13,7 +13,6 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from transformer_zoo import (
     Encoder,
@@ -357,13 +356,12 @@ def test_reset_parameters_returns_to_init():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("causal", [False, True])
-def test_compiles_fullgraph(causal):
-    attn = attention("hedgehog", causal=causal).eval()
+def test_compiles_fullgraph():
+    """One graph (no break) through the map's parameters and the causal kernel (~1 min)."""
+    attn = attention("hedgehog", causal=True).eval()
     x = torch.randn(2, 6, 32)
     compiled = torch.compile(attn, fullgraph=True)
     torch.testing.assert_close(compiled(x), attn(x), rtol=1e-5, atol=1e-6)
-    assert F.mse_loss(compiled(x), attn(x)) < 1e-10
 
 
 # -- the bridges: one spec, per-layer parameters, saved with the model ------------------------
