@@ -495,3 +495,32 @@ def test_mismatches_are_named():
         DebertaRelativeBias(d_model=D_MODEL, n_heads=HEADS, share_att_key=True)(
             torch.randn(1, HEADS, 3, HEAD_DIM), torch.arange(3), torch.arange(3),
             k=torch.randn(1, HEADS, 3, HEAD_DIM))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blockwise_path_equals_materialised(causal):
+    """SoftmaxAttention's exact blockwise kernel (the bias one block of query rows at a time,
+    recomputed in the backward) equals the materialised bias: outputs and the gradients of
+    the input, the table, its LayerNorm and the projections (fp64)."""
+    torch.manual_seed(8)
+    table = DebertaRelativeEmbeddings(d_model=D_MODEL, position_buckets=6,
+                                      max_relative_positions=9, layer_norm=True).double()
+    grads = []
+    for blockwise in (False, True):
+        torch.manual_seed(9)  # the same weights in both
+        bias = DebertaRelativeBias(d_model=D_MODEL, n_heads=HEADS, embeddings=table,
+                                   share_att_key=not causal).double()
+        attn = SoftmaxAttention(D_MODEL, HEADS, positional=bias, causal=causal,
+                                blockwise=blockwise, block_size=4).double()
+        x = torch.randn(2, 15, D_MODEL, dtype=torch.float64, requires_grad=True)
+        mask = torch.ones(2, 15, dtype=torch.bool)
+        mask[1, 11:] = False
+        table.zero_grad()
+        out = attn(x, mask=mask)
+        out.square().sum().backward()
+        params = [x, table.weight, table.norm.weight, attn.q_proj.weight, attn.kv_proj.weight]
+        if not bias.share_att_key:
+            params += [bias.pos_key_proj.weight, bias.pos_query_proj.weight]
+        grads.append([out.detach()] + [p.grad.clone() for p in params])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
