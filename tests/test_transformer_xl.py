@@ -428,3 +428,42 @@ def test_validation_errors_name_the_problem():
         a(torch.randn(1, 2, 3, 4), torch.arange(3.0), torch.arange(3), k=torch.randn(1, 2, 3, 4))
     with pytest.raises(ValueError, match="clamp_len"):
         TransformerXLRelativePosition(d_model=8, n_heads=2, head_dim=4, clamp_len=0)
+
+
+def test_cached_decoding_equals_the_parallel_forward():
+    """Encoder.prefill then step (keys from the cache as the memory, queries at their
+    positions) = the parallel causal forward: the memory case through the KV cache."""
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig(
+        d_model=16, n_heads=2, n_layers=2, d_ff=24, dropout=0.0, causal=True,
+        positional=TransformerXLRelativePosition.sharing_factory(n_layers=2, d_model=16,
+                                                                 n_heads=2, head_dim=8),
+    )).double().eval()
+    x = torch.randn(2, 9, 16, dtype=F64)
+    out, state = enc.prefill(x[:, :4])
+    outs = [out]
+    for t in range(4, 6):
+        out, state = enc.step(x[:, t:t + 1], state)
+        outs.append(out)
+    outs.append(enc.step(x[:, 6:], state)[0])  # a chunk
+    torch.testing.assert_close(torch.cat(outs, 1), enc(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blockwise_path_equals_the_materialised_bias(causal):
+    """SoftmaxAttention's long-input path (blocks of query rows, the encoding called per
+    block with the keys) = the materialised bias: outputs and gradients to W_R, u, v."""
+    results = []
+    for blockwise in (False, True):
+        torch.manual_seed(0)
+        pe = TransformerXLRelativePosition(d_model=16, n_heads=2, head_dim=8, init_std=0.5)
+        attn = SoftmaxAttention(16, 2, causal=causal, positional=pe, blockwise=blockwise,
+                                block_size=3).double()
+        x = torch.randn(2, 8, 16, dtype=F64)
+        mem = torch.randn(2, 3, 16, dtype=F64)
+        out = attn(x, context=torch.cat([mem, x], 1), positions=torch.arange(3, 11),
+                   context_positions=torch.arange(11))
+        out.square().sum().backward()
+        results.append((out, pe.r_proj.weight.grad, pe.u.grad, pe.v.grad))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
