@@ -238,7 +238,7 @@ def test_rotated_qk_equal_hf_apply_rotary_pos_emb(rope, n):
     assert ours.layout is RotaryLayout.HALF_SPLIT
     pos = torch.arange(n)
     oq, ok = ours(q, k, pos, pos)
-    tol = 2e-5 * n  # HF's fp32 angles: |p·θ|·2^-24
+    tol = 4e-7 * n + 5e-6  # HF's fp32 angles: |p·θ|·2^-24 rad, times |q| (measured 4.5e-5)
     torch.testing.assert_close(oq, hq, rtol=0, atol=tol)
     torch.testing.assert_close(ok, hk, rtol=0, atol=tol)
     factor = ours.attention_scaling
@@ -262,7 +262,7 @@ def test_dynamic_ntk_in_decoding_follows_hf_and_its_cache_inconsistency():
         cos, sin = hf_rope(x, pos[None])
         want, _ = llama.apply_rotary_pos_emb(x[:, :, start:stop], x[:, :, start:stop], cos, sin)
         got = ours.rotate(x[:, :, start:stop], pos)
-        torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     # the prompt's keys as cached (base at L = 100) vs the same keys re-rotated at L = 104
     cached = ours.rotate(x[:, :, :prompt], torch.arange(prompt))
     now = ours.rotate(x[:, :, :prompt], torch.arange(prompt), seq_len=prompt + 4)
