@@ -18,6 +18,10 @@ mod 2π (this library before) by 5e-6 rad at 2^36 and 0.7 rad at 2^53. MPS has n
 stays in fp32 (p·θ_i in fp32, exact only for small p). Positions are never rounded to the
 input dtype (rotary-embedding-torch builds them in it: in bf16 positions above 256 collide).
 
+Per-dimension frequencies (the length extensions of ``rope_scaling``: YaRN, Llama 3.1,
+LongRoPE, dynamic NTK) go through ``exact_angles_for_frequencies`` with their θ'_i given as
+double-doubles: the same exactness for those real numbers.
+
 Shapes: b batch, n length, r rotated channels; positions int64 ``(n,)`` or ``(b, n)``.
 """
 

@@ -64,8 +64,9 @@ class RotaryEmbedding(QKTransform):
     No parameters or buffers, nothing in the state dict; the per-frequency phase tables
     (θ_i/(2π s) in the form the exact int64 reduction needs, fp64 ``(3, width)``) are cached per
     (width, base', s, device) in a dict of ``functional.rotary_theta`` (the options are
-    read-only, so the cache is never stale). cos/sin come from the positions at each call (no
-    length-limited table, no host sync), computed once for q and k when they share positions,
+    read-only, so the cache is never stale; with a ``scaling``, per (θ'_i, device), bounded).
+    cos/sin come from the positions at each call (no length-limited table, no host sync but
+    for the length-dependent scalings), computed once for q and k when they share positions,
     and are cast to the input dtype when applied.
 
     Example:
