@@ -281,3 +281,121 @@ def test_state_dict_round_trip_into_a_fresh_conversion():
     data = batches(1)[0]
     with torch.no_grad():
         torch.testing.assert_close(fresh(**data), model(**data), atol=0, rtol=0)
+
+
+# -- Hugging Face and nn.MultiheadAttention models ------------------------------------------------
+def test_hf_bert_transfer_and_save_pretrained_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    def bert():
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=H,
+                                      intermediate_size=64, vocab_size=100,
+                                      attn_implementation="sdpa")
+        return transformers.BertModel(cfg).eval()
+
+    model = bert()
+    ids = torch.randint(1, 100, (4, N))
+    mask = torch.ones(4, N, dtype=torch.long)
+    mask[1, 15:] = 0
+    data = [{"input_ids": ids, "attention_mask": mask}]
+    with torch.no_grad():
+        ref = model(**data[0]).last_hidden_state
+        conversion = convert(model, NYSTROM_CONV)
+        with Tap(conversion, "teacher"):
+            teacher = model(**data[0]).last_hidden_state
+    real = mask.bool()
+    torch.testing.assert_close(teacher[real], ref[real], atol=1e-5, rtol=0)
+    model = bert()
+    _, report = linearize(model, NYSTROM_CONV, data, **quiet(
+        stage1=AttentionTransfer(steps=20, lr=3e-2), stage2=Finetune(steps=5, lr=1e-3)))
+    assert report.layers == ["encoder.layer.0.attention.self", "encoder.layer.1.attention.self"]
+    assert all(a < b for a, b in zip(report.attention_error["stage1"],
+                                     report.attention_error["before"], strict=True))
+    assert report.hidden_error["stage2"] < report.hidden_error["before"]
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.BertModel.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    convert(reloaded, NYSTROM_CONV)
+    reloaded.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**data[0]).last_hidden_state,
+                                   model(**data[0]).last_hidden_state, atol=1e-6, rtol=0)
+
+
+def test_nn_multihead_model_transfer_and_round_trip():
+    def make():
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(D, H, dim_feedforward=64, dropout=0.0,
+                                           batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+
+    model, fresh = make(), make()
+    data = [(torch.randn(3, N, D),) for _ in range(2)]
+    _, report = linearize(model, NYSTROM_CONV, data, **quiet(
+        stage1=AttentionTransfer(steps=20, lr=3e-2)))
+    assert report.layers == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert report.stage1.trained == [f"layers.{i}.self_attn.attention.conv.weight" for i in (0, 1)]
+    assert all(a < b for a, b in zip(report.attention_error["stage1"],
+                                     report.attention_error["before"], strict=True))
+    convert(fresh, NYSTROM_CONV)
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(data[0][0]), model(data[0][0]), atol=0, rtol=0)
+
+
+# -- causal models ----------------------------------------------------------------------------
+def trained_causal_encoder(steps: int = 30) -> Encoder:
+    """A causal encoder trained here for a few steps on a toy task (mean of the past inputs),
+    so its attention is not the random initialisation."""
+    torch.manual_seed(0)
+    model = encoder(causal=True).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x = torch.randn(4, N, D)
+        target = x.cumsum(1) / torch.arange(1, N + 1)[:, None]
+        loss = (model(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_causal_conversion_keeps_causality_and_decode_equals_parallel():
+    model = trained_causal_encoder()
+    data = [{"x": torch.randn(4, N, D)} for _ in range(2)]
+    _, report = linearize(model, PERFORMER, data, **quiet(stage2=Finetune(steps=10, lr=1e-3)))
+    assert report.hidden_error["stage2"] < report.hidden_error["before"]
+    student = model.layers[0].attention
+    assert isinstance(student, PerformerAttention) and student.causal
+    x = torch.randn(2, N, D)
+    with torch.no_grad():
+        out = model(x)
+        later = x.clone()
+        later[:, 15:] = torch.randn(2, N - 15, D)  # change only the future of position 14
+        torch.testing.assert_close(model(later)[:, :15], out[:, :15], atol=1e-6, rtol=0)
+        assert not torch.allclose(model(later)[:, 15:], out[:, 15:])
+        parallel, state, steps = student(x), None, []
+        for t in range(N):
+            y, state = student.step(x[:, t:t + 1], state)
+            steps.append(y)
+    torch.testing.assert_close(torch.cat(steps, 1), parallel, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_hf_llama_conversion_keeps_causality():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=H,
+                                   num_key_value_heads=2, intermediate_size=64, vocab_size=100,
+                                   attn_implementation="sdpa")
+    model = transformers.LlamaModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, N))
+    _, report = linearize(model, PERFORMER, [{"input_ids": ids}], **quiet(
+        stage2=Finetune(steps=5, lr=1e-3)))
+    assert report.stage2.steps == 5 and report.hidden_error["before"] > 0  # Performer ran
+    later = ids.clone()
+    later[:, 15:] = (later[:, 15:] + 1) % 100
+    with torch.no_grad():
+        a = model(input_ids=ids).last_hidden_state
+        b = model(input_ids=later).last_hidden_state
+    torch.testing.assert_close(b[:, :15], a[:, :15], atol=1e-5, rtol=0)

@@ -278,13 +278,17 @@ class Tap:
 
     def __enter__(self) -> Tap:
         for layer, student in enumerate(self.conversion.students):
-            # an instance attribute shadows the class's attend for this module only
+            # instance attributes shadow the class's methods, for this module only
             student.attend = functools.partial(self._attend, layer, student)
+            if self.mode != "student":  # a recurrent decode path would bypass attend
+                student.attend_cached = functools.partial(MultiHeadAttention.attend_cached,
+                                                          student)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for student in self.conversion.students:
             student.__dict__.pop("attend", None)
+            student.__dict__.pop("attend_cached", None)
 
 
 @contextmanager

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -240,6 +241,11 @@ def linearize(
     if not isinstance(model, nn.Module) or next(model.parameters(), None) is None:
         raise TypeError(f"model: expected an nn.Module with parameters, got "
                         f"{type(model).__name__}")
+    hf_cache = hasattr(model, "config") and "use_cache" in inspect.signature(
+        model.forward).parameters
+    if hf_cache:  # training needs no decoding cache (and a recurrent one bypasses attend)
+        batches = _without_cache(batches)
+        eval_batches = None if eval_batches is None else _without_cache(eval_batches)
     stream = Stream(batches)
     first = stream.peek()
     if first is None:
@@ -269,6 +275,17 @@ def linearize(
                 p.requires_grad_(flags.get(id(p), True))
             model.train(was_training)
     return model, report
+
+
+class _without_cache:  # noqa: N801 (an iterable adapter, used like a function)
+    """Dict batches get ``use_cache=False`` (unless they say otherwise) for HF models."""
+
+    def __init__(self, batches: Iterable[Any]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            yield {"use_cache": False} | dict(batch) if isinstance(batch, Mapping) else batch
 
 
 def _stage1(model: nn.Module, conversion: Conversion, loop: _Loop,
