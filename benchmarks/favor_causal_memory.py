@@ -1,0 +1,190 @@
+"""Causal FAVOR+ before/after tiling the features: peak memory and time of one fwd+bwd step.
+
+    python -m benchmarks.favor_causal_memory                    # writes benchmarks/runs/
+    python -m benchmarks.favor_causal_memory --update-results   # benchmarks/results/
+
+"before" is the package at ``--before REV`` (default: the commit before causal FAVOR+ was
+tiled end to end), "after" the one at ``--after REV`` (default HEAD; ``--after worktree``:
+this working tree as it is), each exported with ``git archive`` into a temporary folder
+(committed snapshots; nothing in the work tree is touched), both measured in the same run,
+interleaved. Each measurement runs in a fresh process: peak memory with
+``benchmarks/memory.py``'s protocol (VmHWM − VmRSS around ONE step after a length-64 warm-up,
+``MALLOC_MMAP_THRESHOLD_=65536``), time in another process without that setting (median over
+``--rounds`` processes × ``--steps`` steps, each after one warm-up step). Contenders: the
+causal FAVOR+ kernel and module (``benchmarks/contenders_performer.py``: b = 1, d_model 512,
+8 heads × 64, F = 256) and nn.MultiheadAttention for the memory target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from benchmarks.memory import MALLOC_ENV
+from benchmarks.outputs import add_output_options, output_path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEFORE = "4e9a17d"  # the last commit whose causal FAVOR+ built the (b, h, n, F) features
+OUTPUT = "favor_causal_memory"
+CONTENDERS = [("benchmarks.contenders_performer", "favor kernel causal (transformer_zoo)"),
+              ("benchmarks.contenders_performer", "performer causal (transformer_zoo)"),
+              ("benchmarks.contenders_softmax", "nn.MultiheadAttention")]
+_MARK = "@@RESULT "
+_TIMER = """
+import json, statistics, sys, time, importlib, torch
+module, name = sys.argv[1], sys.argv[2]
+n, steps, threads = (int(a) for a in sys.argv[3:6])
+torch.set_num_threads(threads)
+factory = importlib.import_module(module).contenders()[name]
+factory(64)().sum().backward()
+step = factory(n)
+step().sum().backward()
+times = []
+for _ in range(steps):
+    start = time.perf_counter()
+    step().sum().backward()
+    times.append(time.perf_counter() - start)
+print("@@RESULT " + json.dumps(times))
+"""
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: float) -> object:
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:g} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])
+    return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+
+
+def _env(tree: Path, malloc: bool) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(tree)
+    return dict(env, **MALLOC_ENV) if malloc else env
+
+
+def _short(rev: str) -> str:
+    if rev in ("none", "worktree"):
+        return rev
+    return subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def export(rev: str, into: Path) -> Path:
+    """The package and benchmarks at ``rev``, from ``git archive`` (no work tree touched)."""
+    into.mkdir(parents=True)
+    data = subprocess.run(["git", "archive", rev, "transformer_zoo", "benchmarks"], cwd=ROOT,
+                          capture_output=True, check=True).stdout
+    archive = into / "tree.tar"
+    archive.write_bytes(data)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into / "tree", filter="data")
+    return into / "tree"
+
+
+def measure(trees: dict[str, Path], lengths: list[int], rounds: int, steps: int,
+            threads: int) -> list[dict]:
+    rows = []
+    for n in lengths:
+        for module, name in CONTENDERS:
+            versions = trees if "transformer_zoo" in name else {"after": trees["after"]}
+            for version, tree in versions.items():
+                mem = _run([sys.executable, "-m", "benchmarks.memory", module, name, str(n),
+                            "--threads", str(threads)], tree, _env(tree, True), 600)
+                rows.append({"n": n, "contender": name, "version": version,
+                             "peak_mib": mem["peak_bytes"] / 2**20 if "peak_bytes" in mem
+                             else None, "times": [], "error": mem.get("error")})
+            if "transformer_zoo" not in name:
+                continue
+            for _ in range(rounds):  # interleaved: before, after, before, after, ...
+                for version, tree in trees.items():
+                    got = _run([sys.executable, "-c", _TIMER, module, name, str(n), str(steps),
+                                str(threads)], tree, _env(tree, False), 600)
+                    row = next(r for r in rows if (r["n"], r["contender"], r["version"])
+                               == (n, name, version))
+                    row["times"] += got if isinstance(got, list) else []
+            print(f"n={n} {name}: done", flush=True)
+    for row in rows:
+        row["median_s"] = statistics.median(row["times"]) if row["times"] else None
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lengths = sorted({r["n"] for r in rows})
+    get = {(r["n"], r["contender"], r["version"]): r for r in rows}
+    out = ["<!-- Written by `python -m benchmarks.favor_causal_memory`; do not edit by hand. -->",
+           f"b = 1, d_model 512, 8 heads × 64, F = 256, fp32, CPU, {meta['threads']} thread(s); "
+           f"{meta['machine']}; load average {meta['load']} at the start. Before = "
+           f"`{meta['before']}` (features built in full), after = `{meta['after']}`; one run, "
+           "interleaved, each number from fresh processes.", "",
+           "| contender | n | peak before | peak after | after / before | after / MHA "
+           "| time before | time after | after / before |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name in [c[1] for c in CONTENDERS if "transformer_zoo" in c[1]]:
+        for n in lengths:
+            b, a = get.get((n, name, "before")), get[(n, name, "after")]
+            mha = get[(n, "nn.MultiheadAttention", "after")]["peak_mib"]
+
+            def mib(r):
+                return "—" if r is None or r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
+
+            def ms(r):
+                none = r is None or r["median_s"] is None
+                return "—" if none else f"{1e3 * r['median_s']:.0f} ms"
+
+            def ratio(x, y):
+                return "—" if x is None or y is None else f"{x / y:.2f}x"
+
+            out.append(f"| {name} | {n} | {mib(b)} | {mib(a)} | "
+                       f"{ratio(a['peak_mib'], b and b['peak_mib'])} | "
+                       f"{ratio(a['peak_mib'], mha)} | {ms(b)} | {ms(a)} | "
+                       f"{ratio(a['median_s'], b and b['median_s'])} |")
+    mhas = ", ".join(f"n = {n}: {get[(n, 'nn.MultiheadAttention', 'after')]['peak_mib']:.0f} MiB"
+                     for n in lengths)
+    out += ["", f"nn.MultiheadAttention peak memory: {mhas}."]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    p.add_argument("--before", default=BEFORE, help="git revision for the 'before' column, "
+                   "or 'none'")
+    p.add_argument("--after", default="HEAD", help="git revision for the 'after' column, or "
+                   "'worktree'")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    add_output_options(p, OUTPUT)
+    args = p.parse_args()
+    out = output_path(args, OUTPUT)
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {}
+        if args.before != "none":
+            trees["before"] = export(args.before, Path(tmp) / "before")
+        trees["after"] = ROOT if args.after == "worktree" else export(args.after,
+                                                                       Path(tmp) / "after")
+        meta = {"before": _short(args.before), "after": _short(args.after),
+                "threads": args.threads, "machine": platform.processor() or platform.machine(),
+                "load": round(os.getloadavg()[0], 1), "cores": os.cpu_count()}
+        rows = measure(trees, args.lengths, args.rounds, args.steps, args.threads)
+    base = out.with_suffix("")  # writes <base>.json and <base>.md
+    base.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{base}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    Path(f"{base}.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
