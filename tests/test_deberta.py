@@ -524,3 +524,54 @@ def test_blockwise_path_equals_materialised(causal):
         grads.append([out.detach()] + [p.grad.clone() for p in params])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("buckets", [(-1, 5), (256, 512), (8, 10), (2, 5), (3, 7), (5, 100)])
+def test_lookup_table_gives_every_row(buckets):
+    """``index_table``'s rows over the clamped distance equal the rows of every distance,
+    including ±10¹² (past the saturation distance)."""
+    pb, mrp = buckets
+    table = DebertaRelativeEmbeddings(d_model=4, position_buckets=pb, max_relative_positions=mrp)
+    rows, limit = table.index_table()
+    delta = torch.cat([torch.arange(-3 * limit - 20, 3 * limit + 21),
+                       torch.tensor([-10**12, -10**6, 10**6, 10**12])])
+    want = table.index(torch.zeros(1, dtype=torch.int64), -delta)[0]
+    assert torch.equal(rows[delta.clamp(-limit, limit) + limit], want)
+
+
+@pytest.mark.parametrize("pos_att_type", TERMS, ids=lambda t: "+".join(t) or "none")
+@pytest.mark.parametrize("share_att_key", [True, False], ids=["shared", "own"])
+def test_score_mod_equals_forward(share_att_key, pos_att_type):
+    """The score_mod, evaluated at every (b, h, i, j), is score + the forward's bias
+    (batched positions with offsets, n != m)."""
+    torch.manual_seed(10)
+    _, bias = small_bias(share_att_key=share_att_key, pos_att_type=pos_att_type)
+    n, m = 6, 11
+    q, k = torch.randn(2, HEADS, n, HEAD_DIM), torch.randn(2, HEADS, m, HEAD_DIM)
+    qp = torch.stack([torch.arange(n) + 5, torch.arange(n) * 4])
+    kp = torch.stack([torch.arange(m), torch.arange(m) + 30])
+    mod = bias.score_mod(q, k, qp, kp)
+    b, h, i, j = torch.meshgrid(torch.arange(2), torch.arange(HEADS), torch.arange(n),
+                                torch.arange(m), indexing="ij")
+    score = torch.randn(2, HEADS, n, m)
+    want = score + bias(q, qp, kp, k=k)
+    torch.testing.assert_close(mod(score, b, h, i, j), want, rtol=0, atol=1e-6)
+
+
+def test_flex_attention_with_score_mod_equals_materialised():
+    """FlexAttention (its CPU forward) with the score_mod = the materialised bias."""
+    from transformer_zoo.functional.flex import flex_attention_available, flex_softmax_attention
+    from transformer_zoo.functional.softmax import softmax_attention
+
+    if not flex_attention_available():
+        pytest.skip("no FlexAttention in this torch")
+    torch.manual_seed(11)
+    _, bias = small_bias(share_att_key=True)
+    q, k, v = (torch.randn(1, HEADS, 16, HEAD_DIM) for _ in range(3))
+    pos = torch.arange(16) + 3
+    scale = bias.logit_scale(HEAD_DIM)
+    with torch.no_grad():
+        want = softmax_attention(q, k, v, bias=bias(q, pos, pos, k=k), scale=scale, causal=True)
+        got = flex_softmax_attention(q, k, v, score_mod=bias.score_mod(q, k, pos, pos),
+                                     scale=scale, causal=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -23,6 +23,8 @@ positions ``(n,)``/``(b, n)`` and ``(m,)``/``(b, m)``; bias ``(b, h, n, m)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -103,6 +105,26 @@ def deberta_position_index(relative_position: Tensor, att_span: int) -> Tensor:
     """Row of the relative table: clamp(δ + k, 0, 2k − 1) (paper's δ(i, j), eq. 3)."""
     check_positive_int(att_span, "att_span")
     return (relative_position + att_span).clamp(0, 2 * att_span - 1)
+
+
+def deberta_saturation_distance(position_buckets: int, max_relative_positions: int) -> int | None:
+    """A distance L past which the table row no longer changes: every δ >= L has row 2k − 1
+    (or the constant row of ``position_buckets`` < 4), every δ <= −L row 0. So a lookup table
+    over δ ∈ [−L, L], indexed at clamp(δ, −L, L), gives every row. v1: L = k. Log buckets:
+    the bucket reaches k at |r| = mid·((R − 1)/mid)^((k − mid)/(mid − 1)) (+2 for rounding);
+    None when that exceeds 2^22 (no lookup table)."""
+    span = check_deberta_buckets(position_buckets, max_relative_positions)
+    if position_buckets == -1:
+        return span
+    mid = position_buckets // 2
+    if mid < 2:  # bucket(r) = sign(r)·mid for every |r| > mid
+        return mid + 1
+    ratio = math.log(float(torch.tensor((max_relative_positions - 1) / mid,
+                                        dtype=torch.float32)))
+    exponent = ratio * (span - mid) / (mid - 1)
+    if exponent > math.log(2.0**22 / mid):
+        return None
+    return math.ceil(mid * math.exp(exponent)) + 2
 
 
 def disentangled_bias(

@@ -41,8 +41,10 @@ from transformer_zoo.functional.deberta import (
     check_deberta_buckets,
     deberta_position_index,
     deberta_relative_positions,
+    deberta_saturation_distance,
     disentangled_bias,
 )
+from transformer_zoo.functional.flex import ScoreMod, position_at
 from transformer_zoo.positional.base import LogitBias
 
 if TYPE_CHECKING:
@@ -103,6 +105,16 @@ class DebertaRelativeEmbeddings(nn.Module):
             max_relative_positions=self.max_relative_positions,
         )
         return deberta_position_index(delta, self.att_span)
+
+    def index_table(self, device: torch.device | None = None) -> tuple[Tensor, int] | None:
+        """(rows, L): ``rows[δ + L]`` is the table row of δ ∈ [−L, L] and of every δ beyond
+        once clamped to it (``deberta_saturation_distance``); None when L is too large."""
+        limit = deberta_saturation_distance(self.position_buckets, self.max_relative_positions)
+        if limit is None:
+            return None
+        span = torch.arange(-limit, limit + 1, device=device)
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+        return self.index(zero, span)[0].flip(0), limit  # δ = 0 − key position = −span
 
     def extra_repr(self) -> str:
         return (
@@ -261,6 +273,38 @@ class DebertaRelativeBias(LogitBias):
         index = self.embeddings.index(q_positions, k_positions)
         return disentangled_bias(q, k, index, pos_key=pos_key, pos_query=pos_query,
                                  scale=self.logit_scale(self.head_dim))
+
+    def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
+                  k_positions: Tensor) -> ScoreMod | None:
+        """FlexAttention score_mod: score + s·(c2p[b, h, i, row] + p2c[b, h, row, j]), with the
+        ``(b, h, n, 2k)`` c2p and ``(b, h, 2k, m)`` p2c tables captured (the gradient reaches
+        P and the projections through them) and row = a lookup table over the clamped distance
+        (the same rows as ``forward``, on every backend). None when the lookup table would be
+        too large (the blockwise kernel serves those settings)."""
+        lookup = self.embeddings.index_table(q.device)
+        if lookup is None:
+            return None
+        rows, limit = lookup
+        table = self.embeddings()
+        if self.dropout > 0 and self.training:
+            table = F.dropout(table, p=self.dropout)
+        pos_key, pos_query = self.position_projections(table)
+        c2p = None if pos_key is None else torch.matmul(q, pos_key.to(q.dtype).mT)
+        p2c = None if pos_query is None else torch.matmul(pos_query.to(k.dtype), k.mT)
+        scale = self.logit_scale(self.head_dim)
+
+        def deberta(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            delta = position_at(q_positions, b, q_idx) - position_at(k_positions, b, kv_idx)
+            row = rows[delta.clamp(-limit, limit) + limit]
+            if c2p is not None and p2c is not None:
+                return score + (c2p[b, h, q_idx, row] + p2c[b, h, row, kv_idx]) * scale
+            if c2p is not None:
+                return score + c2p[b, h, q_idx, row] * scale
+            if p2c is not None:
+                return score + p2c[b, h, row, kv_idx] * scale
+            return score
+
+        return deberta
 
     def extra_repr(self) -> str:
         return (f"n_heads={self.n_heads}, head_dim={self.head_dim}, "
