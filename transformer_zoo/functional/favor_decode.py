@@ -24,6 +24,7 @@ state the steps reach token by token. ``favor_decode_step`` takes a ``key_paddin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -99,8 +100,9 @@ def favor_decode_step(
         if bool(key_padding_mask.all()):
             key_padding_mask = None
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    autocast = torch.is_autocast_enabled(q.device.type)
+    with torch.autocast(q.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        q, k, v = (_cast(t, dtype) for t in (q, k, v))  # few ops: a step is a few µs of work
         k, v = expand_kv_heads(k, v, h)
         qz, kz = log_features(q, k, projection, feature_map=feature_map, causal=True)
         if key_padding_mask is not None and state is None:  # padded rows start empty
@@ -109,34 +111,43 @@ def favor_decode_step(
         if state is not None:
             scalar = numerator_transform is not None or not feature_map.exponential
             _check_state(state, (b, h, kz.shape[-1], v.shape[-1]), 1 if scalar else kz.shape[-1])
+        old = None
         if not feature_map.exponential:  # plain features: no stabiliser
             g = kz.new_zeros(b, h, 1)
-            old = kz.new_ones(b, h, 1)
             qf, kf = qz, kz
         else:
             g = kz.detach() if numerator_transform is None else \
                 kz.detach().amax(-1, keepdim=True)
             if state is not None:
-                g = torch.maximum(state.g.to(dtype), g)  # (b, h, F|1)
-                old = (state.g.to(dtype) - g).exp()  # <= 1
-            qf, kf = stabilized_query(qz, g), (kz - g).exp()  # largest term exactly 1
+                g_old = _cast(state.g, dtype)
+                g = torch.maximum(g_old, g)  # (b, h, F|1)
+                old = (g_old - g).exp_()  # <= 1
+            qf, kf = stabilized_query(qz, g), (kz - g).exp_()  # largest term exactly 1
         qn, kn = (qf, kf) if numerator_transform is None else (
             t[..., 0, :] for t in numerator_transform(qf[..., None, :], kf[..., None, :]))
-        num = kn[..., :, None] * v[..., 0, None, :]  # (b, h, F, d)
-        den = kf
-        if state is not None:
-            num = num + state.numerator.to(dtype) * old[..., :, None]
-            den = den + state.denominator.to(dtype) * old
-        out = _ratio(torch.einsum("bhf,bhfd->bhd", qn, num),
-                     (qf * den).sum(-1, keepdim=True))[..., None, :]  # (b, h, 1, d)
+        vt = v[..., 0, None, :]  # (b, h, 1, d)
+        if state is None:
+            num, den = kn[..., :, None] * vt, kf  # (b, h, F, d), (b, h, F)
+        else:
+            s_old, z_old = _cast(state.numerator, dtype), _cast(state.denominator, dtype)
+            if old is not None:
+                s_old, z_old = s_old * old[..., :, None], z_old * old
+            num = torch.addcmul(s_old, kn[..., :, None], vt)
+            den = z_old + kf
+        out = _ratio(torch.matmul(qn[..., None, :], num),  # (b, h, 1, d)
+                     torch.matmul(qf[..., None, :], den[..., :, None]))  # (b, h, 1, 1)
     length = 1 if state is None else state.length + 1
     new = FavorState(num, den, g, length)
     if key_padding_mask is not None:  # padded rows keep their state
         keep = ~key_padding_mask[:, None, :]  # (b, 1, 1)
-        new = FavorState(torch.where(keep[..., None], state.numerator.to(dtype), num),
-                         torch.where(keep, state.denominator.to(dtype), den),
-                         torch.where(keep, state.g.to(dtype), g), length)
-    return out.to(out_dtype), new
+        new = FavorState(torch.where(keep[..., None], _cast(state.numerator, dtype), num),
+                         torch.where(keep, _cast(state.denominator, dtype), den),
+                         torch.where(keep, _cast(state.g, dtype), g), length)
+    return _cast(out, out_dtype), new
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _empty_state(kz: Tensor, v: Tensor, transform: NumeratorTransform | None,
@@ -212,6 +223,11 @@ def performer_attend_cached(
             q, k, v, attention.projection, key_padding_mask=key_padding_mask,
             numerator_transform=attention._numerator_transform(q_positions, k_positions),
             chunk_size=attention.chunk_size, **options)
+    if q.shape[-2] == 1:  # the usual decode step
+        return favor_decode_step(
+            q, k, v, attention.projection, state, key_padding_mask=key_padding_mask,
+            numerator_transform=attention._numerator_transform(q_positions, k_positions),
+            **options)
     outs = []
     for i in range(q.shape[-2]):  # later chunks: one step per token
         token = slice(i, i + 1)
