@@ -13,6 +13,8 @@ import io
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from transformer_zoo import (
     Encoder,
@@ -166,6 +168,23 @@ def test_kernel_equals_quadratic_reference(name, causal):
     torch.testing.assert_close(got, want)
 
 
+@given(name=st.sampled_from(sorted(SPECS)), causal=st.booleans(), b=st.integers(1, 3),
+       n=st.integers(1, 7), m=st.integers(1, 7), chunk=st.integers(1, 4),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernel_equals_reference_over_shapes_and_masks(name, causal, b, n, m, chunk, seed):
+    """Cross lengths (causal: bottom-right aligned), random padding incl. samples with no
+    real key (rows give 0, never NaN), any chunk size of the causal scan."""
+    fm = built(name, seed=seed % 1000)
+    q, k, v = qkv(b=b, n=n, m=m, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, m, generator=g) < 0.7
+    got = favor_attention(q, k, v, torch.empty(0, D, dtype=F64), feature_map=fm, causal=causal,
+                          key_padding_mask=mask, chunk_size=chunk)
+    want = linear_attention_reference(fm, q, k, v, causal=causal, key_padding_mask=mask)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_hedgehog_log_features_stay_exact_where_softmax_underflows(causal):
     """Why Hedgehog returns log_softmax (an exponential map): at per-head norms ~ 1700 the
@@ -176,16 +195,20 @@ def test_hedgehog_log_features_stay_exact_where_softmax_underflows(causal):
     q, k, v = qkv(n=8, m=8, dtype=torch.float32, scale=600.0)
     got = favor_attention(q, k, v, torch.empty(0, D), feature_map=fm, causal=causal)
     # reference: log A_ij = logsumexp_f(log φ(q_i)_f + log φ(k_j)_f), softmax over j, fp64
-    lq = fm64(q.double() * D ** -0.25, None, query=True)
-    lk = fm64(k.double() * D ** -0.25, None, query=False)
+    def log_phi(x, query):  # the paper's formula, in the log domain, fp64
+        p = "query_" if query else "key_"
+        z = (torch.einsum("bhnd,hdf->bhnf", x.double() * D ** -0.25, getattr(fm64, p + "weight"))
+             + getattr(fm64, p + "bias")[:, None])
+        return torch.cat([torch.log_softmax(z, -1), torch.log_softmax(-z, -1)], -1)
+
+    lq, lk = log_phi(q, True), log_phi(k, False)
     logits = torch.logsumexp(lq[..., :, None, :] + lk[..., None, :, :], -1)
     if causal:
         logits = logits.masked_fill(~torch.ones(8, 8, dtype=torch.bool).tril(), float("-inf"))
     want = torch.softmax(logits, -1) @ v.double()
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
     # the plain (non-log) features in fp32: rows of zeros, so the formula itself gives 0/0
-    pq = fm(q * D ** -0.25, None, query=True).exp()
-    pk = fm(k * D ** -0.25, None, query=False).exp()
+    pq, pk = lq.float().exp(), lk.float().exp()
     assert ((pq @ pk.transpose(-2, -1)).sum(-1) == 0).any()
 
 
@@ -412,3 +435,25 @@ def test_huggingface_bridge_state_dict_round_trip():
     dst.load_state_dict(torch.load(buf))
     torch.testing.assert_close(dst(ids).last_hidden_state, src(ids).last_hidden_state,
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_meta_construction_then_reset_and_load(name):
+    """Built on the meta device, materialised with to_empty, re-initialised by every
+    submodule's reset_parameters (finite, the init of an eager build), then loaded."""
+    with torch.device("meta"):
+        attn = PerformerAttention(32, H, nb_features=12, seed=0, feature_map=SPECS[name]())
+    attn.to_empty(device="cpu")
+    for sub in attn.modules():
+        reset = getattr(sub, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    eager = PerformerAttention(32, H, nb_features=12, seed=0, feature_map=SPECS[name]())
+    for (n, p), (_, e) in zip(attn.feature_map.named_parameters(),
+                              eager.feature_map.named_parameters(), strict=True):
+        assert torch.isfinite(p).all(), n
+        if name != "t2r":  # T2R's init is random
+            torch.testing.assert_close(p, e, rtol=0, atol=0)
+    attn.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(attn(x), eager(x), rtol=0, atol=0)

@@ -115,7 +115,8 @@ class PerformerAttention(MultiHeadAttention):
         if not isinstance(feature_map, FeatureMap):
             raise TypeError(
                 "feature_map: expected a FeatureMap instance (PositiveFeatures(), "
-                "HyperbolicFeatures(), OptimalPositiveFeatures(), GeneralizedFeatures(fn)), "
+                "HyperbolicFeatures(), OptimalPositiveFeatures(), GeneralizedFeatures(fn), "
+                "or a learnable HedgehogFeatures(), T2RFeatures(), LearnedPositiveFeatures()), "
                 f"got {feature_map!r}"
             )
         if causal and isinstance(feature_map, OptimalPositiveFeatures) and feature_map.rho is None:
