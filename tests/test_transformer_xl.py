@@ -398,6 +398,13 @@ def test_distance_table():
     assert distances.shape == (1, 5) and distances[0, index[0]].abs().max() == 2
 
 
+def test_empty_queries_or_keys_give_empty_biases():
+    pe = _encoding()
+    for n, m in [(0, 3), (3, 0), (0, 0)]:
+        q, k = _qk(1, 2, n, m, 4)
+        assert pe(q, torch.arange(n), torch.arange(m), k=k).shape == (1, 2, n, m)
+
+
 def test_gapped_positions_under_compile_raise():
     """Under torch.compile the table size is n + m − 1: gapped positions are refused."""
     pe = _encoding()
@@ -465,5 +472,5 @@ def test_blockwise_path_equals_the_materialised_bias(causal):
                    context_positions=torch.arange(11))
         out.square().sum().backward()
         results.append((out, pe.r_proj.weight.grad, pe.u.grad, pe.v.grad))
-    for got, want in zip(results[1], results[0]):
+    for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

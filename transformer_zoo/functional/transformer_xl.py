@@ -75,6 +75,8 @@ def relative_distance_table(
         r = r.clamp(-clamp_len, clamp_len)
     r = r[None] if r.ndim == 2 else r  # (1|b, n, m)
     n, m = r.shape[-2:]
+    if n == 0 or m == 0:  # no pairs: an empty table
+        return r.new_zeros(r.shape[0], 0), r
     size = n + m - 1 if clamp_len is None else min(n + m - 1, 2 * clamp_len + 1)
     lo = r.flatten(1).amin(dim=-1)  # (1|b,): each sample's smallest distance
     index = r - lo[:, None, None]
