@@ -83,6 +83,10 @@ def test_yarn_matches_hf(base, head_dim, partial, factor, original, beta, mscale
 def test_yarn_explicit_attention_factor_and_implicit_factor_match_hf():
     assert_freqs_match_hf({"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.8,
                            "original_max_position_embeddings": 4096}, None)
+    # a stored "truncate": None is falsy in HF (no truncation), beta 0/None mean the defaults
+    assert_freqs_match_hf({"rope_type": "yarn", "factor": 4.0, "truncate": None,
+                           "beta_fast": 0, "beta_slow": None,
+                           "original_max_position_embeddings": 4096}, None)
     # factor None: HF takes max_position_embeddings / original (DeepSeek-V3's convention)
     assert_freqs_match_hf({"rope_type": "yarn", "factor": None,
                            "original_max_position_embeddings": 4096}, None, max_pos=32768)

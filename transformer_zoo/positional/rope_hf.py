@@ -129,7 +129,7 @@ def rotary_kwargs_from_hf(
             beta_fast=rope.get("beta_fast") or 32.0, beta_slow=rope.get("beta_slow") or 1.0,
             mscale=rope.get("mscale"), mscale_all_dim=rope.get("mscale_all_dim"),
             attention_factor=rope.get("attention_factor"),
-            truncate=rope.get("truncate", True))
+            truncate=bool(rope.get("truncate", True)))  # HF: a stored None is falsy
     elif rope_type == "llama3":
         out["scaling"] = Llama3Scaling(
             factor=factor, low_freq_factor=need(rope.get("low_freq_factor"), "low_freq_factor"),
