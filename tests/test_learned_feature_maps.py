@@ -457,3 +457,29 @@ def test_meta_construction_then_reset_and_load(name):
     attn.load_state_dict(eager.state_dict())
     x = torch.randn(2, 5, 32)
     torch.testing.assert_close(attn(x), eager(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["hedgehog", "t2r"])
+def test_huggingface_causal_generation_on_the_recurrent_state(name):
+    """A causal HF model with a learned map: generate() on the kernel's recurrent state gives
+    the same scores as recomputing the whole prefix (no cache) at every token."""
+    transformers = pytest.importorskip("transformers")
+    from transformer_zoo.interop import huggingface as hf
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, vocab_size=60,
+                                   attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    hf.use(model, "performer", nb_features=16, seed=0, feature_map=SPECS[name]())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".feature_map." in n:
+                p.add_(0.3 * torch.randn_like(p))
+    ids = torch.randint(0, 60, (2, 5))
+    runs = [model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=cache,
+                           pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+            for cache in (True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for a, b in zip(runs[0].scores, runs[1].scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
