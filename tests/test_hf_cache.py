@@ -14,10 +14,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
 
 from transformer_zoo import (  # noqa: E402
+    HedgehogFeatures,
+    LearnedPositiveFeatures,
     PerformerAttention,
     RotaryEmbedding,
     RotaryMode,
     SoftmaxAttention,
+    T2RFeatures,
 )
 from transformer_zoo.functional.favor_decode import FavorState  # noqa: E402
 from transformer_zoo.interop import huggingface as hf  # noqa: E402
@@ -176,3 +179,51 @@ def test_explicit_cache_beam_search_and_going_back_to_sdpa():
     model.set_attn_implementation("sdpa")  # HF's attention: its KV cache again
     out = generate(model, ids, cache=True, max_new_tokens=3, return_dict_in_generate=True)
     assert isinstance(out.cache, DynamicCache) and type(out.cache.layers[0]) is DynamicLayer
+
+
+@pytest.mark.parametrize("make", [HedgehogFeatures, T2RFeatures, LearnedPositiveFeatures])
+def test_learnable_feature_maps_decode_on_the_state(make):
+    """Learnable maps (issue 15) through use(model, factory): the state, and generate() equal
+    to the full recompute (T2R: plain ReLU features, no stabiliser)."""
+    feature_map = make()
+    model = llama(functools.partial(PerformerAttention, nb_features=16, seed=1,
+                                    feature_map=feature_map))
+    ids = prompt()
+    out = generate(model, ids, cache=True, max_new_tokens=12, return_dict_in_generate=True)
+    assert {type(layer) for layer in out.cache.layers} == {RecurrentLayer}
+    same_generation(model, ids, max_new_tokens=12)
+
+
+def test_generation_benchmark_runs_and_judges_targets(tmp_path):
+    """benchmarks/generation.py on a tiny model and short lengths: every contender measured,
+    the state's bytes constant, the KV caches' growing, the table and verdicts written."""
+    from benchmarks import generation
+
+    tiny = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=2,
+                num_hidden_layers=1, intermediate_size=32, vocab_size=32)
+    results = generation.measure(tokens=2, kv_performer_max=8, nb_features=8,
+                                 windows=(4, 8, 16), model=tiny)
+    runs = results["runs"]
+    assert set(runs) == {generation.SDPA, generation.OURS, generation.OURS_KV}
+    assert len(set(runs[generation.OURS]["cache_bytes"].values())) == 1
+    sdpa = runs[generation.SDPA]["cache_bytes"]
+    assert sdpa["16"] == 4 * sdpa["4"]  # keys and values of 16 vs 4 tokens
+    assert "16" not in runs[generation.OURS_KV]["median_ms"]  # capped at kv_performer_max
+    generation.report([results], tmp_path / "g.json")
+    table = (tmp_path / "g.md").read_text()
+    assert "state memory constant: met" in table and "| HF sdpa |" in table
+
+
+def test_generation_targets_verdicts():
+    from benchmarks.generation import OURS, SDPA, targets
+
+    def run(ms, mem):
+        return {"median_ms": dict(zip(("64", "2048", "8192"), ms, strict=True)),
+                "cache_bytes": dict(zip(("64", "2048", "8192"), mem, strict=True))}
+
+    met = {"windows": [64, 2048, 8192], "runs": {SDPA: run((1, 3, 9), (1, 32, 128)),
+                                                 OURS: run((2, 2.2, 2.1), (5, 5, 5))}}
+    assert [line.split(":")[1].split()[0] for line in targets(met)] == ["met"] * 3
+    missed = {"windows": [64, 2048, 8192], "runs": {SDPA: run((1, 2, 9), (1, 32, 128)),
+                                                    OURS: run((2, 3, 2), (5, 5, 6))}}
+    assert [line.split(":")[1].split()[0] for line in targets(missed)] == ["MISSED"] * 3
