@@ -62,6 +62,7 @@ BENCHMARKS = REPO / "benchmarks"
 SCRIPTS = [
     ("benchmarks.attention", "attention.json"),
     ("benchmarks.contenders_performer", "performer_errors.md"),
+    ("benchmarks.generation", "generation.json"),
     ("benchmarks.interop_zero_shot", "interop_zero_shot.json"),
     ("benchmarks.nystrom_conditioning", "nystrom_conditioning.json"),
     ("benchmarks.nystrom_errors", "nystrom_errors.json"),
