@@ -8,7 +8,7 @@ from transformer_zoo.functional.deberta import (
     disentangled_bias,
 )
 from transformer_zoo.functional.favor import favor_attention, favor_features
-from transformer_zoo.functional.favor_decode import FavorState, favor_decode_step
+from transformer_zoo.functional.favor_decode import FavorState, favor_decode_step, favor_prefill
 from transformer_zoo.functional.feature_maps import (
     FeatureMap,
     GeneralizedFeatures,
@@ -72,6 +72,7 @@ __all__ = [
     "draw_projection",
     "favor_attention",
     "favor_decode_step",
+    "favor_prefill",
     "favor_features",
     "FavorState",
     "FeatureMap",
