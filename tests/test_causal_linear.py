@@ -180,3 +180,24 @@ def test_validation_names_the_problem():
         causal_linear_scan(a, a, a, torch.zeros(2, 5, 3))
     torch.testing.assert_close(causal_linear_scan(a, a, a, torch.zeros(2, 5)),
                                causal_linear_scan(a, a, a, torch.zeros(2, 5, 1)))
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sink_receives_every_tile_and_nothing_full_is_allocated(reverse, monkeypatch):
+    """``scan_rows(..., sink=)``: each tile's rows (y and z) reach the sink exactly as the
+    full outputs hold them, every row once, and no full output is returned."""
+    (a, b, x, g), _ = favor_like(45, 6, 3, 100.0, F64)
+    h = torch.randn(2, 3, 45, 3, dtype=F64)
+    monkeypatch.setattr(cl, "TILE_ELEMENTS", 1)  # tiles of one 4-row chunk
+    want_y, want_z = cl._scan(a, b, x, g, h, 4, reverse=reverse)
+    got_y, got_z, seen = torch.zeros_like(want_y), torch.zeros_like(want_z), []
+
+    def sink(index, sl, y, z):
+        seen.append(index)
+        got_y[..., sl, :], got_z[..., sl, :] = y, z
+
+    assert cl.scan_rows(cl.Rows(a, b, g), x, h, 4, reverse=reverse, sink=sink) == (None, None)
+    assert sorted(seen) == list(range(12)) and seen == sorted(seen, reverse=reverse)
+    torch.testing.assert_close(got_y, want_y, rtol=0, atol=0)
+    torch.testing.assert_close(got_z, want_z, rtol=0, atol=0)
