@@ -490,3 +490,23 @@ def test_xpos_scale_range_with_centred_positions():
         c = xpos._center_for(pos, pos)
         top = float(xpos.scales(pos, c, sign=-1.0).double().max())
         assert (top < limit) is inside, (n, top)
+
+
+@pytest.mark.parametrize("n", [50, 200])  # short factors up to L₀ = 64, long ones beyond
+def test_phi3_longrope_config_equals_hf_phi3_rotary(n):
+    """A Phi-3 config (original_max_position_embeddings at the top level, factor implied by
+    max_position_embeddings / L₀ = 16): ours equals Phi3RotaryEmbedding + its
+    apply_rotary_pos_emb, attention factor √(1 + ln 16 / ln 64) included."""
+    phi3 = pytest.importorskip("transformers.models.phi3.modeling_phi3")
+    config = transformers.Phi3Config(
+        hidden_size=128, num_attention_heads=4, max_position_embeddings=1024,
+        original_max_position_embeddings=64, rope_parameters={
+            "rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(16)],
+            "long_factor": [1.0 + 2 * i for i in range(16)], "rope_theta": 10000.0})
+    x = torch.randn(1, 4, n, 32)
+    cos, sin = phi3.Phi3RotaryEmbedding(config)(x, torch.arange(n)[None])
+    hq, _ = phi3.apply_rotary_pos_emb(x, x, cos, sin)
+    ours = RotaryEmbedding.from_hf_config(config)
+    assert ours.attention_scaling == pytest.approx(math.sqrt(1 + math.log(16) / math.log(64)))
+    oq, _ = ours(x, x, torch.arange(n), torch.arange(n))
+    torch.testing.assert_close(oq, hq, rtol=0, atol=4e-7 * n + 5e-6)
