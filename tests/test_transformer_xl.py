@@ -474,3 +474,35 @@ def test_blockwise_path_equals_the_materialised_bias(causal):
         results.append((out, pe.r_proj.weight.grad, pe.u.grad, pe.v.grad))
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", ["arange", "batched", "clamp", "gaps"])
+def test_bias_rows_equal_forward_rows(case):
+    """``bias_rows`` (the blockwise kernels' entry: the W_R R table once per call) gives the
+    rows of ``forward``'s bias; positions with gaps fall back to ``forward`` per block."""
+    pe = _encoding(clamp_len=2 if case == "clamp" else None)
+    n, m = 7, 10
+    q, k = _qk(2, 2, n, m, 4)
+    qpos, kpos = torch.arange(n) + m - n, torch.arange(m)
+    if case == "batched":
+        qpos, kpos = torch.stack([qpos, qpos + 4]), torch.stack([kpos, kpos + 1])
+    if case == "gaps":
+        qpos, kpos = qpos * 2, kpos * 3
+    full = pe(q, qpos, kpos, k=k)
+    rows = pe.bias_rows(q, qpos, kpos, k=k)
+    for i0, i1 in [(0, 3), (3, 7), (6, 7)]:
+        torch.testing.assert_close(rows(i0, i1), full[:, :, i0:i1], rtol=0, atol=1e-14)
+
+
+def test_blockwise_builds_the_distance_table_once_per_call(monkeypatch):
+    import transformer_zoo.functional.transformer_xl as txl
+
+    calls = []
+    real = txl.transformer_xl_sinusoid
+    monkeypatch.setattr(txl, "transformer_xl_sinusoid",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pe = TransformerXLRelativePosition(d_model=16, n_heads=2, head_dim=8)
+    attn = SoftmaxAttention(16, 2, causal=True, positional=pe, blockwise=True, block_size=2)
+    with torch.no_grad():
+        attn(torch.randn(1, 8, 16))
+    assert len(calls) == 1  # 4 blocks, one table

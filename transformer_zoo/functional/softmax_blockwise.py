@@ -8,8 +8,9 @@ et al. 2017, arXiv 1706.03762) with the bias of a ``LogitBias`` encoding (T5, AL
 any other), but the ``(b, h, n, m)`` bias is never built: row i of B depends only on q_i, its
 position and the keys (the ``LogitBias`` row-block contract), so each block of query rows gets
 its own bias rows, mask rows, causal rows and rows of C (a float additive mask), and one
-softmax over all m keys. Exact: every row sees every key, in the same arithmetic as the
-materialised kernel (outputs and gradients equal it to rounding).
+softmax over all m keys. The rows come from ``positional.bias_rows`` (per-call work that
+all rows share, such as Transformer-XL's W_R R table, done once). Exact: every row sees every
+key, in the same arithmetic as the materialised kernel (outputs and gradients equal it to rounding).
 
 Backward: each block runs under ``torch.utils.checkpoint`` (``use_reentrant=False``): its
 bias, softmax and weights are dropped after the forward and recomputed, one block at a time, in
@@ -133,13 +134,14 @@ def blockwise_softmax_attention(
     k, v = expand_kv_heads(k, v, h)  # once, not per block
     value_term = positional is not None and positional.has_value_term
 
+    # per-call work of the bias (Transformer-XL's W_R R table) once; rows per block
+    bias_rows = None if positional is None else positional.bias_rows(
+        q, q_positions, k_positions, k=k if positional.needs_keys else None)
+
     def block(q_blk: Tensor, qp_blk: Tensor, i0: int, i1: int) -> Tensor:
         total = _rows(bias, i0, i1, n)
-        if positional is not None:
-            if positional.needs_keys:
-                pe = positional(q_blk, qp_blk, k_positions, k=k)
-            else:
-                pe = positional(q_blk, qp_blk, k_positions)
+        if bias_rows is not None:
+            pe = bias_rows(i0, i1)  # = positional(q_blk, qp_blk, k_positions[, k=k])
             total = pe if total is None else pe + total
         blk_mask = _rows(mask, i0, i1, n)
         if causal:

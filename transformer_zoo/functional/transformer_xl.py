@@ -23,6 +23,8 @@ positions int64 ``(n,)``/``(b, n)`` and ``(m,)``/``(b, m)``; bias ``(b, h, n, m)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -93,6 +95,28 @@ def relative_distance_table(
     return distances, index
 
 
+def _check_inputs(q: Tensor, k: Tensor, u: Tensor, v: Tensor, r_weight: Tensor) -> None:
+    check_rank(q, "q", 4, "(batch, heads, q_len, head_dim)")
+    check_rank(k, "k", 4, "(batch, heads, k_len, head_dim)")
+    b, h, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        raise ValueError(
+            f"k: expected (batch={b}, heads={h}, k_len, head_dim={d}) like q, got shape "
+            f"{tuple(k.shape)}"
+        )
+    for name, t in (("u", u), ("v", v)):
+        check_tensor(t, name)
+        if tuple(t.shape) != (h, d):
+            raise ValueError(f"{name}: expected shape (heads={h}, head_dim={d}), got "
+                             f"{tuple(t.shape)}")
+    check_tensor(r_weight, "r_weight")
+    if r_weight.ndim != 2 or r_weight.shape[0] != h * d:
+        raise ValueError(
+            f"r_weight: expected shape (heads·head_dim={h * d}, sinusoid width), got "
+            f"{tuple(r_weight.shape)}"
+        )
+
+
 def transformer_xl_bias(
     q: Tensor,
     k: Tensor,
@@ -119,23 +143,8 @@ def transformer_xl_bias(
             ``clamp_len``); None: no clipping.
         base: the sinusoid's 10000.
     """
-    check_rank(q, "q", 4, "(batch, heads, q_len, head_dim)")
-    check_rank(k, "k", 4, "(batch, heads, k_len, head_dim)")
+    _check_inputs(q, k, u, v, r_weight)
     b, h, n, d = q.shape
-    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
-        raise ValueError(
-            f"k: expected (batch={b}, heads={h}, k_len, head_dim={d}) like q, got shape "
-            f"{tuple(k.shape)}"
-        )
-    for name, t in (("u", u), ("v", v)):
-        if tuple(t.shape) != (h, d):
-            raise ValueError(f"{name}: expected shape (heads={h}, head_dim={d}), got "
-                             f"{tuple(t.shape)}")
-    if r_weight.ndim != 2 or r_weight.shape[0] != h * d:
-        raise ValueError(
-            f"r_weight: expected shape (heads·head_dim={h * d}, sinusoid width), got "
-            f"{tuple(r_weight.shape)}"
-        )
     m = k.shape[2]
     if k_positions.shape[-1] != m or q_positions.shape[-1] != n:
         raise ValueError(
@@ -152,3 +161,65 @@ def transformer_xl_bias(
     bias = per_distance.gather(-1, index[:, None].expand(b, h, n, m))  # (b, h, n, m)
     content = k @ (u.to(k.dtype) * scale)[:, :, None]  # (b, h, m, 1): uᵀk_j/√d, term (c)
     return bias + content.transpose(-1, -2)
+
+
+def transformer_xl_bias_rows(
+    q: Tensor,
+    k: Tensor,
+    *,
+    u: Tensor,
+    v: Tensor,
+    r_weight: Tensor,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    clamp_len: int | None = None,
+    base: float = 10000.0,
+    scale: float | None = None,
+) -> Callable[[int, int], Tensor] | None:
+    """``transformer_xl_bias`` one block of query rows at a time, with the per-call work done
+    once: returns ``rows(i0, i1)`` -> rows i0:i1 of the bias ``(b, h, i1 − i0, m)`` (equal to
+    them to rounding), or None for positions with gaps (then call ``transformer_xl_bias`` per
+    block). The W_R R table of the call's n + m − 1 distances (lo = min pos_q − max pos_k per
+    sample) and uᵀk_j are computed once; each block costs one ``(b, h, rows, n + m − 1)``
+    matmul and a gather — the materialised bias's cost, spread over the blocks."""
+    _check_inputs(q, k, u, v, r_weight)
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    if n == 0 or m == 0:
+        return None
+    relative_positions(q_positions[..., :1], k_positions[..., :1])  # dtype/rank checks
+    if clamp_len is not None:
+        clamp_len = check_positive_int(clamp_len, "clamp_len")
+    qp = q_positions if q_positions.ndim == 2 else q_positions[None]  # (1|b, n)
+    kp = k_positions if k_positions.ndim == 2 else k_positions[None]  # (1|b, m)
+    lo, hi = qp.amin(-1) - kp.amax(-1), qp.amax(-1) - kp.amin(-1)  # (1|b,) and (1|b,)
+    size = n + m - 1
+    if clamp_len is not None:
+        lo, hi = lo.clamp(-clamp_len, clamp_len), hi.clamp(-clamp_len, clamp_len)
+        size = min(size, 2 * clamp_len + 1)
+    if torch.compiler.is_compiling():
+        torch._assert_async(
+            (hi - lo).max() < size,
+            "Transformer-XL distances: positions with gaps are not supported under "
+            "torch.compile (each position set may span at most its length)",
+        )
+    elif int((hi - lo).max()) >= size:
+        return None
+    scale = d ** -0.5 if scale is None else float(scale)
+    distances = lo[:, None] + torch.arange(size, device=q.device)  # (1|b, T)
+    rel = transformer_xl_sinusoid(distances, r_weight.shape[1], base=base,
+                                  dtype=r_weight.dtype)  # (1|b, T, D)
+    w_r = F.linear(rel, r_weight).unflatten(-1, (h, d)).transpose(1, 2).to(q.dtype)
+    content = (k @ (u.to(k.dtype) * scale)[:, :, None]).transpose(-1, -2)  # (b, h, 1, m)
+    v_scaled = v.to(q.dtype)[:, None]
+
+    def rows(i0: int, i1: int) -> Tensor:
+        r = qp[:, i0:i1, None] - kp[:, None, :]  # (1|b, rows, m): i − j
+        if clamp_len is not None:
+            r = r.clamp(-clamp_len, clamp_len)
+        index = r - lo[:, None, None]
+        qv = (q[:, :, i0:i1] + v_scaled) * scale
+        per_distance = qv @ w_r.transpose(-1, -2)  # (b, h, rows, T)
+        return per_distance.gather(-1, index[:, None].expand(b, h, i1 - i0, m)) + content
+
+    return rows

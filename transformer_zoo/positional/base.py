@@ -118,6 +118,21 @@ class LogitBias(PositionalEncoding):
     ) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} has no value term")
 
+    def bias_rows(
+        self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *, k: Tensor | None = None
+    ) -> Callable[[int, int], Tensor]:
+        """For one attention call, ``rows(i0, i1)`` -> rows i0:i1 of ``forward``'s bias (the
+        blockwise kernels call it once per block of query rows). Default: ``forward`` on
+        those rows and their positions (the row-block property). Encodings whose bias has
+        per-call work that every row shares (Transformer-XL's W_R R table) override it to
+        do that work once. ``k`` as for ``forward`` (given when ``needs_keys``)."""
+
+        def rows(i0: int, i1: int) -> Tensor:
+            args = (q[:, :, i0:i1], q_positions[..., i0:i1], k_positions)
+            return self(*args, k=k) if self.needs_keys else self(*args)
+
+        return rows
+
     def score_mod(
         self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor
     ) -> Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor] | None:
