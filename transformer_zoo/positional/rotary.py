@@ -191,7 +191,8 @@ class RotaryEmbedding(QKTransform):
         every int64 position, then rounded once to fp32. With a length-dependent ``scaling``
         the length is ``seq_len``, by default max(positions) + 1."""
         if self._scaling is not None:
-            self._check_dim_argument(dim)
+            if dim is not None and dim != self._rotary_dim:
+                self._check_dim_argument(dim)  # raises: θ'_i exist for rotary_dim only
             if self._scaling.uses_length and seq_len is None:
                 seq_len = _length(positions)
             return exact_angles_for_frequencies(positions, self._frequencies_at(seq_len))
