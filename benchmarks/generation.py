@@ -17,7 +17,7 @@ values of length L (a decode step's cost depends on the length only; a real pref
 quadratic). Then ``--tokens`` greedy tokens are timed one by one (``time.perf_counter`` around
 one forward and the argmax) and the median is reported, the contenders interleaved at each
 length (the same load for all), with the cache's bytes (``hf_cache.cache_nbytes``: keys +
-values, or the states). One table per thread count (default 2, then 1). Ratios within one
+values, or the states). One table per thread count (default 1, then 2). Ratios within one
 table are meaningful; absolute times depend on the machine and its load (recorded:
 ``os.getloadavg``). On a machine with more runnable processes than cores, 2 threads measure
 OpenMP wake-ups: an elementwise op on 256 numbers (``exp``) waits ~20 ms for the second thread
@@ -223,14 +223,15 @@ def report(all_results: list[dict], out: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=24,
-                        help="tokens timed at each length (default 24)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[24, 8],
+                        help="tokens timed at each length, one per thread count (the last "
+                        "repeats; default 24 with 1 thread, 8 with 2)")
     parser.add_argument("--lengths", type=int, nargs="+", default=list(WINDOWS),
                         help="cache lengths L (default 64 512 1024 2048 4096 8192)")
     parser.add_argument("--kv-performer-max", type=int, default=2048,
                         help="longest L for the Performer on the KV cache (0: skip it)")
-    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1],
-                        help="torch CPU thread counts, one table each (default 2 1)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch CPU thread counts, one table each (default 1 2)")
     parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
                         metavar="JSON", help="re-render the table and plot from a JSON "
                         "(default: the committed one) into the output location")
@@ -246,9 +247,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results = json.loads(args.report_only.read_text())
     else:
         threads, results = torch.get_num_threads(), []
-        for n in args.threads:
+        for i, n in enumerate(args.threads):
             torch.set_num_threads(n)
-            results.append(measure(tokens=args.tokens, windows=tuple(args.lengths),
+            tokens = args.tokens[min(i, len(args.tokens) - 1)]
+            results.append(measure(tokens=tokens, windows=tuple(args.lengths),
                                    kv_performer_max=args.kv_performer_max))
         torch.set_num_threads(threads)
         out.write_text(json.dumps(results, indent=1) + "\n")

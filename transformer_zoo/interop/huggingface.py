@@ -18,6 +18,10 @@ Any ``MultiHeadAttention`` subclass runs too: ``use(model, functools.partial(
 PerformerAttention, nb_features=256))`` wraps it in ``AttentionKernel``, which keeps the kernel's
 state (buffers) on each HF attention module and calls its ``attend``. A named kernel is one
 ``HFKernel`` subclass (``hf_kernels.py``) added to ``KERNELS``.
+
+Decoding with a cache: a kernel with a recurrent form (``PerformerAttention``) keeps its
+fixed-size state in HF's cache instead of keys and values (``hf_cache.py``: ``use`` registers
+the pre-hook that puts a ``RecurrentLayer`` in each such layer's place).
 """
 
 from __future__ import annotations
