@@ -575,3 +575,32 @@ def test_flex_attention_with_score_mod_equals_materialised():
         got = flex_softmax_attention(q, k, v, score_mod=bias.score_mod(q, k, pos, pos),
                                      scale=scale, causal=True)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_kernel_names_bad_tables():
+    from transformer_zoo.functional.deberta import disentangled_bias
+
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4)
+    index = torch.zeros(3, 5, dtype=torch.int64)
+    with pytest.raises(ValueError, match="pos_key: expected"):
+        disentangled_bias(q, k, index, pos_key=torch.randn(3, 6, 4), pos_query=None, scale=1.0)
+    with pytest.raises(ValueError, match="the same"):
+        disentangled_bias(q, k, index, pos_key=torch.randn(2, 6, 4),
+                          pos_query=torch.randn(2, 8, 4), scale=1.0)
+    with pytest.raises(ValueError, match="needs the keys"):
+        disentangled_bias(q, None, index, pos_key=None, pos_query=torch.randn(2, 6, 4),
+                          scale=1.0)
+
+
+def test_export_with_shared_projections():
+    """torch.export of an attention whose bias reuses its projections: equal outputs, and the
+    projections appear once in the exported state (under the attention)."""
+    bias = DebertaRelativeBias(d_model=D_MODEL, n_heads=HEADS, position_buckets=8,
+                               max_relative_positions=16, share_att_key=True)
+    attn = SoftmaxAttention(D_MODEL, HEADS, positional=bias).eval()
+    x = torch.randn(2, 7, D_MODEL)
+    exported = torch.export.export(attn, (x,))
+    torch.testing.assert_close(exported.module()(x), attn(x), rtol=0, atol=1e-6)
+    assert sorted(exported.state_dict) == sorted(attn.state_dict())
+    assert not any(name.startswith("positional.") and "proj" in name
+                   for name in attn.state_dict())

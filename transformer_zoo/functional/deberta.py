@@ -153,6 +153,14 @@ def disentangled_bias(
             f"index: expected (q_len, k_len) or (batch, q_len, k_len) with q_len={n}, got "
             f"{tuple(index.shape)}"
         )
+    for name, table in (("pos_key", pos_key), ("pos_query", pos_query)):
+        if table is not None and (table.ndim != 3 or table.shape[0] != h
+                                  or table.shape[-1] != q.shape[-1]):
+            raise ValueError(f"{name}: expected (heads, 2k, head_dim) = ({h}, 2k, "
+                             f"{q.shape[-1]}), got {tuple(table.shape)}")
+    if pos_key is not None and pos_query is not None and pos_key.shape != pos_query.shape:
+        raise ValueError(f"pos_key {tuple(pos_key.shape)} and pos_query "
+                         f"{tuple(pos_query.shape)}: expected the same (heads, 2k, head_dim)")
     idx = (index[None] if index.ndim == 2 else index)[:, None].expand(b, h, n, m)
     bias: Tensor | None = None
     if pos_key is not None:
