@@ -85,6 +85,7 @@ from benchmarks.outputs import add_output_options, output_path
 #: The contender modules, by explicit name; all but the first are optional.
 MODULES = (
     "benchmarks.contenders_softmax",
+    "benchmarks.contenders_encodings",
     "benchmarks.contenders_performer",
     "benchmarks.contenders_nystrom",
     "benchmarks.contenders_fla",

@@ -124,6 +124,41 @@ def more_targets(results: Results, lengths: list[int]) -> list[str]:
             verdicts.append(f"target {name} peak memory linear in n: "
                             f"{'met' if growth <= allowed else 'MISSED'} (x{growth:.1f} from "
                             f"n = {n0} to {n1}, linear allows x{allowed:.1f})")
+    return verdicts + encoding_targets(results, lengths)
+
+
+#: Issue 16's targets at the longest length: every ``SoftmaxAttention + <encoding>`` within
+#: these factors of plain SoftmaxAttention's time and peak memory; no attention of ours above
+#: nn.MultiheadAttention's peak memory.
+ENCODED, ENCODED_TIME, ENCODED_MEMORY = "SoftmaxAttention + ", 1.3, 1.5
+
+
+def _ours(name: str) -> bool:
+    return (name.startswith("SoftmaxAttention") or name == "NystromAttention"
+            or "(transformer_zoo)" in name)
+
+
+def encoding_targets(results: Results, lengths: list[int]) -> list[str]:
+    """Verdicts for issue 16 at n = max(lengths), where the contenders ran."""
+    n, verdicts = max(lengths), []
+    plain = results.get("SoftmaxAttention", {}).get(n, {})
+    for name in [nm for nm in results if nm.startswith(ENCODED)]:
+        r = results[name][n]
+        for what, key, limit in (("time", median_time, ENCODED_TIME),
+                                 ("peak memory", peak_memory, ENCODED_MEMORY)):
+            a, b = key(r), key(plain)
+            if a is None or not b:
+                verdicts.append(f"target {name} {what} <= {limit}x SoftmaxAttention at n = {n}: "
+                                "not measured")
+                continue
+            verdicts.append(f"target {name} {what} <= {limit}x SoftmaxAttention at n = {n}: "
+                            f"{'met' if a / b <= limit else 'MISSED'} ({a / b:.2f}x)")
+    base = peak_memory(results.get(BASELINE, {}).get(n, {}))
+    if base:
+        over = [f"{nm} {peak_memory(per[n]) / base:.2f}x" for nm, per in results.items()
+                if _ours(nm) and (peak_memory(per[n]) or 0) > base]
+        verdicts.append(f"target every attention of ours <= {BASELINE} peak memory at n = {n}: "
+                        + (f"MISSED ({', '.join(over)})" if over else "met"))
     return verdicts
 
 

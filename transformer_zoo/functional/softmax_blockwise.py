@@ -59,8 +59,8 @@ from transformer_zoo.functional.softmax import (
 )
 from transformer_zoo.positional.base import LogitBias
 
-#: Default size of one block's bias, in elements (b · h · rows · m): 2^21 fp32 = 8 MiB.
-BLOCK_ELEMENTS = 2**21
+#: Default size of one block's bias, in elements (b · h · rows · m): 2^22 fp32 = 16 MiB.
+BLOCK_ELEMENTS = 2**22
 
 
 def block_rows(b: int, h: int, n: int, m: int, block_size: int | None = None) -> int:
