@@ -12,10 +12,13 @@ from torch import nn
 from transformer_zoo import (
     Encoder,
     EncoderConfig,
+    HedgehogFeatures,
+    LearnedPositiveFeatures,
     NystromAttention,
     PerformerAttention,
     RotaryEmbedding,
     SoftmaxAttention,
+    T2RFeatures,
 )
 from transformer_zoo.linearize import (
     AttentionTransfer,
@@ -31,6 +34,13 @@ D, H, N = 32, 4, 24
 # Nyström with its depthwise convolution: a kernel with parameters of its own (conv weights)
 NYSTROM_CONV = functools.partial(NystromAttention, num_landmarks=4, conv_kernel=5)
 PERFORMER = functools.partial(PerformerAttention, nb_features=16)
+HEDGEHOG = functools.partial(PerformerAttention, feature_map=HedgehogFeatures())
+LEARNED = {  # Performer with learnable feature maps (parameters in attention.feature_map)
+    "hedgehog": HEDGEHOG,
+    "t2r": functools.partial(PerformerAttention, nb_features=16, feature_map=T2RFeatures()),
+    "learned_w": functools.partial(PerformerAttention, nb_features=16,
+                                   feature_map=LearnedPositiveFeatures()),
+}
 
 
 def encoder(causal: bool = False, **overrides) -> Encoder:
@@ -96,6 +106,17 @@ def test_transfer_reduces_the_attention_error(layerwise):
                                      "layers.1.attention.conv.weight"]
     assert report.stage2.skipped.startswith("not requested")
     assert "stage 1" in str(report) and "layers.1.attention" in str(report)
+
+
+@pytest.mark.parametrize("name", sorted(LEARNED))
+def test_transfer_trains_learnable_feature_maps(name):
+    model = encoder()
+    _, report = linearize(model, LEARNED[name], batches(), **quiet(
+        stage1=AttentionTransfer(steps=25, lr=3e-2)))
+    before, after = report.attention_error["before"], report.attention_error["stage1"]
+    assert all(a < 0.6 * b for a, b in zip(after, before, strict=True)), (before, after)
+    assert report.stage1.trained and all(".attention.feature_map." in n
+                                         for n in report.stage1.trained)
 
 
 def test_only_the_new_parameters_train_and_flags_are_restored():
@@ -361,10 +382,12 @@ def trained_causal_encoder(steps: int = 30) -> Encoder:
     return model.eval()
 
 
-def test_causal_conversion_keeps_causality_and_decode_equals_parallel():
+@pytest.mark.parametrize("attention", [PERFORMER, HEDGEHOG], ids=["favor", "hedgehog"])
+def test_causal_conversion_keeps_causality_and_decode_equals_parallel(attention):
     model = trained_causal_encoder()
     data = [{"x": torch.randn(4, N, D)} for _ in range(2)]
-    _, report = linearize(model, PERFORMER, data, **quiet(stage2=Finetune(steps=10, lr=1e-3)))
+    _, report = linearize(model, attention, data, **quiet(
+        stage1=AttentionTransfer(steps=10, lr=3e-2), stage2=Finetune(steps=10, lr=1e-3)))
     assert report.hidden_error["stage2"] < report.hidden_error["before"]
     student = model.layers[0].attention
     assert isinstance(student, PerformerAttention) and student.causal

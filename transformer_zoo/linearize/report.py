@@ -93,31 +93,39 @@ class LinearizeReport:
 
 
 class Bar:
-    """A one-line text bar (``desc [####....] 12/100 loss 0.0123 3.4s``) on stderr.
+    """A one-line text bar (``desc [####....] 12/100 steps 3.4/60s loss 0.0123``) on stderr.
 
     ``enabled=False`` draws nothing. Redraws at most every ``interval`` seconds; on a stream
     that is not a terminal it prints a line per 10 % instead of redrawing.
     """
 
-    def __init__(self, desc: str, total: int, *, enabled: bool = True, file: TextIO | None = None,
-                 interval: float = 0.2, width: int = 24) -> None:
+    def __init__(self, desc: str, total: int, *, seconds: float | None = None,
+                 enabled: bool = True, file: TextIO | None = None, interval: float = 0.2,
+                 width: int = 24) -> None:
         self.desc, self.total, self.enabled = desc, max(int(total), 1), enabled
+        self.seconds = seconds  # a time budget: the bar fills with whichever comes first
         self.file = sys.stderr if file is None else file
         self.interval, self.width = interval, width
         self.tty = bool(getattr(self.file, "isatty", lambda: False)())
         self.start = time.perf_counter()
         self._last, self._decile, self._text = 0.0, -1, ""
 
-    def update(self, done: int, note: str = "") -> None:
+    def update(self, done: int, note: str = "", clock: float | None = None) -> None:
+        """``done`` steps after ``clock`` seconds of the budget (default: since the start)."""
         if not self.enabled:
             return
         now = time.perf_counter()
-        frac = min(done / self.total, 1.0)
+        clock = now - self.start if clock is None else clock
+        frac = done / self.total
+        if self.seconds:
+            frac = max(frac, clock / self.seconds)
+        frac = min(frac, 1.0)
         fill = int(frac * self.width)
+        budget = f"/{self.seconds:g}" if self.seconds else ""
         self._text = (f"{self.desc} [{'#' * fill}{'.' * (self.width - fill)}] {done}/{self.total}"
-                      f" {note} {now - self.start:.1f}s")
+                      f" steps {clock:.1f}{budget}s {note}")
         if self.tty:
-            if now - self._last >= self.interval or done >= self.total:
+            if now - self._last >= self.interval or frac >= 1.0:
                 self.file.write("\r" + self._text)
                 self.file.flush()
                 self._last = now

@@ -119,7 +119,7 @@ class _Loop:
               lr: float, out: StageReport, first_step: int = 0) -> None:
         """``steps`` AdamW steps on ``loss_fn(batch)`` within ``seconds``; appends to ``out``."""
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        bar = Bar(desc, steps, enabled=self.progress)
+        bar = Bar(desc, steps, seconds=seconds, enabled=self.progress)
         clock, done, out.stopped_by = 0.0, 0, "steps"
         if first_step == 0:
             self._monitor(stage, out.steps, out.seconds)
@@ -139,7 +139,7 @@ class _Loop:
             clock += time.perf_counter() - start
             done += 1
             out.losses.append(float(loss.detach()))
-            bar.update(done, f"loss {out.losses[-1]:.4g}")
+            bar.update(done, f"loss {out.losses[-1]:.4g}", clock)
             if self.monitor_every and (out.steps + done) % self.monitor_every == 0:
                 self._monitor(stage, out.steps + done, out.seconds + clock)
         bar.close(f"stopped by {out.stopped_by}")
