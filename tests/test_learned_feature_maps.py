@@ -61,17 +61,18 @@ def qkv(b=2, n=6, m=6, dtype=F64, scale=1.0, seed=1):
 
 # -- slow references, fp64, from the papers' formulas ---------------------------------------
 def phi_reference(fm, x: torch.Tensor, *, query: bool) -> torch.Tensor:
-    """φ(x̂) itself (not its log), x̂ = d^(−1/4) x, written from each paper's formula."""
+    """φ itself (not its log), written from each paper's formula: Hedgehog and T2R on the
+    head's q or k as given, FAVOR+ on x̂ = d^(−1/4) x."""
     xh = x.to(F64) * x.shape[-1] ** -0.25
     if isinstance(fm, HedgehogFeatures):
         p = "" if fm.shared_qk else ("query_" if query else "key_")
         w, b = getattr(fm, p + "weight").to(F64), getattr(fm, p + "bias")
-        z = torch.einsum("bhnd,hdf->bhnf", xh, w) + (0 if b is None else b.to(F64)[:, None])
+        z = torch.einsum("bhnd,hdf->bhnf", x.to(F64), w) + (0 if b is None else b.to(F64)[:, None])
         return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], -1)
     if isinstance(fm, T2RFeatures):
         p = "" if fm.shared_qk else ("query_" if query else "key_")
         w, b = getattr(fm, p + "weight").to(F64), getattr(fm, p + "bias")
-        return torch.relu(torch.einsum("bhnd,hfd->bhnf", xh, w)
+        return torch.relu(torch.einsum("bhnd,hfd->bhnf", x.to(F64), w)
                           + (0 if b is None else b.to(F64)[:, None]))
     w = fm.weight.to(F64)
     return torch.exp(torch.einsum("bhnd,hrd->bhnr", xh, w) - xh.square().sum(-1, True) / 2)
@@ -95,17 +96,25 @@ def test_hedgehog_at_identity_init_is_its_formula():
     for name, p in fm.named_parameters():
         want = torch.eye(D).expand(H, D, D) if name.endswith("weight") else torch.zeros(H, D)
         torch.testing.assert_close(p.detach(), want, rtol=0, atol=0)
-    x = torch.randn(3, H, 5, D, dtype=F64)
-    got = fm.double()(x, torch.empty(0, D), query=False).exp()
+    x = torch.randn(3, H, 5, D, dtype=F64)  # the head's q or k; the kernel passes d^(-1/4) x
+    got = fm.double()(x * D ** -0.25, torch.empty(0, D), query=False).exp()
     want = torch.cat([torch.softmax(x, -1), torch.softmax(-x, -1)], -1)  # W = I, b = 0
     torch.testing.assert_close(got, want)
+    # through the kernel: the paper's linear attention with φ(q)ᵀφ(k) on the raw q, k
+    q, k, v = qkv()
+    pq = torch.cat([torch.softmax(q, -1), torch.softmax(-q, -1)], -1)
+    pk = torch.cat([torch.softmax(k, -1), torch.softmax(-k, -1)], -1)
+    a = pq @ pk.transpose(-2, -1)
+    want = (a @ v) / a.sum(-1, keepdim=True)
+    torch.testing.assert_close(favor_attention(q, k, v, torch.empty(0, D, dtype=F64),
+                                               feature_map=fm), want)
 
 
 def test_t2r_is_relu_of_an_affine_map_per_head():
     fm = built("t2r")
     x = torch.randn(2, H, 5, D, dtype=F64)
     want = torch.relu(torch.einsum("bhnd,hfd->bhnf", x, fm.weight) + fm.bias[:, None])
-    torch.testing.assert_close(fm(x, None, query=True), want)
+    torch.testing.assert_close(fm(x * D ** -0.25, None, query=True), want)  # on the raw x
     assert not fm.exponential and fm.num_features(999) == 12  # F = the attention's r
 
 
@@ -197,7 +206,7 @@ def test_hedgehog_log_features_stay_exact_where_softmax_underflows(causal):
     # reference: log A_ij = logsumexp_f(log φ(q_i)_f + log φ(k_j)_f), softmax over j, fp64
     def log_phi(x, query):  # the paper's formula, in the log domain, fp64
         p = "query_" if query else "key_"
-        z = (torch.einsum("bhnd,hdf->bhnf", x.double() * D ** -0.25, getattr(fm64, p + "weight"))
+        z = (torch.einsum("bhnd,hdf->bhnf", x.double(), getattr(fm64, p + "weight"))
              + getattr(fm64, p + "bias")[:, None])
         return torch.cat([torch.log_softmax(z, -1), torch.log_softmax(-z, -1)], -1)
 

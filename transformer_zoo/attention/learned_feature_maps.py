@@ -1,13 +1,14 @@
 """Learnable feature maps for ``PerformerAttention``: per-head parameters, trained like weights.
 
-Per head h, on x̂ = d^(−1/4) x (the kernel's scaled queries/keys, ``functional.favor``):
+Per head h, on the head's query or key x (Hedgehog, T2R: the papers' maps on q and k as the
+model computes them) or on FAVOR+'s x̂ = d^(−1/4) x (learned-W FAVOR+):
 
 - ``HedgehogFeatures`` (Zhang et al. 2024, "The Hedgehog & the Porcupine: Expressive Linear
   Attentions with Softmax Mimicry", arXiv 2402.04347):
-      φ(x̂) = [softmax(x̂W_h + b_h), softmax(−(x̂W_h + b_h))],  W_h ``(d, d_f)`` = I, b_h = 0 at init
+      φ(x) = [softmax(xW_h + b_h), softmax(−(xW_h + b_h))],  W_h ``(d, d_f)`` = I, b_h = 0 at init
   with separate maps for queries and keys (as in the paper's code; ``shared_qk=True``: one).
 - ``T2RFeatures`` (Kasai et al. 2021, "Finetuning Pretrained Transformers into RNNs",
-  arXiv 2103.13076):   φ(x̂) = ReLU(W_h x̂ + b_h),  W_h ``(F, d)`` random at init.
+  arXiv 2103.13076):   φ(x) = ReLU(W_h x + b_h),  W_h ``(F, d)`` random at init.
 - ``LearnedPositiveFeatures``: FAVOR+'s positive features with W trained (Choromanski et al.
   2021, arXiv 2009.14794):  φ(x̂) ∝ exp(W_h x̂ − |x̂|²/2),  every W_h = the layer's random
   W at init, so at step 0 it *is* FAVOR+ (the same unbiased estimate, bit for bit).
@@ -23,7 +24,9 @@ own (``FeatureMap.build``), sized for its (n_heads, head_dim), owned as the subm
 ``feature_map`` (in ``state_dict``, moved by ``.to``). So
 ``functools.partial(PerformerAttention, feature_map=HedgehogFeatures())`` gives every layer
 its own parameters. A map built already (``n_heads=``/``head_dim=`` given) is copied, like
-``nn.TransformerEncoder`` copies its layer. Shapes: x̂ ``(b, h, n, d)`` -> ``(b, h, n, F)``.
+``nn.TransformerEncoder`` copies its layer. Shapes: the kernel calls every ``FeatureMap`` on
+x̂ = d^(−1/4) x ``(b, h, n, d)``; Hedgehog and T2R undo that scale (x = d^(1/4) x̂) before
+their formula. Output ``(b, h, n, F)``.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def _check_bool(value: object, name: str) -> bool:
 
 
 class HedgehogFeatures(LearnedFeatureMap):
-    """Hedgehog: φ(x̂) = [softmax(x̂W + b), softmax(−(x̂W + b))] per head (arXiv 2402.04347).
+    """Hedgehog: φ(x) = [softmax(xW + b), softmax(−(xW + b))] per head (arXiv 2402.04347).
 
     Args (keyword-only):
         feature_dim: d_f (default head_dim); F = 2·d_f features. W ``(h, d, d_f)`` starts at
@@ -137,8 +140,9 @@ class HedgehogFeatures(LearnedFeatureMap):
 
     Returned as log-features, [log_softmax(z), log_softmax(−z)]: the kernel's stabilisers
     then keep attention exact at norms where softmax(z) underflows in fp32 (tested).
-    On x̂ = d^(−1/4)x: at the identity init φ is the paper's map on x̂, a fixed rescaling of
-    its input the trained W absorbs.
+    x is the head's query or key itself (called on the kernel's x̂ = d^(−1/4) x, the map
+    multiplies by d^(1/4) first), so at the identity init φ(q) = [softmax(q), softmax(−q)]
+    exactly as in the paper's code.
     """
 
     def __init__(
@@ -186,11 +190,11 @@ class HedgehogFeatures(LearnedFeatureMap):
         return 2 * (self.head_dim if self.feature_dim is None else self.feature_dim)
 
     def features(self, x_hat: Tensor, *, query: bool) -> Tensor:
-        return hedgehog_log_features(x_hat, *self._params(query))
+        return hedgehog_log_features(x_hat * self.head_dim ** 0.25, *self._params(query))
 
 
 class T2RFeatures(LearnedFeatureMap):
-    """T2R: φ(x̂) = ReLU(W x̂ + b) per head (Kasai et al. 2021, arXiv 2103.13076).
+    """T2R: φ(x) = ReLU(W x + b) per head (Kasai et al. 2021, arXiv 2103.13076).
 
     Args (keyword-only):
         feature_dim: F (default: the attention's ``nb_features``). W ``(h, F, d)`` and b
@@ -201,8 +205,8 @@ class T2RFeatures(LearnedFeatureMap):
             two (``query_*``/``key_*`` parameters).
         n_heads, head_dim: build now (then ``feature_dim`` is required).
 
-    Plain features (not exponential): a query whose features are all 0 against every key
-    gets output 0.
+    x is the head's query or key (the map undoes the kernel's d^(−1/4)). Plain features (not
+    exponential): a query whose features are all 0 against every key gets output 0.
     """
 
     exponential: ClassVar[bool] = False
@@ -254,7 +258,7 @@ class T2RFeatures(LearnedFeatureMap):
         return self.feature_dim
 
     def features(self, x_hat: Tensor, *, query: bool) -> Tensor:
-        return t2r_features(x_hat, *self._params(query))
+        return t2r_features(x_hat * self.head_dim ** 0.25, *self._params(query))
 
 
 class LearnedPositiveFeatures(LearnedFeatureMap):
