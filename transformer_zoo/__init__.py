@@ -1,6 +1,6 @@
 """transformer_zoo: Transformer building blocks that are right, fast and readable."""
 
-from transformer_zoo import functional, interop, regularizers
+from transformer_zoo import functional, interop, linearize, regularizers
 from transformer_zoo.attention import (
     HedgehogFeatures,
     LearnedPositiveFeatures,
@@ -100,6 +100,7 @@ __all__ = [
     "compatibility_table",
     "functional",
     "interop",
+    "linearize",
     "regularizers",
     "supports",
     "__version__",
