@@ -420,6 +420,14 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
         lambda: _softmax_example("explicit_softmax_attention"),
         lambda *a: _softmax_attend(_f("explicit_softmax_attention"), *a),
     ),
+    "blockwise_softmax_attention": KernelCase(
+        lambda: ((_qkv()), dict(mask=padding_mask(2, 6, _gen(2))[:, None, None, :],
+                                bias=torch.randn(1, 2, 6, 6), causal=True, block_size=4)),
+        lambda *a: _softmax_attend(_f("blockwise_softmax_attention"), *a),
+    ),
+    "flex_softmax_attention": "FlexAttention (torch.nn.attention): CPU forward only, an "
+                              "unfused reference; tests/test_flex.py",
+    "position_at": "an index helper for FlexAttention score_mods; tests/test_flex.py",
     "causal_mask": KernelCase(lambda: ((5, 7), {})),
     "padding_to_attn_mask": KernelCase(lambda: ((padding_mask(2, 6, _gen(2)),), {})),
     "merge_masks": KernelCase(
