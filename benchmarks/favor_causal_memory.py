@@ -7,10 +7,11 @@
 tiled end to end), "after" the one at ``--after REV`` (default HEAD; ``--after worktree``:
 this working tree as it is), each exported with ``git archive`` into a temporary folder
 (committed snapshots; nothing in the work tree is touched), both measured in the same run,
-interleaved. Each measurement runs in a fresh process: peak memory with
-``benchmarks/memory.py``'s protocol (VmHWM − VmRSS around ONE step after a length-64 warm-up,
-``MALLOC_MMAP_THRESHOLD_=65536``), time in another process without that setting (median over
-``--rounds`` processes × ``--steps`` steps, each after one warm-up step). Contenders: the
+interleaved. Peak memory with ``benchmarks/memory.py``'s protocol (VmHWM − VmRSS around ONE
+step after a length-64 warm-up, ``MALLOC_MMAP_THRESHOLD_=65536``): the largest length in a
+fresh process per contender and version, the smaller lengths in increasing order in another.
+Time in other processes without that setting: median over ``--rounds`` processes per
+version × ``--steps`` steps, each length after one warm-up step. Contenders: the
 causal FAVOR+ kernel and module (``benchmarks/contenders_performer.py``: b = 1, d_model 512,
 8 heads × 64, F = 256) and nn.MultiheadAttention for the memory target.
 """
@@ -40,19 +41,36 @@ CONTENDERS = [("benchmarks.contenders_performer", "favor kernel causal (transfor
 _MARK = "@@RESULT "
 _TIMER = """
 import json, statistics, sys, time, importlib, torch
-module, name = sys.argv[1], sys.argv[2]
-n, steps, threads = (int(a) for a in sys.argv[3:6])
+spec, lengths = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+steps, threads = int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(threads)
+result = {}
+for module, name in spec:
+    factory = importlib.import_module(module).contenders()[name]
+    factory(64)().sum().backward()
+    for n in lengths:
+        step = factory(n)
+        step().sum().backward()
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step().sum().backward()
+            times.append(time.perf_counter() - start)
+        result[f"{name}@{n}"] = times
+        del step
+print("@@RESULT " + json.dumps(result))
+"""
+_PEAK = """
+import json, sys, importlib, torch
+from benchmarks.memory import fwd_bwd, peak_of_one_step
+module, name, lengths, threads = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 factory = importlib.import_module(module).contenders()[name]
-factory(64)().sum().backward()
-step = factory(n)
-step().sum().backward()
-times = []
-for _ in range(steps):
-    start = time.perf_counter()
-    step().sum().backward()
-    times.append(time.perf_counter() - start)
-print("@@RESULT " + json.dumps(times))
+result = {}
+for n in lengths:  # increasing: each step's freed memory went back (MALLOC_MMAP_THRESHOLD_)
+    fwd_bwd(factory(64))
+    result[str(n)] = peak_of_one_step(factory(n))["peak_bytes"]
+print("@@RESULT " + json.dumps(result))
 """
 
 
@@ -95,29 +113,38 @@ def export(rev: str, into: Path) -> Path:
 
 def measure(trees: dict[str, Path], lengths: list[int], rounds: int, steps: int,
             threads: int) -> list[dict]:
-    rows = []
-    for n in lengths:
-        for module, name in CONTENDERS:
-            versions = trees if "transformer_zoo" in name else {"after": trees["after"]}
-            for version, tree in versions.items():
-                mem = _run([sys.executable, "-m", "benchmarks.memory", module, name, str(n),
-                            "--threads", str(threads)], tree, _env(tree, True), 600)
-                rows.append({"n": n, "contender": name, "version": version,
-                             "peak_mib": mem["peak_bytes"] / 2**20 if "peak_bytes" in mem
-                             else None, "times": [], "error": mem.get("error")})
-            if "transformer_zoo" not in name:
-                continue
-            for _ in range(rounds):  # interleaved: before, after, before, after, ...
-                for version, tree in trees.items():
-                    got = _run([sys.executable, "-c", _TIMER, module, name, str(n), str(steps),
-                                str(threads)], tree, _env(tree, False), 600)
-                    row = next(r for r in rows if (r["n"], r["contender"], r["version"])
-                               == (n, name, version))
-                    row["times"] += got if isinstance(got, list) else []
-            print(f"n={n} {name}: done", flush=True)
-    for row in rows:
+    """Peak memory: the largest length in a fresh process of its own per contender and
+    version, the smaller ones together in another (increasing order). Time: one process per
+    version and round (interleaved) running every contender at every length."""
+    rows = {}
+    for module, name in CONTENDERS:
+        versions = trees if "transformer_zoo" in name else {"after": trees["after"]}
+        for version, tree in versions.items():
+            for group in ([n for n in lengths if n != max(lengths)], [max(lengths)]):
+                if not group:
+                    continue
+                got = _run([sys.executable, "-c", _PEAK, module, name, json.dumps(group),
+                            str(threads)], tree, _env(tree, True), 900)
+                for n in group:
+                    peak = got.get(str(n)) if isinstance(got, dict) else None
+                    rows[(n, name, version)] = {
+                        "n": n, "contender": name, "version": version, "times": [],
+                        "peak_mib": None if peak is None else peak / 2**20,
+                        "error": got.get("error") if isinstance(got, dict) else None}
+            print(f"memory {name} {version}: done", flush=True)
+    timed = [c for c in CONTENDERS if "transformer_zoo" in c[1]]
+    for r in range(rounds):  # interleaved: before, after, before, after, ...
+        for version, tree in trees.items():
+            got = _run([sys.executable, "-c", _TIMER, json.dumps(timed), json.dumps(lengths),
+                        str(steps), str(threads)], tree, _env(tree, False), 1800)
+            for (_, name) in timed:
+                for n in lengths:
+                    times = got.get(f"{name}@{n}", []) if isinstance(got, dict) else []
+                    rows[(n, name, version)]["times"] += times if isinstance(times, list) else []
+            print(f"time round {r} {version}: done", flush=True)
+    for row in rows.values():
         row["median_s"] = statistics.median(row["times"]) if row["times"] else None
-    return rows
+    return sorted(rows.values(), key=lambda r: (r["n"], r["contender"], r["version"]))
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -127,7 +154,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
            f"b = 1, d_model 512, 8 heads × 64, F = 256, fp32, CPU, {meta['threads']} thread(s); "
            f"{meta['machine']}; load average {meta['load']} at the start. Before = "
            f"`{meta['before']}` (features built in full), after = `{meta['after']}`; one run, "
-           "interleaved, each number from fresh processes.", "",
+           "interleaved (see the module docstring).", "",
            "| contender | n | peak before | peak after | after / before | after / MHA "
            "| time before | time after | after / before |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
