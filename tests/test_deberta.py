@@ -604,3 +604,124 @@ def test_export_with_shared_projections():
     assert sorted(exported.state_dict) == sorted(attn.state_dict())
     assert not any(name.startswith("positional.") and "proj" in name
                    for name in attn.state_dict())
+
+
+# -- bias_rows: the blockwise kernel's per-call tables -----------------------------------------
+ROW_BLOCKS = [(0, 1), (0, 4), (3, 9), (9, 13), (12, 13), (0, 13)]
+
+
+@pytest.mark.parametrize("positions", ["offset", "batched", "mixed"])
+@pytest.mark.parametrize("pos_att_type", TERMS, ids=lambda t: "+".join(t) or "none")
+@pytest.mark.parametrize("share_att_key", [True, False], ids=["shared", "own"])
+@pytest.mark.parametrize("buckets", [(-1, 4), (6, 9), (8, 10**8), (256, 512)],
+                         ids=["v1", "log", "log-no-lookup", "v3"])
+def test_bias_rows_equal_forward_rows(buckets, share_att_key, pos_att_type, positions):
+    """``bias_rows(q, …)(i0, i1)`` = rows i0:i1 of ``forward`` (fp64, 1e-12): v1 clipping,
+    log buckets with and without a lookup table (2^22 < saturation distance), DeBERTa-v3's
+    (256, 512), every term set, both projection modes, n != m, offset (n,), per-sample (b, n)
+    and mixed (n,)/(b, m) positions reaching past the span (clamped rows)."""
+    torch.manual_seed(12)
+    pb, mrp = buckets
+    bias = DebertaRelativeBias(d_model=D_MODEL, n_heads=HEADS, position_buckets=pb,
+                               max_relative_positions=mrp, layer_norm=True,
+                               share_att_key=share_att_key, pos_att_type=pos_att_type)
+    SoftmaxAttention(D_MODEL, HEADS, positional=bias).double()
+    n, m = 13, 21
+    q = torch.randn(2, HEADS, n, HEAD_DIM, dtype=torch.float64)
+    k = torch.randn(2, HEADS, m, HEAD_DIM, dtype=torch.float64)
+    qp, kp = torch.arange(n) * 40 + 3, torch.arange(m) * 25
+    if positions == "batched":
+        qp, kp = torch.stack([qp, torch.arange(n) + 1000]), torch.stack([kp, torch.arange(m)])
+    elif positions == "mixed":
+        kp = torch.stack([kp, torch.arange(m) * 7 - 50])
+    full = bias(q, qp, kp, k=k)
+    rows = bias.bias_rows(q, qp, kp, k=k)
+    for i0, i1 in ROW_BLOCKS:
+        torch.testing.assert_close(rows(i0, i1), full[:, :, i0:i1], rtol=0, atol=1e-12)
+
+
+def test_bias_rows_draw_one_dropout_mask_per_call():
+    """With dropout on P (training), every block uses the one dropped table of the call, the
+    table ``forward`` draws from the same RNG state."""
+    torch.manual_seed(13)
+    bias = DebertaRelativeBias(d_model=D_MODEL, n_heads=HEADS, position_buckets=6,
+                               max_relative_positions=9, dropout=0.5).train()
+    q, k = torch.randn(1, HEADS, 13, HEAD_DIM), torch.randn(1, HEADS, 17, HEAD_DIM)
+    qp, kp = torch.arange(13), torch.arange(17)
+    torch.manual_seed(14)
+    full = bias(q, qp, kp, k=k)
+    torch.manual_seed(14)
+    rows = bias.bias_rows(q, qp, kp, k=k)
+    got = torch.cat([rows(i0, min(i0 + 3, 13)) for i0 in range(0, 13, 3)], dim=2)
+    torch.testing.assert_close(got, full, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [
+    dict(position_buckets=-1, max_relative_positions=5, share_att_key=False, dropout=0.3),
+    dict(position_buckets=256, max_relative_positions=512, share_att_key=True, dropout=0.3),
+    dict(position_buckets=6, max_relative_positions=9, share_att_key=False,
+         pos_att_type=("p2c",)),
+    dict(position_buckets=6, max_relative_positions=9, share_att_key=True,
+         pos_att_type=("c2p",)),
+], ids=["v1-dropout", "v3-dropout", "p2c", "c2p"])
+def test_blockwise_gradients_equal_materialised_with_every_option(options):
+    """Blockwise (bias_rows, 5 blocks, recomputing backward) = materialised, fp64, in
+    training with dropout on P: outputs and the gradients of x, q/k projections, the table
+    and its LayerNorm, the position projections (the same dropped table in both)."""
+    grads = []
+    for blockwise in (False, True):
+        torch.manual_seed(15)
+        bias = DebertaRelativeBias(d_model=D_MODEL, n_heads=HEADS, layer_norm=True, **options)
+        attn = SoftmaxAttention(D_MODEL, HEADS, positional=bias, blockwise=blockwise,
+                                block_size=3).double().train()
+        x = torch.randn(2, 14, D_MODEL, dtype=torch.float64, requires_grad=True)
+        torch.manual_seed(16)  # the same dropout draw on P
+        out = attn(x)
+        out.square().sum().backward()
+        params = [x, bias.embeddings.weight, bias.embeddings.norm.weight, attn.q_proj.weight,
+                  attn.kv_proj.weight]
+        params += [p for name, p in bias.named_parameters() if "pos_" in name]
+        grads.append([out.detach()] + [p.grad.clone() for p in params])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("share_att_key", [True, False], ids=["shared", "own"])
+def test_blockwise_builds_the_position_tables_once_per_call(share_att_key):
+    """One table P, one K^r and Q^r projection and one p2c table per attention call, forward
+    and (recomputing) backward, whatever the number of blocks."""
+    import transformer_zoo.functional.deberta as fd
+
+    torch.manual_seed(17)
+    bias = DebertaRelativeBias(d_model=D_MODEL, n_heads=HEADS, position_buckets=6,
+                               max_relative_positions=9, share_att_key=share_att_key)
+    attn = SoftmaxAttention(D_MODEL, HEADS, positional=bias, blockwise=True, block_size=2)
+    calls = []
+    projections = [attn.q_proj, attn.kv_proj] if share_att_key else [bias.pos_key_proj,
+                                                                        bias.pos_query_proj]
+    hooks = [bias.embeddings.register_forward_hook(lambda *a: calls.append("P"))]
+    table_shapes = []
+
+    def count(module, args, output):
+        if args[0].shape[-2] == 2 * bias.embeddings.att_span:  # the table, not the tokens
+            calls.append("proj")
+
+    hooks += [p.register_forward_hook(count) for p in projections]
+    real = torch.matmul
+
+    def matmul(a, b):
+        out = real(a, b)
+        if out.shape[-2] == 2 * bias.embeddings.att_span:  # (b, h, 2k, m): the p2c table
+            table_shapes.append(tuple(out.shape))
+        return out
+
+    fd.torch.matmul = matmul  # the module's torch is torch: restored below
+    try:
+        attn(torch.randn(1, 10, D_MODEL)).sum().backward()  # 5 blocks
+    finally:
+        fd.torch.matmul = real
+        for hook in hooks:
+            hook.remove()
+    want_proj = 1 if share_att_key else 2  # share_att_key: q_proj(P) and F.linear for K^r
+    assert calls.count("P") == 1 and calls.count("proj") == want_proj
+    assert table_shapes == [(1, HEADS, 2 * bias.embeddings.att_span, 10)]

@@ -24,6 +24,7 @@ positions ``(n,)``/``(b, n)`` and ``(m,)``/``(b, m)``; bias ``(b, h, n, m)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -127,6 +128,27 @@ def deberta_saturation_distance(position_buckets: int, max_relative_positions: i
     return math.ceil(mid * math.exp(exponent)) + 2
 
 
+def _check_tables(q: Tensor, pos_key: Tensor | None, pos_query: Tensor | None) -> None:
+    h = q.shape[1]
+    for name, table in (("pos_key", pos_key), ("pos_query", pos_query)):
+        if table is not None and (table.ndim != 3 or table.shape[0] != h
+                                  or table.shape[-1] != q.shape[-1]):
+            raise ValueError(f"{name}: expected (heads, 2k, head_dim) = ({h}, 2k, "
+                             f"{q.shape[-1]}), got {tuple(table.shape)}")
+    if pos_key is not None and pos_query is not None and pos_key.shape != pos_query.shape:
+        raise ValueError(f"pos_key {tuple(pos_key.shape)} and pos_query "
+                         f"{tuple(pos_query.shape)}: expected the same (heads, 2k, head_dim)")
+
+
+def _check_keys(k: Tensor | None, m: int, caller: str) -> Tensor:
+    if k is None:
+        raise ValueError(f"{caller}: the p2c term needs the keys k (b, h, m, d)")
+    check_rank(k, "k", 4, "(batch, heads, k_len, head_dim)")
+    if k.shape[-2] != m:
+        raise ValueError(f"k: expected k_len={m} keys (index), got {tuple(k.shape)}")
+    return k
+
+
 def disentangled_bias(
     q: Tensor,
     k: Tensor | None,
@@ -153,28 +175,71 @@ def disentangled_bias(
             f"index: expected (q_len, k_len) or (batch, q_len, k_len) with q_len={n}, got "
             f"{tuple(index.shape)}"
         )
-    for name, table in (("pos_key", pos_key), ("pos_query", pos_query)):
-        if table is not None and (table.ndim != 3 or table.shape[0] != h
-                                  or table.shape[-1] != q.shape[-1]):
-            raise ValueError(f"{name}: expected (heads, 2k, head_dim) = ({h}, 2k, "
-                             f"{q.shape[-1]}), got {tuple(table.shape)}")
-    if pos_key is not None and pos_query is not None and pos_key.shape != pos_query.shape:
-        raise ValueError(f"pos_key {tuple(pos_key.shape)} and pos_query "
-                         f"{tuple(pos_query.shape)}: expected the same (heads, 2k, head_dim)")
+    _check_tables(q, pos_key, pos_query)
     idx = (index[None] if index.ndim == 2 else index)[:, None].expand(b, h, n, m)
     bias: Tensor | None = None
     if pos_key is not None:
         c2p = torch.matmul(q, pos_key.to(q.dtype).transpose(-1, -2))  # (b, h, n, 2k)
         bias = c2p.gather(-1, idx)
     if pos_query is not None:
-        if k is None:
-            raise ValueError("disentangled_bias: the p2c term needs the keys k (b, h, m, d)")
-        check_rank(k, "k", 4, "(batch, heads, k_len, head_dim)")
-        if k.shape[-2] != m:
-            raise ValueError(f"k: expected k_len={m} keys (index), got {tuple(k.shape)}")
+        k = _check_keys(k, m, "disentangled_bias")
         p2c = torch.matmul(pos_query.to(k.dtype), k.transpose(-1, -2))  # (b, h, 2k, m)
         p2c = p2c.gather(-2, idx)  # Q^r[index_ij]·k_j
         bias = p2c if bias is None else bias + p2c
     if bias is None:  # no term: a zero bias, broadcast (no (b, h, n, m) storage)
         return q.new_zeros(()).expand(b, h, n, m)
     return bias * scale
+
+
+def disentangled_bias_rows(
+    q: Tensor,
+    k: Tensor | None,
+    index_rows: Callable[[int, int], Tensor],
+    *,
+    pos_key: Tensor | None,
+    pos_query: Tensor | None,
+    scale: float,
+) -> Callable[[int, int], Tensor]:
+    """``disentangled_bias`` one block of query rows at a time: ``rows(i0, i1)`` -> rows
+    i0:i1 of the bias ``(b, h, i1 − i0, m)`` (equal to them to rounding), given
+    ``index_rows(i0, i1)`` -> rows i0:i1 of ``index`` (``(rows, m)`` or ``(b, rows, m)``).
+
+    The per-call work is done here, once: the ``(b, h, 2k, m)`` p2c table Q^r·kᵀ (2k·m·d per
+    head, the part every block shares). Per block: the block's c2p rows q_I·K^rᵀ ``(b, h,
+    rows, 2k)`` (each row's own work, as in ``disentangled_bias``; a full ``(b, h, n, 2k)``
+    table would cost a full-size gradient buffer per block in the backward) and one gather
+    of each table. Nothing ``(b, h, n, m)`` is built; the gradient reaches ``pos_key``,
+    ``pos_query``, q and k through each block's gathers (the tables are inputs of a
+    recomputing block, not recomputed).
+    """
+    check_rank(q, "q", 4, "(batch, heads, q_len, head_dim)")
+    b, h, n, _ = q.shape
+    _check_tables(q, pos_key, pos_query)
+    p2c: Tensor | None = None
+    if pos_query is not None:
+        if k is None:
+            raise ValueError("disentangled_bias_rows: the p2c term needs the keys k (b, h, m, d)")
+        check_rank(k, "k", 4, "(batch, heads, k_len, head_dim)")
+        p2c = torch.matmul(pos_query.to(k.dtype), k.transpose(-1, -2))  # (b, h, 2k, m)
+    key_t = None if pos_key is None else pos_key.to(q.dtype).transpose(-1, -2)  # (h, d, 2k)
+
+    def rows(i0: int, i1: int) -> Tensor:
+        index = index_rows(i0, i1)
+        m = index.shape[-1]
+        if index.ndim not in (2, 3) or index.shape[-2] != i1 - i0:
+            raise ValueError(f"index_rows({i0}, {i1}): expected ({i1 - i0}, k_len) or (batch, "
+                             f"{i1 - i0}, k_len), got {tuple(index.shape)}")
+        if p2c is not None and p2c.shape[-1] != m:
+            raise ValueError(f"k: expected k_len={m} keys (index), got {tuple(k.shape)}")
+        idx = (index[None] if index.ndim == 2 else index)[:, None].expand(b, h, i1 - i0, m)
+        bias: Tensor | None = None
+        if key_t is not None:
+            bias = torch.matmul(q[:, :, i0:i1], key_t).gather(-1, idx)  # q_i·K^r[index_ij]
+        if p2c is not None:
+            term = p2c.gather(-2, idx)  # Q^r[index_ij]·k_j
+            bias = term if bias is None else bias + term
+        if bias is None:
+            return q.new_zeros(()).expand(b, h, i1 - i0, m)
+        return bias * scale
+
+    return rows

@@ -28,7 +28,7 @@ d)``, k ``(b, h, m, d)``; positions int64 ``(n,)``/``(b, n)`` and ``(m,)``/``(b,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,6 +43,7 @@ from transformer_zoo.functional.deberta import (
     deberta_relative_positions,
     deberta_saturation_distance,
     disentangled_bias,
+    disentangled_bias_rows,
 )
 from transformer_zoo.functional.flex import ScoreMod, position_at
 from transformer_zoo.positional.base import LogitBias
@@ -260,19 +261,53 @@ class DebertaRelativeBias(LogitBias):
                 pos_query = self._heads(self.pos_query_proj(table))
         return pos_key, pos_query
 
-    def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
-                k: Tensor | None = None) -> Tensor:
+    def _table(self) -> Tensor:
+        """P for one call: normalised if so built, dropped out in training (one draw)."""
+        table = self.embeddings()
+        if self.dropout > 0 and self.training:
+            table = F.dropout(table, p=self.dropout)
+        return table
+
+    def _check_q(self, q: Tensor) -> None:
         check_rank(q, "q", 4, "(batch, heads, seq, head_dim)")
         if q.shape[1] != self.n_heads or q.shape[-1] != self.head_dim:
             raise ValueError(f"q: expected (batch, {self.n_heads}, seq, {self.head_dim}), got "
                              f"{tuple(q.shape)}")
-        table = self.embeddings()
-        if self.dropout > 0 and self.training:
-            table = F.dropout(table, p=self.dropout)
-        pos_key, pos_query = self.position_projections(table)
+
+    def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
+                k: Tensor | None = None) -> Tensor:
+        self._check_q(q)
+        pos_key, pos_query = self.position_projections(self._table())
         index = self.embeddings.index(q_positions, k_positions)
         return disentangled_bias(q, k, index, pos_key=pos_key, pos_query=pos_query,
                                  scale=self.logit_scale(self.head_dim))
+
+    def bias_rows(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
+                  k: Tensor | None = None) -> Callable[[int, int], Tensor]:
+        """Rows of ``forward``'s bias for the blockwise kernel, with the per-call work done
+        once (``functional.disentangled_bias_rows``): P (one dropout draw for every block),
+        its projections K^r, Q^r and the ``(b, h, 2k, m)`` p2c table Q^r·kᵀ. Per block: the
+        block's c2p rows q_I·K^rᵀ, its rows δ(i, j) (from the lookup table over the clamped
+        distance when there is one, else the buckets of the block's distances) and a gather
+        of each. The kernel's recomputing backward re-runs only the per-block part."""
+        self._check_q(q)
+        self.embeddings.index(q_positions[..., :1], k_positions[..., :1])  # position checks
+        pos_key, pos_query = self.position_projections(self._table())
+        n, m = q.shape[2], k_positions.shape[-1]
+        lookup = self.embeddings.index_table(q.device)
+        if lookup is not None and 2 * lookup[1] + 1 <= n * m:
+            table_rows, limit = lookup
+
+            def index_rows(i0: int, i1: int) -> Tensor:
+                delta = q_positions[..., i0:i1, None] - k_positions[..., None, :]
+                return table_rows[delta.clamp(-limit, limit) + limit]
+        else:
+
+            def index_rows(i0: int, i1: int) -> Tensor:
+                return self.embeddings.index(q_positions[..., i0:i1], k_positions)
+
+        return disentangled_bias_rows(q, k, index_rows, pos_key=pos_key, pos_query=pos_query,
+                                      scale=self.logit_scale(self.head_dim))
 
     def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
                   k_positions: Tensor) -> ScoreMod | None:
@@ -285,10 +320,7 @@ class DebertaRelativeBias(LogitBias):
         if lookup is None:
             return None
         rows, limit = lookup
-        table = self.embeddings()
-        if self.dropout > 0 and self.training:
-            table = F.dropout(table, p=self.dropout)
-        pos_key, pos_query = self.position_projections(table)
+        pos_key, pos_query = self.position_projections(self._table())
         c2p = None if pos_key is None else torch.matmul(q, pos_key.to(q.dtype).mT)
         p2c = None if pos_query is None else torch.matmul(pos_query.to(k.dtype), k.mT)
         scale = self.logit_scale(self.head_dim)
