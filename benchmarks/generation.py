@@ -9,19 +9,20 @@ in a loop: what ``generate()`` runs per token, without its bookkeeping), batch 1
   layer keeps FAVOR+'s fixed-size state (``interop/hf_cache.py``);
 - ``ours, KV cache (before)``: the same kernel with ``recurrent_cache=False``, as before issue
   19 (the features of every cached key recomputed per token); timed only up to
-  ``--kv-performer-tokens`` (default 2048: it is slow).
+  ``--kv-performer-max`` tokens (default 2048: it is slow).
 
 At each cache length L (64 … 8192 tokens) the cache is what L generated tokens leave: ours
 prefilled on L random tokens (the recurrent state), the KV caches filled with random keys and
 values of length L (a decode step's cost depends on the length only; a real prefill would be
-quadratic). Then ``--tokens`` greedy tokens are timed one by one (``time.perf_counter`` around
-one forward and the argmax) and the median is reported, the contenders interleaved at each
-length (the same load for all), with the cache's bytes (``hf_cache.cache_nbytes``: keys +
-values, or the states). One table per thread count (default 1, then 2). Ratios within one
-table are meaningful; absolute times depend on the machine and its load (recorded:
-``os.getloadavg``). On a machine with more runnable processes than cores, 2 threads measure
-OpenMP wake-ups: an elementwise op on 256 numbers (``exp``) waits ~20 ms for the second thread
-instead of taking 4 µs, which punishes many small ops (a decode step) over few large ones.
+quadratic). Then ``--tokens`` rounds each time one greedy token (``time.perf_counter`` around
+one forward and the argmax) on every (contender, L) in turn — interleaved token by token, so
+every cell sees the same load — and the median per cell is reported, with the cache's bytes
+(``hf_cache.cache_nbytes``: keys + values, or the states). One table per thread count (default
+1, then 2). Ratios within one table are meaningful; absolute times depend on the machine and
+its load (recorded: ``os.getloadavg``). On a machine with more runnable processes than cores, 2
+threads measure OpenMP wake-ups: an elementwise op on 256 numbers (``exp``) waits ~20 ms for
+the second thread instead of taking 4 µs, which punishes many small ops (a decode step) over
+few large ones.
 
 Run: ``python -m benchmarks.generation`` (a few minutes); writes
 ``generation.json``, ``generation.md`` and ``generation.png`` into ``benchmarks/runs/``
@@ -88,42 +89,44 @@ def fill(model, length: int, name: str):
 
 
 @torch.inference_mode()
-def time_tokens(model, cache, tokens: int) -> list[float]:
-    """Seconds per greedy token (one forward + argmax each), ``tokens`` tokens on ``cache``."""
-    token = torch.zeros(1, 1, dtype=torch.long)
-    times = []
-    for _ in range(tokens):
-        start = time.perf_counter()
-        out = model(token, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        times.append(time.perf_counter() - start)
-    return times
+def time_token(model, cache, token: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Seconds for one greedy token (a forward and the argmax) on ``cache``; the next token."""
+    start = time.perf_counter()
+    out = model(token, cache=cache, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    return time.perf_counter() - start, token
 
 
 def measure(*, tokens: int = 24, kv_performer_max: int = 2048, nb_features: int = 64,
             windows: tuple[int, ...] = WINDOWS, model: dict | None = None) -> dict:
-    """At each length L in ``windows``: the cache after L tokens, then ``tokens`` greedy
-    tokens timed one by one (median), contenders interleaved at each length (the same load)."""
+    """At each length L in ``windows`` the cache after L tokens; then ``tokens`` rounds, each
+    timing one greedy token on every (contender, L) in turn — interleaved token by token, so
+    every cell sees the same load — and the median per cell."""
     from transformer_zoo.interop.hf_cache import cache_nbytes
 
     load_before = os.getloadavg()
     names = [SDPA, OURS] + ([OURS_KV] if kv_performer_max > 0 else [])
     models = {name: build(name, nb_features=nb_features, model=model, max_len=windows[-1])
               for name in names}
+    cells = [(name, length) for length in windows for name in names
+             if not (name == OURS_KV and length > kv_performer_max)]
     runs = {name: {"median_ms": {}, "mean_ms": {}, "cache_bytes": {}} for name in names}
-    for length in windows:
-        for name, llama in models.items():
-            if name == OURS_KV and length > kv_performer_max:
-                continue
-            with torch.inference_mode():
-                cache = fill(llama, length, name)
-            runs[name]["cache_bytes"][str(length)] = cache_nbytes(cache)
-            time_tokens(llama, cache, 2)  # warm-up
-            times = time_tokens(llama, cache, tokens)
-            runs[name]["median_ms"][str(length)] = 1e3 * statistics.median(times)
-            runs[name]["mean_ms"][str(length)] = 1e3 * statistics.fmean(times)
-        print(length, {n: round(r["median_ms"].get(str(length), float("nan")), 2)
-                       for n, r in runs.items()}, flush=True)
+    caches, next_token, times = {}, {}, {cell: [] for cell in cells}
+    with torch.inference_mode():
+        for name, length in cells:
+            caches[name, length] = fill(models[name], length, name)
+            runs[name]["cache_bytes"][str(length)] = cache_nbytes(caches[name, length])
+            next_token[name, length] = torch.zeros(1, 1, dtype=torch.long)
+    for round_ in range(tokens + 2):  # 2 warm-up rounds
+        for cell in cells:
+            seconds, next_token[cell] = time_token(models[cell[0]], caches[cell], next_token[cell])
+            if round_ >= 2:
+                times[cell].append(seconds)
+    for (name, length), ts in times.items():
+        runs[name]["median_ms"][str(length)] = 1e3 * statistics.median(ts)
+        runs[name]["mean_ms"][str(length)] = 1e3 * statistics.fmean(ts)
+    for name, run in runs.items():
+        print(name, {k: round(v, 2) for k, v in run["median_ms"].items()}, flush=True)
     return {
         "model": model or MODEL, "nb_features": nb_features, "batch": 1, "dtype": "float32",
         "threads": torch.get_num_threads(), "windows": list(windows), "timed_tokens": tokens,

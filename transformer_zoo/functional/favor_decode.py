@@ -40,7 +40,6 @@ from transformer_zoo.functional.favor import (
     compute_dtype,
     favor_attention,
     log_features,
-    stabilized_query,
 )
 from transformer_zoo.functional.feature_maps import FeatureMap
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
@@ -118,11 +117,20 @@ def favor_decode_step(
         else:
             g = kz.detach() if numerator_transform is None else \
                 kz.detach().amax(-1, keepdim=True)
+            qg = qz + g if state is None else None
             if state is not None:
                 g_old = _cast(state.g, dtype)
                 g = torch.maximum(g_old, g)  # (b, h, F|1)
-                old = (g_old - g).exp_()  # <= 1
-            qf, kf = stabilized_query(qz, g), (kz - g).exp_()  # largest term exactly 1
+                qg = qz + g
+            # one exp for the three factors (tiny tensors: each op call costs more than its
+            # arithmetic): e^{g_old − g} <= 1, φ̃(k) = e^{log φ(k) − g} (largest 1), φ̃(q)
+            parts = [kz - g, qg - qg.detach().amax(-1, keepdim=True)]
+            if state is not None:
+                parts.append(g_old - g)
+            f = kz.shape[-1]
+            factors = torch.cat(parts, -1).exp_()
+            kf, qf = factors[..., :f], factors[..., f:2 * f]
+            old = factors[..., 2 * f:] if state is not None else None
         qn, kn = (qf, kf) if numerator_transform is None else (
             t[..., 0, :] for t in numerator_transform(qf[..., None, :], kf[..., None, :]))
         vt = v[..., 0, None, :]  # (b, h, 1, d)
@@ -134,8 +142,10 @@ def favor_decode_step(
                 s_old, z_old = s_old * old[..., :, None], z_old * old
             num = torch.addcmul(s_old, kn[..., :, None], vt)
             den = z_old + kf
-        out = _ratio(torch.matmul(qn[..., None, :], num),  # (b, h, 1, d)
-                     torch.matmul(qf[..., None, :], den[..., :, None]))  # (b, h, 1, 1)
+        # readout as products and sums (no batched matmul: on tiny shapes its threading
+        # costs more than the arithmetic)
+        out = _ratio((qn[..., :, None] * num).sum(-2),  # (b, h, d)
+                     (qf * den).sum(-1, keepdim=True))[..., None, :]  # (b, h, 1, d)
     length = 1 if state is None else state.length + 1
     new = FavorState(num, den, g, length)
     if key_padding_mask is not None:  # padded rows keep their state
