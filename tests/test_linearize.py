@@ -422,3 +422,22 @@ def test_causal_hf_llama_conversion_keeps_causality():
         a = model(input_ids=ids).last_hidden_state
         b = model(input_ids=later).last_hidden_state
     torch.testing.assert_close(b[:, :15], a[:, :15], atol=1e-5, rtol=0)
+
+
+# -- the MiniLM benchmark's helpers (the run itself: benchmarks/linearize_minilm.py) ------------
+def test_benchmark_spearman_matches_scipy_and_texts_are_seeded():
+    stats = pytest.importorskip("scipy.stats")
+    from benchmarks.linearize_minilm import spearman
+    from benchmarks.linearize_text import _prose, training_texts
+
+    a, b = torch.randn(200, dtype=torch.float64), torch.randn(200, dtype=torch.float64)
+    b = a + 0.5 * b
+    assert spearman(a, b) == pytest.approx(stats.spearmanr(a.numpy(), b.numpy())[0], abs=1e-12)
+    paragraphs = [f"Paragraph {i} says something in plain words about the topic here." * 3
+                  for i in range(20)]
+    texts = training_texts(paragraphs, 30, seed=0)
+    assert texts == training_texts(paragraphs, 30, seed=0) != training_texts(paragraphs, 30, 1)
+    assert all(24 <= len(t.split()) <= 380 for t in texts)
+    assert _prose(">>> x = 1\nprint(x)") is None and _prose("short one.") is None
+    assert _prose("Return the sum of the values along the given axis, ignoring the masked "
+                  "entries and any missing data.") is not None

