@@ -169,7 +169,8 @@ def markdown_one(results: dict) -> str:
             + f" | cache at {windows[-1]} |")
     lines = [f"**{results['threads']} CPU thread{'s' if results['threads'] > 1 else ''}** "
              f"(load average {results['loadavg_before'][0]:.1f} before, "
-             f"{results['loadavg_after'][0]:.1f} after): ms per token at L tokens", "",
+             f"{results['loadavg_after'][0]:.1f} after): ms per token with L tokens in the "
+             f"cache, median of {results['timed_tokens']} tokens", "",
              head, "|---|" + "---|" * (len(windows) + 1)]
     for name, run in results["runs"].items():
         cells = [f"{run['median_ms'][str(w)]:.2f}" if str(w) in run["median_ms"] else "—"
@@ -186,8 +187,8 @@ def markdown(all_results: list[dict]) -> str:
     note = (f"Random Llama ({m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
             f"{m['num_attention_heads']} heads, MLP {m['intermediate_size']}, vocab "
             f"{m['vocab_size']}), greedy, batch 1, {first['dtype']}, Performer nb_features="
-            f"{first['nb_features']}; median of {first['timed_tokens']} tokens timed one by one "
-            "after L tokens (a shared machine: compare within one table).")
+            f"{first['nb_features']}; each token timed alone, every (attention, L) interleaved "
+            "token by token (a shared machine: compare within one table).")
     return "\n\n".join([*(markdown_one(r) for r in all_results), note]) + "\n"
 
 

@@ -130,6 +130,7 @@ REPORT_ONLY = [
     ("benchmarks.listops.__main__", ["listops/listops.json", "listops/listops.md",
                                      "listops/listops.png"]),
     ("benchmarks.nystrom_errors", ["nystrom_errors.md", "nystrom_errors.png"]),
+    ("benchmarks.generation", ["generation.md", "generation.png"]),
     ("benchmarks.interop_zero_shot", ["interop_zero_shot.md"]),
     ("benchmarks.positional", ["positional_rope.md", "positional_bias.md"]),
     ("benchmarks.rdrop_two_pass", ["rdrop_two_pass.md"]),
