@@ -14,20 +14,16 @@ forward passes under autocast. Contenders that cannot run on the device (a Trito
 CPU) are listed with the reason instead.
 
 Time: for each length, every contender is built and warmed up once in this process, then
-rounds time one ``step().sum().backward()`` of each contender in turn (round robin, so a
-burst of load on a shared machine hits all of them alike): at least ``--repeats`` rounds, and
-more while a contender has spent under ``--min-seconds`` timing (short lengths get many
-cheap rounds). Tables, plot and target use the median round; the JSON also has the best.
-The progress bar counts every memory run and timed step: the guaranteed rounds from the start,
-each extra round from the moment it is decided (before the previous round's last step is
-counted), so it reads 100 % only when the last step is done.
-(On a shared machine one lucky round can make the minimum 40% off; the median of
-interleaved rounds kept the ratio steadier in our runs.)
+rounds time one ``step().sum().backward()`` of each contender in turn (round robin: a burst of
+load hits all alike; the median round kept ratios steadier than the best on a shared
+machine): at least ``--repeats`` rounds, more while a contender has spent under
+``--min-seconds`` timing. Tables, plot and target use the median; the JSON also has the best.
+The progress bar counts every memory run and timed step (an extra round joins its total
+before the previous round's last step is counted, so 100 % means done).
 
-Peak memory: every (contender, length) runs ONE step in a fresh subprocess; peak = VmHWM
-after the step − VmRSS before it, with the peak counter reset, and glibc told to unmap freed
-blocks (``benchmarks/memory.py`` documents and justifies the method). On CUDA: ONE step in
-this process, ``torch.cuda.max_memory_allocated`` during it minus what was allocated before.
+Peak memory (``measure_peak``): ONE step per (contender, length)
+in a fresh subprocess, VmHWM after − VmRSS before (``benchmarks/memory.py`` justifies the
+method); on CUDA ``torch.cuda.max_memory_allocated`` during ONE step in this process.
 
 Error hook: a contenders module may define ``errors(n) -> dict[str, float]`` (relative error
 against exact softmax attention); the harness prints those in a separate table.
@@ -46,11 +42,16 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from benchmarks.attention_options import (
+    all_contenders,
+    parse_args,
+    unavailable,
+    write_partial,
+)
 from benchmarks.attention_report import (
     Results,
     check_target,
@@ -73,14 +74,13 @@ from benchmarks.common import (
 )
 from benchmarks.device import (
     DTYPES,
-    add_device_options,
     device_info,
     is_out_of_memory,
     timer,
     under_autocast,
 )
 from benchmarks.memory import cuda_peak_of_one_step, fwd_bwd, measure_memory
-from benchmarks.outputs import add_output_options, output_path
+from benchmarks.outputs import output_path
 
 #: The contender modules, by explicit name; all but the first are optional.
 MODULES = (
@@ -103,24 +103,6 @@ def load_modules() -> list[ModuleType]:
             if error.name != name:  # the module exists but something it imports is broken
                 raise
     return found
-
-
-def all_contenders(modules: list[ModuleType]) -> dict[str, tuple[str, ContenderFactory]]:
-    """name -> (module name, factory), in module order."""
-    table: dict[str, tuple[str, ContenderFactory]] = {}
-    for module in modules:
-        for name, factory in module.contenders().items():
-            if name in table:
-                raise ValueError(f"contender {name!r} defined by {table[name][0]} and "
-                                 f"{module.__name__}")
-            table[name] = (module.__name__, factory)
-    return table
-
-
-def unavailable(modules: list[ModuleType], device: torch.device) -> dict[str, str]:
-    """name -> why it cannot run on ``device`` (the modules' optional ``unavailable`` hook)."""
-    return {name: why for m in modules if hasattr(m, "unavailable")
-            for name, why in m.unavailable(device).items()}
 
 
 def _seconds(fn: Callable[[], None], clock: Callable[[Callable[[], None]], float] | None
@@ -220,44 +202,8 @@ def measure_peak(module: str, name: str, factory: ContenderFactory, n: int,
 # -- main ---------------------------------------------------------------------------------------
 
 
-def _write_partial(out: Path, args: argparse.Namespace, results: Results, n: int) -> None:
-    """After each length, what is measured so far (``<out>.partial.json``, removed when the
-    run completes): a run killed by a time cap still leaves its numbers."""
-    partial = out.with_suffix(".partial.json")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text(json.dumps({
-        "complete": False, "done_up_to_length": n,
-        "config": device_info(args.device, args.dtype),
-        "results": {nm: {str(k): r for k, r in per.items()} for nm, per in results.items()},
-    }, indent=1) + "\n")
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per length (minimum)")
-    p.add_argument("--min-seconds", type=float, default=2.0,
-                   help="keep adding rounds (up to 20x repeats) until every contender has "
-                        "spent this long in timed steps at a length")
-    p.add_argument("--contenders", nargs="+", metavar="NAME",
-                   help="only these contenders (default: all found)")
-    add_output_options(p, OUTPUT)  # the JSON; the .md and .png go beside it
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds for one memory subprocess; a contender that fails or times "
-                        "out there is not timed at that length")
-    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    p.add_argument("--max-step-seconds", type=float, default=5.0,
-                   help="a contender whose one step took longer is skipped at longer lengths")
-    p.add_argument("--error-lengths", type=int, nargs="*", default=[1024],
-                   help="lengths for the optional error hooks (give none to skip)")
-    add_device_options(p)
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = parse_args(argv, __doc__)
     out = output_path(args, OUTPUT)  # before any work: a refused --out fails at once
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -323,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{args.max_step_seconds:g})" if step_s > args.max_step_seconds
                         else f"failed at n = {n}"
                     )
-            _write_partial(out, args, results, n)
+            write_partial(out, args, results, n)
     tables = markdown_tables(results, lengths)
     tables += [f"- {nm}: not run: {why}" for nm, why in cannot.items()
                if not args.contenders or nm in args.contenders]

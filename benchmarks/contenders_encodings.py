@@ -5,7 +5,7 @@ same module (b = 1, d_model 512, 8 heads × 64, bidirectional, fp32) with RoPE, 
 Shaw, Transformer-XL and DeBERTa (c2p + p2c, log buckets as in DeBERTa v2/v3). Logit biases
 take the module's default path: materialised up to ``LONG_BIAS_ELEMENTS`` bias elements,
 FlexAttention (CUDA, encodings with a ``score_mod``) or the exact blockwise kernel above
-(``docs/long_bias.md``). The issue-16 targets (``attention_report.encoding_targets``): at the
+(``docs/attention.md``). The issue-16 targets (``attention_report.encoding_targets``): at the
 longest length, each within 1.3x the time and 1.5x the peak memory of plain SoftmaxAttention.
 """
 
@@ -39,9 +39,10 @@ def _encodings() -> dict[str, Callable[[], PositionalEncoding]]:
     return found
 
 
-def _factory(make: Callable[[], PositionalEncoding]) -> ContenderFactory:
+def _factory(make: Callable[[], PositionalEncoding],
+             blockwise: bool | None = None) -> ContenderFactory:
     def build(n: int, device: torch.device = CPU) -> Step:
-        attn = SoftmaxAttention(D_MODEL, HEADS, positional=make()).to(device)
+        attn = SoftmaxAttention(D_MODEL, HEADS, positional=make(), blockwise=blockwise).to(device)
         x = randn(BATCH, n, D_MODEL, device=device, requires_grad=True)
         return lambda: attn(x)
 
@@ -49,4 +50,9 @@ def _factory(make: Callable[[], PositionalEncoding]) -> ContenderFactory:
 
 
 def contenders() -> dict[str, ContenderFactory]:
-    return {PREFIX + name: _factory(make) for name, make in _encodings().items()}
+    """Each encoding on the default path, and the biases also materialised (``blockwise=
+    False``: the path before issue 16, for the before/after table)."""
+    found = {PREFIX + name: _factory(make) for name, make in _encodings().items()}
+    found.update({f"{PREFIX}{name} (materialised)": _factory(make, blockwise=False)
+                  for name, make in _encodings().items() if name != "RoPE"})
+    return found
