@@ -205,12 +205,13 @@ def disentangled_bias_rows(
     ``index_rows(i0, i1)`` -> rows i0:i1 of ``index`` (``(rows, m)`` or ``(b, rows, m)``).
 
     The per-call work is done here, once: the ``(b, h, 2k, m)`` p2c table Q^r·kᵀ (2k·m·d per
-    head, the part every block shares). Per block: the block's c2p rows q_I·K^rᵀ ``(b, h,
-    rows, 2k)`` (each row's own work, as in ``disentangled_bias``; a full ``(b, h, n, 2k)``
-    table would cost a full-size gradient buffer per block in the backward) and one gather
-    of each table. Nothing ``(b, h, n, m)`` is built; the gradient reaches ``pos_key``,
-    ``pos_query``, q and k through each block's gathers (the tables are inputs of a
-    recomputing block, not recomputed).
+    head, the part every block shares), scaled (as K^r). Per block: the block's c2p rows
+    q_I·K^rᵀ ``(b, h, rows, 2k)`` (each row's own work, as in ``disentangled_bias``; a full
+    ``(b, h, n, 2k)`` table would cost a full-size gradient buffer per block in the backward)
+    and one gather of each table (a flat ``index_select`` when the batch shares one index).
+    Nothing ``(b, h, n, m)`` is built; the gradient reaches ``pos_key``, ``pos_query``, q and
+    k through each block's gathers (the tables are inputs of a recomputing block, not
+    recomputed).
     """
     check_rank(q, "q", 4, "(batch, heads, q_len, head_dim)")
     b, h, n, _ = q.shape
@@ -220,8 +221,8 @@ def disentangled_bias_rows(
         if k is None:
             raise ValueError("disentangled_bias_rows: the p2c term needs the keys k (b, h, m, d)")
         check_rank(k, "k", 4, "(batch, heads, k_len, head_dim)")
-        p2c = torch.matmul(pos_query.to(k.dtype), k.transpose(-1, -2))  # (b, h, 2k, m)
-    key_t = None if pos_key is None else pos_key.to(q.dtype).transpose(-1, -2)  # (h, d, 2k)
+        p2c = torch.matmul(pos_query.to(k.dtype), k.transpose(-1, -2)) * scale  # (b, h, 2k, m)
+    key_t = None if pos_key is None else (pos_key.to(q.dtype) * scale).transpose(-1, -2)
 
     def rows(i0: int, i1: int) -> Tensor:
         index = index_rows(i0, i1)
@@ -231,15 +232,28 @@ def disentangled_bias_rows(
                              f"{i1 - i0}, k_len), got {tuple(index.shape)}")
         if p2c is not None and p2c.shape[-1] != m:
             raise ValueError(f"k: expected k_len={m} keys (index), got {tuple(k.shape)}")
-        idx = (index[None] if index.ndim == 2 else index)[:, None].expand(b, h, i1 - i0, m)
+        r = i1 - i0
+        shared = index.ndim == 2 or index.shape[0] == 1  # one index for the whole batch
+        idx = None if shared else index[:, None].expand(b, h, r, m)
+        if shared:
+            index = index.reshape(r, m)
         bias: Tensor | None = None
         if key_t is not None:
-            bias = torch.matmul(q[:, :, i0:i1], key_t).gather(-1, idx)  # q_i·K^r[index_ij]
+            c2p = torch.matmul(q[:, :, i0:i1], key_t)  # (b, h, rows, 2k)
+            if idx is None:  # a flat index_select: faster than gather on CPU
+                flat = index + torch.arange(r, device=index.device)[:, None] * c2p.shape[-1]
+                bias = c2p.reshape(b * h, -1).index_select(1, flat.reshape(-1)).view(b, h, r, m)
+            else:
+                bias = c2p.gather(-1, idx)  # q_i·K^r[index_ij]
         if p2c is not None:
-            term = p2c.gather(-2, idx)  # Q^r[index_ij]·k_j
+            if idx is None:
+                flat = index * m + torch.arange(m, device=index.device)
+                term = p2c.reshape(b * h, -1).index_select(1, flat.reshape(-1)).view(b, h, r, m)
+            else:
+                term = p2c.gather(-2, idx)  # Q^r[index_ij]·k_j
             bias = term if bias is None else bias + term
         if bias is None:
             return q.new_zeros(()).expand(b, h, i1 - i0, m)
-        return bias * scale
+        return bias  # the scale is in the tables
 
     return rows
