@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.memory import MALLOC_ENV
@@ -112,26 +113,37 @@ def export(rev: str, into: Path) -> Path:
 
 
 def measure(trees: dict[str, Path], lengths: list[int], rounds: int, steps: int,
-            threads: int) -> list[dict]:
+            threads: int, parallel: int = 1, on_memory=None) -> list[dict]:
     """Peak memory: the largest length in a fresh process of its own per contender and
-    version, the smaller ones together in another (increasing order). Time: one process per
+    version, the smaller ones together in another (increasing order), ``parallel`` of these
+    processes at a time; ``on_memory(rows)`` once they are done. Time: one process per
     version and round (interleaved) running every contender at every length."""
-    rows = {}
+    jobs = []
     for module, name in CONTENDERS:
         versions = trees if "transformer_zoo" in name else {"after": trees["after"]}
         for version, tree in versions.items():
             for group in ([n for n in lengths if n != max(lengths)], [max(lengths)]):
-                if not group:
-                    continue
-                got = _run([sys.executable, "-c", _PEAK, module, name, json.dumps(group),
-                            str(threads)], tree, _env(tree, True), 900)
-                for n in group:
-                    peak = got.get(str(n)) if isinstance(got, dict) else None
-                    rows[(n, name, version)] = {
-                        "n": n, "contender": name, "version": version, "times": [],
-                        "peak_mib": None if peak is None else peak / 2**20,
-                        "error": got.get("error") if isinstance(got, dict) else None}
-            print(f"memory {name} {version}: done", flush=True)
+                if group:
+                    jobs.append((module, name, version, tree, group))
+
+    def peak(job):  # memory is per process: concurrent processes do not change it
+        module, name, version, tree, group = job
+        return _run([sys.executable, "-c", _PEAK, module, name, json.dumps(group),
+                     str(threads)], tree, _env(tree, True), 1800)
+
+    rows = {}
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        for (_module, name, version, _tree, group), got in zip(jobs, pool.map(peak, jobs),
+                                                             strict=True):
+            for n in group:
+                value = got.get(str(n)) if isinstance(got, dict) else None
+                rows[(n, name, version)] = {
+                    "n": n, "contender": name, "version": version, "times": [],
+                    "peak_mib": None if value is None else value / 2**20,
+                    "error": got.get("error") if isinstance(got, dict) else None}
+    print("memory: done", flush=True)
+    if on_memory is not None:
+        on_memory(sorted(rows.values(), key=lambda r: (r["n"], r["contender"], r["version"])))
     timed = [c for c in CONTENDERS if "transformer_zoo" in c[1]]
     for r in range(rounds):  # interleaved: before, after, before, after, ...
         for version, tree in trees.items():
@@ -193,6 +205,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="memory processes at a time (peak memory is per process)")
     add_output_options(p, OUTPUT)
     args = p.parse_args()
     out = output_path(args, OUTPUT)
@@ -205,11 +219,17 @@ def main() -> None:
         meta = {"before": _short(args.before), "after": _short(args.after),
                 "threads": args.threads, "machine": platform.processor() or platform.machine(),
                 "load": round(os.getloadavg()[0], 1), "cores": os.cpu_count()}
-        rows = measure(trees, args.lengths, args.rounds, args.steps, args.threads)
-    base = out.with_suffix("")  # writes <base>.json and <base>.md
-    base.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{base}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    Path(f"{base}.md").write_text(markdown(rows, meta))
+        base = out.with_suffix("")  # writes <base>.json and <base>.md
+        base.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(rows: list[dict]) -> None:
+            Path(f"{base}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1)
+                                            + "\n")
+            Path(f"{base}.md").write_text(markdown(rows, meta))
+
+        rows = measure(trees, args.lengths, args.rounds, args.steps, args.threads,
+                       args.parallel, on_memory=write)  # memory first, then with times
+    write(rows)
     print(markdown(rows, meta))
 
 
