@@ -227,3 +227,11 @@ def test_generation_targets_verdicts():
     missed = {"windows": [64, 2048, 8192], "runs": {SDPA: run((1, 2, 9), (1, 32, 128)),
                                                     OURS: run((2, 3, 2), (5, 5, 6))}}
     assert [line.split(":")[1].split()[0] for line in targets(missed)] == ["MISSED"] * 3
+
+
+def test_named_performer_kernel_with_a_learnable_map_decodes_on_the_state():
+    model = llama("performer", nb_features=16, seed=1, feature_map=HedgehogFeatures())
+    ids = prompt()
+    out = generate(model, ids, cache=True, max_new_tokens=10, return_dict_in_generate=True)
+    assert {type(layer) for layer in out.cache.layers} == {RecurrentLayer}
+    same_generation(model, ids, max_new_tokens=10)
