@@ -130,6 +130,22 @@ def test_performer_state_is_constant_size_and_softmax_cache_grows():
     assert sizes["softmax"][1] == 20 * sizes["softmax"][0]  # 40 tokens vs 2
 
 
+@pytest.mark.parametrize("name", ["softmax-rotary", "softmax-alibi", "performer-rotary",
+                                  "performer-numerator-rotary"])
+def test_attention_forward_cached_equals_forward(name):
+    """The module-level API alone: default positions advance with the cache."""
+    a_name, e_name = name.rsplit("-", 1)
+    torch.manual_seed(0)
+    attn = ATTENTIONS[a_name](D, H, causal=True, positional=ENCODINGS[e_name]()).double().eval()
+    x = torch.randn(2, 9, D, dtype=F64)
+    out, cache = attn.forward_cached(x[:, :3])
+    outs = [out]
+    for t in range(3, 9):
+        out, cache = attn.forward_cached(x[:, t:t + 1], cache)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), attn(x), rtol=1e-9, atol=1e-10)
+
+
 def test_step_errors():
     enc = Encoder(EncoderConfig(d_model=D, n_heads=H, n_layers=1, causal=False))
     with pytest.raises(ValueError, match="causal=True"):
