@@ -626,10 +626,12 @@ def test_bias_rows_equal_forward_rows(buckets, share_att_key, pos_att_type, posi
                                max_relative_positions=mrp, layer_norm=True,
                                share_att_key=share_att_key, pos_att_type=pos_att_type)
     SoftmaxAttention(D_MODEL, HEADS, positional=bias).double()
-    n, m = 13, 21
+    n, m = 13, 90  # n·m >= 2L + 1 for v3 too: the lookup-table path (asserted below)
     q = torch.randn(2, HEADS, n, HEAD_DIM, dtype=torch.float64)
     k = torch.randn(2, HEADS, m, HEAD_DIM, dtype=torch.float64)
     qp, kp = torch.arange(n) * 40 + 3, torch.arange(m) * 25
+    lookup = bias.embeddings.index_table()
+    assert (lookup is None) == (pb == 8) and (lookup is None or 2 * lookup[1] + 1 <= n * m)
     if positions == "batched":
         qp, kp = torch.stack([qp, torch.arange(n) + 1000]), torch.stack([kp, torch.arange(m)])
     elif positions == "mixed":
