@@ -179,7 +179,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                 return "—" if r is None or r["peak_mib"] is None else f"{r['peak_mib']:.0f} MiB"
 
             def ms(r):
-                none = r is None or r["median_s"] is None
+                none = r is None or r.get("median_s") is None
                 return "—" if none else f"{1e3 * r['median_s']:.0f} ms"
 
             def ratio(x, y):
@@ -188,7 +188,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             out.append(f"| {name} | {n} | {mib(b)} | {mib(a)} | "
                        f"{ratio(a['peak_mib'], b and b['peak_mib'])} | "
                        f"{ratio(a['peak_mib'], mha)} | {ms(b)} | {ms(a)} | "
-                       f"{ratio(a['median_s'], b and b['median_s'])} |")
+                       f"{ratio(a.get('median_s'), b and b.get('median_s'))} |")
     mhas = ", ".join(f"n = {n}: {get[(n, 'nn.MultiheadAttention', 'after')]['peak_mib']:.0f} MiB"
                      for n in lengths)
     out += ["", f"nn.MultiheadAttention peak memory: {mhas}."]
