@@ -16,6 +16,7 @@ from transformer_zoo.functional.feature_maps import (
     PositiveFeatures,
 )
 from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatures
+from transformer_zoo.functional.flex import flex_softmax_attention, position_at
 from transformer_zoo.functional.gaussian import (
     gaussian_bhattacharyya,
     gaussian_kl,
@@ -56,6 +57,7 @@ from transformer_zoo.functional.rotary import (
 )
 from transformer_zoo.functional.simcse import simcse_logits, simcse_loss
 from transformer_zoo.functional.softmax import explicit_softmax_attention, softmax_attention
+from transformer_zoo.functional.softmax_blockwise import blockwise_softmax_attention
 from transformer_zoo.functional.transformer_xl import (
     relative_distance_table,
     transformer_xl_bias,
@@ -90,6 +92,9 @@ __all__ = [
     "apply_rotary_angles",
     "causal_mask",
     "explicit_softmax_attention",
+    "blockwise_softmax_attention",
+    "flex_softmax_attention",
+    "position_at",
     "gaussian_bhattacharyya",
     "gaussian_kl",
     "gaussian_wasserstein2",
