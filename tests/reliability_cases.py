@@ -527,6 +527,9 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
     "favor_decode_step": KernelCase(
         lambda: (tuple(t[:, :, :1] for t in _qkv()) + (_projection(),), {})
     ),
+    "favor_prefill": KernelCase(
+        lambda: (_qkv() + (_projection(),), dict(key_padding_mask=padding_mask(2, 6, _gen(2))))
+    ),
     "causal_linear_scan": KernelCase(
         lambda: ((torch.rand(2, 2, 6, 5), torch.rand(2, 2, 6, 5), torch.randn(2, 2, 6, 3),
                   torch.linspace(0, 1, 6).expand(2, 2, 6).contiguous()), dict(chunk=4))
