@@ -43,6 +43,18 @@ from transformer_zoo.positional.base import QKTransform
 from transformer_zoo.positional.rope_scaling import RopeScaling
 
 
+def check_rotary_sizes(head_dim: int, rotary_dim: int | None, base: float) -> int:
+    """Validate the sizes every rotary encoding takes; return rotary_dim (head_dim if None)."""
+    check_positive_int(head_dim, "head_dim")
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    _check_even_dim(rotary_dim, "rotary_dim")
+    if rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim: expected at most head_dim={head_dim}, got {rotary_dim}")
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
+        raise ValueError(f"base: expected a number > 1, got {base!r}")
+    return rotary_dim
+
+
 class RotaryEmbedding(QKTransform):
     """RoPE on queries and keys; no parameters.
 
@@ -92,13 +104,7 @@ class RotaryEmbedding(QKTransform):
         scaling: RopeScaling | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int(head_dim, "head_dim")
-        rotary_dim = head_dim if rotary_dim is None else rotary_dim
-        _check_even_dim(rotary_dim, "rotary_dim")
-        if rotary_dim > head_dim:
-            raise ValueError(f"rotary_dim: expected at most head_dim={head_dim}, got {rotary_dim}")
-        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
-            raise ValueError(f"base: expected a number > 1, got {base!r}")
+        rotary_dim = check_rotary_sizes(head_dim, rotary_dim, base)
         self._head_dim = head_dim
         self._rotary_dim = rotary_dim
         self._base = float(base)

@@ -35,7 +35,6 @@ import math
 import torch
 from torch import Tensor
 
-from transformer_zoo._checks import check_positive_int
 from transformer_zoo.functional.rotary import (
     RotaryLayout,
     _check_even_dim,
@@ -46,6 +45,7 @@ from transformer_zoo.functional.rotary import (
 )
 from transformer_zoo.functional.rotary_theta import _wide
 from transformer_zoo.positional.base import QKTransform
+from transformer_zoo.positional.rotary import check_rotary_sizes
 
 
 def xpos_zeta(dim: int) -> list[float]:
@@ -86,13 +86,7 @@ class XPosEmbedding(QKTransform):
         center: int | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int(head_dim, "head_dim")
-        rotary_dim = head_dim if rotary_dim is None else rotary_dim
-        _check_even_dim(rotary_dim, "rotary_dim")
-        if rotary_dim > head_dim:
-            raise ValueError(f"rotary_dim: expected at most head_dim={head_dim}, got {rotary_dim}")
-        if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
-            raise ValueError(f"base: expected a number > 1, got {base!r}")
+        rotary_dim = check_rotary_sizes(head_dim, rotary_dim, base)
         if (isinstance(scale_base, bool) or not isinstance(scale_base, (int, float))
                 or not math.isfinite(scale_base) or not scale_base > 0):
             raise ValueError(f"scale_base: expected a finite number > 0, got {scale_base!r}")
