@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer_zoo.linearize.batches import (
@@ -44,7 +45,13 @@ from transformer_zoo.linearize.batches import (
     to_device,
 )
 from transformer_zoo.linearize.report import Bar, LinearizeReport, StageReport
-from transformer_zoo.linearize.stages import AttentionTransfer, Finetune, Trainable
+from transformer_zoo.linearize.stages import (
+    AttentionTransfer,
+    Finetune,
+    Schedule,
+    Trainable,
+    lr_factor,
+)
 from transformer_zoo.linearize.teacher_student import (
     AttentionSpec,
     Conversion,
@@ -116,8 +123,11 @@ class _Loop:
 
     def train(self, stage: int, desc: str, params: list[nn.Parameter],
               loss_fn: Callable[[Any], Tensor], steps: int, seconds: float | None,
-              lr: float, out: StageReport, first_step: int = 0) -> None:
-        """``steps`` AdamW steps on ``loss_fn(batch)`` within ``seconds``; appends to ``out``."""
+              lr: float, out: StageReport, first_step: int = 0,
+              schedule: Schedule = "constant", warmup: float = 0.0) -> None:
+        """``steps`` AdamW steps on ``loss_fn(batch)`` within ``seconds``; appends to ``out``.
+        The learning rate is ``lr · lr_factor(progress)``, progress the larger of the steps'
+        and the seconds' fraction spent."""
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         bar = Bar(desc, steps, seconds=seconds, enabled=self.progress)
         clock, done, out.stopped_by = 0.0, 0, "steps"
@@ -132,6 +142,9 @@ class _Loop:
                 out.stopped_by = "data"
                 break
             start = time.perf_counter()
+            progress = max(done / steps, 0.0 if not seconds else clock / seconds)
+            for group in opt.param_groups:
+                group["lr"] = lr * lr_factor(progress, schedule, warmup)
             loss = loss_fn(to_device(batch, self.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -169,16 +182,29 @@ def _transfer_loss(model: nn.Module, conversion: Conversion, layers: list[int],
     return loss_fn
 
 
-def _finetune_loss(model: nn.Module, conversion: Conversion, original: dict[str, Tensor]
-                   ) -> Callable[[Any], Tensor]:
+def _pooled(h: Tensor, rows: Tensor | None) -> Tensor:
+    """``(b, n, d)`` -> ``(b, d)``: the mean over real tokens (all tokens without a mask)."""
+    if rows is None:
+        return h.float().mean(1)
+    w = rows[..., None]
+    return (h.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def _finetune_loss(model: nn.Module, conversion: Conversion, original: dict[str, Tensor],
+                   pooled_cosine: float = 0.0) -> Callable[[Any], Tensor]:
     def loss_fn(batch: Any) -> Tensor:
         args, kwargs = ((), batch) if isinstance(batch, Mapping) else (
             (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {})
         with torch.no_grad(), Tap(conversion, "teacher"):
             target = hidden(torch.func.functional_call(model, original, args, dict(kwargs)))
         pred = hidden(call(model, batch))
-        err, ref = hidden_terms(pred, target, real_rows(batch, target))
-        return err / ref.clamp_min(1e-30)
+        rows = real_rows(batch, target)
+        err, ref = hidden_terms(pred, target, rows)
+        loss = err / ref.clamp_min(1e-30)
+        if pooled_cosine > 0 and pred.ndim == 3:
+            cos = F.cosine_similarity(_pooled(pred, rows), _pooled(target, rows), dim=-1)
+            loss = loss + pooled_cosine * (1.0 - cos).mean()
+        return loss
 
     return loss_fn
 
@@ -309,12 +335,14 @@ def _stage1(model: nn.Module, conversion: Conversion, loop: _Loop,
                 (config.seconds - report.stage1.seconds) / (len(layers) - done))
             loop.train(1, f"stage 1, layer {layer}", [p for _, p in own[layer]],
                        _transfer_loss(model, conversion, [layer], config.weights_loss),
-                       config.steps, left, config.lr, report.stage1, first_step=done)
+                       config.steps, left, config.lr, report.stage1, first_step=done,
+                       schedule=config.schedule, warmup=config.warmup)
     else:
         layers = list(range(len(own)))
         loop.train(1, "stage 1", [p for params in own for _, p in params],
                    _transfer_loss(model, conversion, layers, config.weights_loss),
-                   config.steps, config.seconds, config.lr, report.stage1)
+                   config.steps, config.seconds, config.lr, report.stage1,
+                   schedule=config.schedule, warmup=config.warmup)
     for params in own:
         for _, p in params:
             p.requires_grad_(False)
@@ -331,8 +359,10 @@ def _stage2(model: nn.Module, conversion: Conversion, loop: _Loop, config: Finet
     original = {name: p.detach().clone() for name, p in chosen}  # the teacher's snapshot
     for _, p in chosen:
         p.requires_grad_(True)
-    loop.train(2, "stage 2", [p for _, p in chosen], _finetune_loss(model, conversion, original),
-               config.steps, config.seconds, config.lr, report.stage2)
+    loop.train(2, "stage 2", [p for _, p in chosen],
+               _finetune_loss(model, conversion, original, config.pooled_cosine),
+               config.steps, config.seconds, config.lr, report.stage2,
+               schedule=config.schedule, warmup=config.warmup)
     for _, p in chosen:
         p.requires_grad_(False)
     loop.evaluate("stage2")

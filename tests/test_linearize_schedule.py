@@ -1,0 +1,135 @@
+"""linearize's learning-rate schedules and stage 2's pooled-cosine term, on a tiny Encoder."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from transformer_zoo import Encoder, EncoderConfig, PerformerAttention
+from transformer_zoo.linearize import AttentionTransfer, Finetune, Tap, convert, linearize
+from transformer_zoo.linearize.stages import lr_factor
+
+D, H, N = 32, 4, 16
+PERFORMER = functools.partial(PerformerAttention, nb_features=16)
+
+
+def encoder() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(EncoderConfig(d_model=D, n_heads=H, n_layers=2, dropout=0.0)).eval()
+
+
+def batches(count: int = 2) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(count):
+        mask = torch.ones(3, N, dtype=torch.bool)
+        mask[1, N // 2:] = False
+        out.append({"x": torch.randn(3, N, D, generator=g), "mask": mask})
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_factor_follows_its_formula(schedule):
+    decay = {"constant": lambda t: 1.0, "linear": lambda t: 1.0 - t,
+             "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t))}[schedule]
+    for p in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+        assert lr_factor(p, schedule, 0.0) == pytest.approx(decay(p))
+    # warm-up: linear ramp over the first fifth, then the decay over the rest
+    assert lr_factor(0.1, schedule, 0.2) == pytest.approx(0.5)
+    assert lr_factor(0.2, schedule, 0.2) == pytest.approx(1.0)
+    assert lr_factor(0.6, schedule, 0.2) == pytest.approx(decay(0.5))
+    assert 0 < lr_factor(0.0, schedule, 0.2) <= 1e-3
+
+
+def _first_steps(**options) -> list[float]:
+    """Largest |change| of the trained weights at each of 2 stage-2 steps (AdamW's first
+    steps move every weight by about lr · factor)."""
+    model = encoder()
+    moves = []
+    seen = {}
+
+    def monitor(m):
+        now = {n: p.detach().clone() for n, p in m.named_parameters() if "q_proj" in n}
+        if seen:
+            moves.append(max(float((now[n] - seen[n]).abs().max()) for n in now))
+        seen.update(now)
+
+    linearize(model, PERFORMER, batches(), stage1=None, progress=False, monitor=monitor,
+              monitor_every=1, stage2=Finetune(steps=2, lr=1e-2, trainable="*q_proj*",
+                                               **options))
+    return moves
+
+
+def test_schedule_and_warmup_scale_the_steps():
+    const = _first_steps()
+    assert const[0] == pytest.approx(1e-2, rel=0.05) and const[1] == pytest.approx(1e-2, rel=0.3)
+    linear = _first_steps(schedule="linear")  # progress 0, then 1/2
+    assert linear[0] == pytest.approx(1e-2, rel=0.05) and linear[1] < 0.7 * const[1]
+    warm = _first_steps(warmup=0.5)  # progress 0: factor 1e-3, then 1
+    assert warm[0] < 2e-5 and warm[1] > 0.5e-2
+
+
+def test_stage1_takes_a_schedule_too():
+    from transformer_zoo import HedgehogFeatures
+
+    hedgehog = functools.partial(PerformerAttention, feature_map=HedgehogFeatures())
+    _, flat = linearize(encoder(), hedgehog, batches(), progress=False,
+                        stage1=AttentionTransfer(steps=1, lr=1e-2, warmup=0.5))
+    _, full = linearize(encoder(), hedgehog, batches(), progress=False,
+                        stage1=AttentionTransfer(steps=1, lr=1e-2))
+    before = torch.tensor(full.attention_error["before"])
+    moved_warm = float((torch.tensor(flat.attention_error["stage1"]) - before).abs().sum())
+    moved_full = float((torch.tensor(full.attention_error["stage1"]) - before).abs().sum())
+    assert moved_warm < 1e-2 * moved_full
+
+
+def test_pooled_cosine_adds_one_minus_the_mean_pooled_cosine():
+    data = batches(1)
+    losses = {}
+    for w in (0.0, 2.0):
+        _, report = linearize(encoder(), PERFORMER, data, stage1=None, progress=False,
+                              stage2=Finetune(steps=1, pooled_cosine=w))
+        losses[w] = report.stage2.losses[0]
+    # by hand: the zero-shot converted model (linearize seeds the conversion with seed 0)
+    model = encoder()
+    torch.manual_seed(0)
+    conversion = convert(model, PERFORMER)
+    with torch.no_grad():
+        with Tap(conversion, "teacher"):
+            target = model(**data[0])
+        pred = model(**data[0])
+    real = data[0]["mask"][..., None].float()
+
+    def pool(h):
+        return (h * real).sum(1) / real.sum(1)
+
+    expected = float((1 - F.cosine_similarity(pool(pred), pool(target), dim=-1)).mean())
+    assert expected > 1e-4
+    assert losses[2.0] - losses[0.0] == pytest.approx(2.0 * expected, rel=1e-4)
+
+
+def test_pooled_cosine_ignores_padding():
+    """Changing what the padded positions hold changes neither the loss nor its pooled term."""
+    data = batches(1)
+    other = copy.deepcopy(data)
+    other[0]["x"][1, N // 2:] = 100.0
+    got = [linearize(encoder(), PERFORMER, d, stage1=None, progress=False,
+                     stage2=Finetune(steps=1, pooled_cosine=1.0))[1].stage2.losses[0]
+           for d in (data, other)]
+    assert got[0] == pytest.approx(got[1], rel=1e-5)
+
+
+def test_bad_schedule_options_raise_clear_errors():
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        Finetune(schedule="exponential")
+    with pytest.raises(ValueError, match="warmup: expected a fraction"):
+        AttentionTransfer(warmup=1.0)
+    with pytest.raises(ValueError, match="warmup"):
+        Finetune(warmup=-0.1)
+    with pytest.raises(ValueError, match="pooled_cosine: expected a number >= 0"):
+        Finetune(pooled_cosine=-1)
