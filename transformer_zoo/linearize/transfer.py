@@ -25,7 +25,6 @@ skips stage 1; stage 2 is what it gets. Shapes: whatever the model takes; errors
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import inspect
 import time
@@ -33,7 +32,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer_zoo.linearize.batches import (
@@ -44,6 +42,7 @@ from transformer_zoo.linearize.batches import (
     real_rows,
     to_device,
 )
+from transformer_zoo.linearize.losses import finetune_loss, transfer_loss
 from transformer_zoo.linearize.report import Bar, LinearizeReport, StageReport
 from transformer_zoo.linearize.stages import (
     AttentionTransfer,
@@ -55,7 +54,6 @@ from transformer_zoo.linearize.stages import (
 from transformer_zoo.linearize.teacher_student import (
     AttentionSpec,
     Conversion,
-    StopForward,
     Tap,
     convert,
 )
@@ -158,55 +156,6 @@ class _Loop:
         bar.close(f"stopped by {out.stopped_by}")
         out.steps += done
         out.seconds += clock
-
-
-def _transfer_loss(model: nn.Module, conversion: Conversion, layers: list[int],
-                   weights_loss: float) -> Callable[[Any], Tensor]:
-    def loss_fn(batch: Any) -> Tensor:
-        stop = layers[-1] if len(layers) == 1 else None
-        with Tap(conversion, "transfer", layers=layers, stop_after=stop,
-                 weights_loss=weights_loss > 0) as tap:
-            with contextlib.suppress(StopForward):
-                call(model, batch)
-        total = []
-        for layer in layers:
-            terms = tap.terms[layer]
-            err = torch.stack([e for e, _, _ in terms]).sum()
-            ref = torch.stack([r for _, r, _ in terms]).sum().clamp_min(1e-30)
-            loss = err / ref
-            if weights_loss > 0:
-                loss = loss + weights_loss * torch.stack([c for _, _, c in terms]).mean()
-            total.append(loss)
-        return torch.stack(total).mean()
-
-    return loss_fn
-
-
-def _pooled(h: Tensor, rows: Tensor | None) -> Tensor:
-    """``(b, n, d)`` -> ``(b, d)``: the mean over real tokens (all tokens without a mask)."""
-    if rows is None:
-        return h.float().mean(1)
-    w = rows[..., None]
-    return (h.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
-
-
-def _finetune_loss(model: nn.Module, conversion: Conversion, original: dict[str, Tensor],
-                   pooled_cosine: float = 0.0) -> Callable[[Any], Tensor]:
-    def loss_fn(batch: Any) -> Tensor:
-        args, kwargs = ((), batch) if isinstance(batch, Mapping) else (
-            (tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)), {})
-        with torch.no_grad(), Tap(conversion, "teacher"):
-            target = hidden(torch.func.functional_call(model, original, args, dict(kwargs)))
-        pred = hidden(call(model, batch))
-        rows = real_rows(batch, target)
-        err, ref = hidden_terms(pred, target, rows)
-        loss = err / ref.clamp_min(1e-30)
-        if pooled_cosine > 0 and pred.ndim == 3:
-            cos = F.cosine_similarity(_pooled(pred, rows), _pooled(target, rows), dim=-1)
-            loss = loss + pooled_cosine * (1.0 - cos).mean()
-        return loss
-
-    return loss_fn
 
 
 #: ``linearize``'s default stage 1 (frozen, so sharing it is safe).
@@ -334,13 +283,13 @@ def _stage1(model: nn.Module, conversion: Conversion, loop: _Loop,
             left = None if config.seconds is None else (
                 (config.seconds - report.stage1.seconds) / (len(layers) - done))
             loop.train(1, f"stage 1, layer {layer}", [p for _, p in own[layer]],
-                       _transfer_loss(model, conversion, [layer], config.weights_loss),
+                       transfer_loss(model, conversion, [layer], config.weights_loss),
                        config.steps, left, config.lr, report.stage1, first_step=done,
                        schedule=config.schedule, warmup=config.warmup)
     else:
         layers = list(range(len(own)))
         loop.train(1, "stage 1", [p for params in own for _, p in params],
-                   _transfer_loss(model, conversion, layers, config.weights_loss),
+                   transfer_loss(model, conversion, layers, config.weights_loss),
                    config.steps, config.seconds, config.lr, report.stage1,
                    schedule=config.schedule, warmup=config.warmup)
     for params in own:
@@ -360,7 +309,7 @@ def _stage2(model: nn.Module, conversion: Conversion, loop: _Loop, config: Finet
     for _, p in chosen:
         p.requires_grad_(True)
     loop.train(2, "stage 2", [p for _, p in chosen],
-               _finetune_loss(model, conversion, original, config.pooled_cosine),
+               finetune_loss(model, conversion, original, config.pooled_cosine),
                config.steps, config.seconds, config.lr, report.stage2,
                schedule=config.schedule, warmup=config.warmup)
     for _, p in chosen:
