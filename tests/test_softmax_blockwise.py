@@ -6,16 +6,18 @@ causal cross lengths and block sizes; the encoding is only ever called on row bl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import transformer_zoo.attention.softmax as softmax_module
+import transformer_zoo.functional.softmax_blockwise_lse as lse_module
 from transformer_zoo import ALiBi, ShawRelativePosition, SoftmaxAttention, T5RelativeBias
 from transformer_zoo.functional.softmax import (
     expand_kv_heads,
@@ -166,14 +168,19 @@ def test_blockwise_equals_materialised_outputs_and_gradients(p):
 
 def test_encoding_is_called_on_row_blocks_only():
     """No call sees more than block_size query rows, and the rows cover n once (forward)
-    and once more in the recomputing backward."""
+    and once more in the backward, after a one-row probe that finds the bias's parameters;
+    without grad, no probe."""
     torch.manual_seed(0)
     enc = ToyContentBias(4).double()
     q, k, v = (torch.randn(1, 2, 23, 4, dtype=F64, requires_grad=True) for _ in range(3))
-    out = blockwise_softmax_attention(q, k, v, positional=enc, block_size=5)
+    with torch.no_grad():
+        blockwise_softmax_attention(q, k, v, positional=enc, block_size=5)
     assert enc.rows_seen == [5, 5, 5, 5, 3]
+    enc.rows_seen.clear()
+    out = blockwise_softmax_attention(q, k, v, positional=enc, block_size=5)
+    assert enc.rows_seen == [1, 5, 5, 5, 5, 3]
     out.sum().backward()
-    assert sorted(enc.rows_seen) == sorted([5, 5, 5, 5, 3] * 2)
+    assert enc.rows_seen == [1] + [5, 5, 5, 5, 3] * 2
     assert enc.w.grad is not None and enc.w.grad.abs().sum() > 0
 
 
@@ -324,3 +331,106 @@ def test_module_options_are_checked():
     with pytest.raises(ValueError, match="block_size"):
         SoftmaxAttention(16, 4, block_size=0)
     assert "blockwise=True" in repr(SoftmaxAttention(16, 4, blockwise=True))
+
+
+# -- the log-sum-exp Function (functional.softmax_blockwise_lse) ---------------------------------
+@pytest.mark.cpu_only
+@settings(max_examples=30, deadline=None)
+@given(problems())
+def test_matmul_path_equals_materialised(p):
+    """The matmul path (what runs off CPU, and for blocks the fused kernel cannot take) =
+    materialised, outputs and every gradient, fp64."""
+    h, d = p["q"].shape[1], p["q"].shape[-1]
+    positional = make_encoding(p["enc"], h, d, p["causal"])
+    twin = copy.deepcopy(positional)
+    with fused_off():
+        out, grads = _run(lambda *a, **kw: blockwise_softmax_attention(
+            *a, block_size=p["block_size"], **kw), p, positional)
+    ref, ref_grads = _run(materialised, p, twin)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+
+
+@contextlib.contextmanager
+def fused_off():
+    """Turn the fused CPU kernel off (hypothesis-safe: no function-scoped fixture)."""
+    real = lse_module._fused
+    lse_module._fused = lambda q: False
+    try:
+        yield
+    finally:
+        lse_module._fused = real
+
+
+@pytest.mark.parametrize("enc", ["alibi", "t5", "shaw", "toy"])
+def test_nothing_of_size_n_by_m_is_saved(enc):
+    """Saved for the backward: q, k, v, the output, the log-sum-exp and the encoding's
+    parameters — no tensor with as many elements as one head's n x m weights."""
+    torch.manual_seed(0)
+    n, h, d = 96, 2, 4
+    positional = make_encoding(enc, h, d, False)
+    q, k, v = (torch.randn(1, h, n, d, dtype=F64, requires_grad=True) for _ in range(3))
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = blockwise_softmax_attention(q, k, v, positional=positional, block_size=8)
+    assert sizes and max(sizes) < n * n
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+class BorrowedWeightBias(LogitBias):
+    """A bias whose parameter lives in another module (held in a plain tuple, as DeBERTa's
+    share_att_key holds the attention's projections): not in ``self.parameters()``."""
+
+    def __init__(self, owner: nn.Linear) -> None:
+        super().__init__()
+        self._borrowed = (owner,)
+
+    def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        w = self._borrowed[0].weight  # (1, d)
+        r = (k_positions - q_positions[..., None]).to(q.dtype)  # (n, m)
+        return (q @ w.T.to(q.dtype)) * r  # (b, h, n, 1) * (n, m) -> (b, h, n, m)
+
+
+def test_gradient_reaches_borrowed_parameters_and_autograd_grad_works():
+    torch.manual_seed(1)
+    owner = nn.Linear(4, 1, bias=False).double()
+    enc = BorrowedWeightBias(owner)
+    assert list(enc.parameters()) == []
+    q, k, v = (torch.randn(2, 2, 13, 4, dtype=F64, requires_grad=True) for _ in range(3))
+    pos = torch.arange(13)
+    out = blockwise_softmax_attention(q, k, v, positional=enc, block_size=4)
+    got = torch.autograd.grad(out.square().sum(), [q, owner.weight])
+    ref = softmax_attention(q, k, v, bias=enc(q, pos, pos), scale=0.5)
+    want = torch.autograd.grad(ref.square().sum(), [q, owner.weight])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-11)
+    assert owner.weight.grad is None  # autograd.grad returned it, nothing accumulated
+
+
+def test_fp32_fused_path_and_no_double_backward():
+    """fp32 (the fused CPU kernel's forward and, for ALiBi, its backward) = materialised to fp32
+    rounding; a second-order gradient is refused."""
+    torch.manual_seed(2)
+    for enc in (ALiBi(n_heads=4), T5RelativeBias(n_heads=4)):
+        q, k, v = (torch.randn(2, 4, 40, 8, requires_grad=True) for _ in range(3))
+        pos = torch.arange(40)
+        out = blockwise_softmax_attention(q, k, v, positional=enc, block_size=16)
+        ref = softmax_attention(q, k, v, bias=enc(q, pos, pos))
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        params = [q, k, v, *enc.parameters()]
+        got = torch.autograd.grad(out.square().sum(), params)
+        want = torch.autograd.grad(ref.square().sum(), params)
+        for g, r in zip(got, want, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    out = blockwise_softmax_attention(q, k, v, positional=enc, block_size=16)
+    (gq,) = torch.autograd.grad(out.sum(), [q], create_graph=True)
+    with pytest.raises(RuntimeError):
+        gq.sum().backward()

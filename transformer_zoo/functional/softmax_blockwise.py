@@ -12,18 +12,24 @@ softmax over all m keys. The rows come from ``positional.bias_rows`` (per-call w
 all rows share, such as Transformer-XL's W_R R table, done once). Exact: every row sees every
 key, in the same arithmetic as the materialised kernel (outputs and gradients equal it to rounding).
 
-Backward: each block runs under ``torch.utils.checkpoint`` (``use_reentrant=False``): its
-bias, softmax and weights are dropped after the forward and recomputed, one block at a time, in
-the backward, so the ``(b, h, n, m)`` bias gradient is never held either; the gradient reaches
-the encoding's parameters (T5's bucket table, Shaw's embeddings, …) through autograd of the
-recomputed block bias. Dropout: checkpoint restores the RNG state for the recompute, so the
-backward sees the very mask the forward drew; with a value term (Shaw) one dropout mask of the
+Backward (``functional.softmax_blockwise_lse.BlockwiseBiasAttention``): the forward keeps only
+the output and the log-sum-exp L of each row; the backward recomputes one block's bias rows
+and weights P = exp(S − L) at a time (FlashAttention's backward, Dao et al. 2022, arXiv
+2205.14135), so neither the ``(b, h, n, m)`` bias, nor the weights, nor the bias gradient is
+ever held; the block's dS is pulled back through its bias rows into the encoding's parameters
+(T5's bucket table, Shaw's embeddings, Transformer-XL's u, v, W_R, DeBERTa's table and
+projections). The per-call work of the bias (``bias_rows``) is built once per call and kept
+(it is small) for the backward. On CPU the forward runs on PyTorch's fused flash kernel with
+the block's bias as its float mask (which also returns L), and so does the backward of a
+block whose bias needs no gradient (ALiBi). Cost: the content matmuls of one forward and one
+backward, plus the bias rows twice. With dropout (or under autocast) each block instead runs
+under ``torch.utils.checkpoint`` (``use_reentrant=False``), which replays the block's forward,
+dropout masks included, in the backward; with a value term (Shaw) one dropout mask of the
 weights serves both the values and the value term, as in the materialised path. (The masks
 drawn differ from the materialised kernel's: a different but equally valid dropout draw.)
 
-Cost: the forward runs twice (once more in the backward). Memory: one block's ``(b, h, rows,
-m)`` tensors at a time; ``block_size`` query rows per block (default: as many as keep one
-block's bias at ``BLOCK_ELEMENTS`` elements).
+Memory: one block's ``(b, h, rows, m)`` tensors at a time; ``block_size`` query rows per block
+(default: as many as keep one block's bias at ``BLOCK_ELEMENTS`` elements).
 
 Shapes: b batch, h query heads, h_kv key/value heads (h_kv divides h), n query length, m key
 length, d head dim, d_v value head dim. q ``(b, h, n, d)``, k ``(b, h_kv, m, d)``, v ``(b, h_kv,
@@ -56,6 +62,11 @@ from transformer_zoo.functional.softmax import (
     expand_kv_heads,
     explicit_softmax_attention,
     softmax_attention,
+)
+from transformer_zoo.functional.softmax_blockwise_lse import (
+    BlockwiseBiasAttention,
+    Plan,
+    prepare_grad,
 )
 from transformer_zoo.positional.base import LogitBias
 
@@ -134,6 +145,12 @@ def blockwise_softmax_attention(
     k, v = expand_kv_heads(k, v, h)  # once, not per block
     value_term = positional is not None and positional.has_value_term
 
+    if dropout_p == 0 and not torch.is_autocast_enabled(q.device.type):
+        plan = Plan(positional, q_positions, k_positions, mask, causal, scale, rows, n, m)
+        leaves = prepare_grad(plan, q, k) if torch.is_grad_enabled() else []
+        return BlockwiseBiasAttention.apply(plan, q, k, v, bias, *leaves)
+
+    # dropout (or autocast): each block checkpointed, its forward replayed in the backward.
     # per-call work of the bias (Transformer-XL's W_R R table) once; rows per block
     bias_rows = None if positional is None else positional.bias_rows(
         q, q_positions, k_positions, k=k if positional.needs_keys else None)

@@ -1,0 +1,346 @@
+"""The blockwise bias attention's autograd Function: saves the log-sum-exp, never the weights.
+
+    forward, per block I of query rows:   S_I = Q_I Kᵀ · s + B_I (+ −∞ where masked)
+        O_I = softmax(S_I) V [+ value term],   L_I = logsumexp(S_I)         (saved: O, L)
+    backward, per block, from Q, K, V, O, L and B_I recomputed:
+        P_I = exp(S_I − L_I),  dP_I = dO_I Vᵀ [+ ∂ value term],  D_I = rowsum(dO_I ∘ O_I)
+        dS_I = P_I ∘ (dP_I − D_I),  dQ_I = dS_I K s,  dK += dS_Iᵀ Q_I s,  dV += P_Iᵀ dO_I,
+        and dS_I is pulled back through B_I (T5's table, Shaw's embeddings, XL's u, v, W_R, ...)
+
+The backward of FlashAttention (Dao et al. 2022, arXiv 2205.14135, Alg. 4 / FlashAttention-2,
+Dao 2023, arXiv 2307.08691) done one block of query rows at a time in plain torch, with the
+gradient of the bias term added: exact (the same softmax, to rounding), and one block's
+``(b, h, rows, m)`` tensors alive at a time instead of the ``(b, h, n, m)`` bias, weights and
+bias gradient. Unlike ``torch.utils.checkpoint`` around each block, the forward is not run
+twice: only the bias rows are recomputed. On CPU a block without a value term runs the forward
+through PyTorch's fused flash kernel (which returns L), and a block whose bias needs no
+gradient (ALiBi, a frozen T5 table) also its backward; other blocks use matmuls.
+
+The bias's leaves (the encoding's parameters, including ones it borrows such as DeBERTa's
+shared key projection, and an additive ``bias`` that requires grad) are found by a one-row
+probe of its autograd graph and passed to the Function as inputs, so their gradients come back
+through the normal autograd engine (``backward`` and ``torch.autograd.grad`` alike). First
+order only (no double backward). Dropout is not supported here (the caller keeps the
+checkpointed path for it).
+
+Shapes: b batch, h heads (k, v already expanded to h), n query / m key length, d head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from transformer_zoo.positional.base import LogitBias
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward",
+                         None)
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Plan:
+    """What one call attends with (everything but the differentiable tensors)."""
+
+    positional: LogitBias | None
+    q_positions: Tensor
+    k_positions: Tensor
+    mask: Tensor | None  # bool, broadcastable to (b, h, n, m)
+    causal: bool
+    scale: float
+    rows: int
+    n: int
+    m: int
+    #: with grad: (q_d, k_d, rows) built once per call on detached leaf views of q and k
+    #: (the per-call work of the bias keeps its small graph until the backward)
+    grad_rows: tuple[Tensor, Tensor, Callable[[int, int], Tensor] | None] | None = None
+
+    @property
+    def value_term(self) -> bool:
+        return self.positional is not None and self.positional.has_value_term
+
+    def blocks(self):
+        """(i0, i1, kmax): query rows i0:i1 see keys :kmax (causal: j <= i + m − n)."""
+        for i0 in range(0, self.n, self.rows):
+            i1 = min(i0 + self.rows, self.n)
+            kmax = self.m
+            if self.causal and not self.value_term:
+                kmax = max(0, min(self.m, i1 + self.m - self.n))
+            yield i0, i1, kmax
+
+    def rows_fn(self, q: Tensor, k: Tensor) -> Callable[[int, int], Tensor] | None:
+        pe = self.positional
+        if pe is None:
+            return None
+        return pe.bias_rows(q, self.q_positions, self.k_positions,
+                            k=k if pe.needs_keys else None)
+
+    def bias(self, rows_fn, bias: Tensor | None, i0: int, i1: int, kmax: int) -> Tensor | None:
+        """Rows i0:i1, keys :kmax of the encoding's bias plus ``bias`` (with its graph)."""
+        total = None if rows_fn is None else rows_fn(i0, i1)
+        if bias is not None:
+            part = bias if bias.shape[-2] == 1 else bias[..., i0:i1, :]
+            total = part if total is None else total + part
+        return None if total is None else total[..., :kmax]
+
+    def addend(self, total: Tensor | None, q: Tensor, i0: int, i1: int, kmax: int) -> Tensor:
+        """The block's additive float term: bias rows, −∞ where the mask or causality forbid."""
+        allowed = None
+        if self.mask is not None:
+            mask = self.mask if self.mask.shape[-2] == 1 else self.mask[..., i0:i1, :]
+            allowed = mask[..., :kmax]
+        if self.causal:
+            i = torch.arange(i0, i1, device=q.device)[:, None]
+            rule = torch.arange(kmax, device=q.device) <= i + (self.m - self.n)
+            allowed = rule if allowed is None else allowed & rule
+        out = q.new_zeros(()) if total is None else total.detach().to(q.dtype)
+        if allowed is not None:
+            out = out.masked_fill(~allowed, float("-inf"))
+        return out if out.dim() == 4 else out.expand(1, 1, i1 - i0, kmax)
+
+
+def _rng_state(x: Tensor) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+
+
+def _set_rng_state(x: Tensor, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], x.device)
+
+
+def _rng_fork(x: Tensor):
+    return torch.random.fork_rng(devices=[x.device] if x.is_cuda else [])
+
+
+def _fused(q: Tensor) -> bool:
+    return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
+
+
+def _weights(qb: Tensor, k: Tensor, addend: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """P (b, h, rows, kmax) and L (b, h, rows); a row with no finite logit: P = 0, L = 0."""
+    s = torch.matmul(qb, k.transpose(-1, -2)).mul_(scale).add_(addend)
+    lse = torch.logsumexp(s, dim=-1)
+    lse = lse.masked_fill(torch.isneginf(lse), 0.0)
+    return s.sub_(lse[..., None]).exp_(), lse
+
+
+def prepare_grad(plan: Plan, q: Tensor, k: Tensor) -> list[Tensor]:
+    """With grad: build the bias's per-call work once on detached leaf views of q and k
+    (kept in ``plan.grad_rows`` for the forward and the backward) and return the tensors
+    requiring grad that the bias and value term read besides q and k: the leaves of the
+    autograd graph of a one-row probe (the encoding's parameters, and tensors it borrows,
+    such as DeBERTa's shared projections)."""
+    q_d, k_d = q.detach().requires_grad_(), k.detach().requires_grad_()
+    with torch.enable_grad():
+        rows_fn = plan.rows_fn(q_d, k_d)
+    plan.grad_rows = (q_d, k_d, rows_fn)
+    roots = []
+    with _rng_fork(q), torch.enable_grad():  # the probe leaves the RNG as it found it
+        if rows_fn is not None:
+            roots.append(plan.bias(rows_fn, None, 0, 1, plan.m))
+        if plan.value_term:
+            w = q_d.new_ones(q.shape[0], q.shape[1], 1, plan.m)
+            roots.append(plan.positional.value_term(  # type: ignore[union-attr]
+                w, plan.q_positions[..., :1], plan.k_positions))
+    leaves: list[Tensor] = []
+    seen: set[int] = set()
+    stack = [r.grad_fn for r in roots if r is not None]
+    visited = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        var = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if var is not None:
+            if var is not q_d and var is not k_d and id(var) not in seen:
+                seen.add(id(var))
+                leaves.append(var)
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return leaves
+
+
+def _rng_state(x: Tensor) -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+
+
+def _set_rng_state(x: Tensor, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], x.device)
+
+
+def _rng_fork(x: Tensor):
+    return torch.random.fork_rng(devices=[x.device] if x.is_cuda else [])
+
+
+def _fused(q: Tensor) -> bool:
+    return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
+
+
+def _weights(qb: Tensor, k: Tensor, addend: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """P (b, h, rows, kmax) and L (b, h, rows); a row with no finite logit: P = 0, L = 0."""
+    s = torch.matmul(qb, k.transpose(-1, -2)).mul_(scale).add_(addend)
+    lse = torch.logsumexp(s, dim=-1)
+    lse = lse.masked_fill(torch.isneginf(lse), 0.0)
+    return s.sub_(lse[..., None]).exp_(), lse
+
+
+def bias_leaves(plan: Plan, q: Tensor, k: Tensor) -> list[Tensor]:
+    """Tensors requiring grad that the encoding's bias and value term read, other than q and
+    k: the leaves of the autograd graph of a one-row probe (its parameters, and tensors it
+    borrows, such as DeBERTa's shared projections)."""
+    q_d, k_d = q.detach().requires_grad_(), k.detach().requires_grad_()
+    roots = []
+    with _rng_fork(q), torch.enable_grad():  # the probe leaves the RNG as it found it
+        if plan.positional is not None:
+            roots.append(plan.bias(plan.rows_fn(q_d, k_d), None, 0, 1, plan.m))
+        if plan.value_term:
+            w = q_d.new_ones(q.shape[0], q.shape[1], 1, plan.m)
+            roots.append(plan.positional.value_term(  # type: ignore[union-attr]
+                w, plan.q_positions[..., :1], plan.k_positions))
+    leaves: list[Tensor] = []
+    seen: set[int] = set()
+    stack = [r.grad_fn for r in roots if r is not None]
+    visited = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        var = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
+        if var is not None:
+            if var is not q_d and var is not k_d and id(var) not in seen:
+                seen.add(id(var))
+                leaves.append(var)
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return leaves
+
+
+class BlockwiseBiasAttention(torch.autograd.Function):
+    """``apply(plan, q, k, v, bias, *leaves) -> O``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                *leaves: Tensor) -> Tensor:
+        rows_fn = plan.grad_rows[2] if plan.grad_rows is not None else plan.rows_fn(q, k)
+        ctx.rng = _rng_state(q)  # rows may draw: the backward replays the same draws
+        fused = _fused(q) and not plan.value_term
+        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+        lse = q.new_zeros(q.shape[:-1], dtype=torch.float32 if q.dtype in (
+            torch.bfloat16, torch.float16) else q.dtype)
+        for i0, i1, kmax in plan.blocks():
+            if kmax == 0:
+                continue
+            qb, kb, vb = q[:, :, i0:i1], k[:, :, :kmax], v[:, :, :kmax]
+            addend = plan.addend(plan.bias(rows_fn, bias, i0, i1, kmax), q, i0, i1, kmax)
+            if fused:
+                o, l_ = _FLASH_CPU(qb, kb, vb, attn_mask=addend, scale=plan.scale)
+            else:
+                p, l_ = _weights(qb, kb, addend, plan.scale)
+                o = torch.matmul(p, vb)
+                if plan.value_term:
+                    o = o + plan.positional.value_term(  # type: ignore[union-attr]
+                        p, plan.q_positions[..., i0:i1], plan.k_positions)
+            out[:, :, i0:i1] = o
+            lse[:, :, i0:i1] = l_
+        ctx.plan = plan
+        ctx.save_for_backward(q, k, v, bias, out, lse, *leaves)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, bias, out, lse, *leaves = ctx.saved_tensors
+        q_d, k_d, rows_fn = ctx.plan.grad_rows
+        bias_d = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
+        inputs = [q_d, k_d] + ([bias_d] if bias_d is not None and bias_d.requires_grad else [])
+        inputs += leaves
+        grads = _Grads(inputs)
+        with _rng_fork(q):
+            _set_rng_state(q, ctx.rng)
+            dq, dk, dv = _backward_blocks(ctx.plan, q, k, v, bias_d, out, lse,
+                                          grad_out.contiguous(), rows_fn, grads)
+        g = grads.values
+        g_q = dq if g[0] is None else dq + g[0]
+        g_k = dk if g[1] is None else dk + g[1]
+        rest = g[2:]
+        g_bias = None
+        if bias_d is not None and bias_d.requires_grad:
+            g_bias, rest = rest[0], rest[1:]
+        need = ctx.needs_input_grad
+        return (None, g_q if need[1] else None, g_k if need[2] else None,
+                dv if need[3] else None, g_bias if need[4] else None, *rest)
+
+
+class _Grads:
+    """Gradients of the bias inputs, summed over blocks (``pull`` one block's term)."""
+
+    def __init__(self, inputs: list[Tensor]) -> None:
+        self.inputs = inputs
+        self.values: list[Tensor | None] = [None] * len(inputs)
+
+    def pull(self, outputs: Tensor, grad: Tensor, extra: tuple[Tensor, ...] = ()) -> tuple:
+        """Back-propagate ``grad`` from ``outputs`` into the inputs (accumulated) and into
+        ``extra`` (returned)."""
+        index = [i for i, t in enumerate(self.inputs) if t.requires_grad]
+        got = torch.autograd.grad(outputs, [*extra, *(self.inputs[i] for i in index)], grad,
+                                  retain_graph=True, allow_unused=True)
+        for i, g in zip(index, got[len(extra):], strict=True):
+            if g is not None:
+                self.values[i] = g if self.values[i] is None else self.values[i] + g
+        return got[:len(extra)]
+
+
+def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias_d: Tensor | None,
+                     out: Tensor, lse: Tensor, grad_out: Tensor, rows_fn,
+                     grads: _Grads) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's loop over query blocks -> (dq, dk, dv) of the content path; the bias
+    inputs' gradients go to ``grads``."""
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    delta = (grad_out * out).sum(-1, keepdim=True)  # D (b, h, n, 1)
+    fused = _fused(q) and not plan.value_term
+    for i0, i1, kmax in plan.blocks():
+        if kmax == 0:
+            continue
+        qb, kb, vb = q[:, :, i0:i1], k[:, :, :kmax], v[:, :, :kmax]
+        go = grad_out[:, :, i0:i1]
+        with torch.enable_grad():
+            total = plan.bias(rows_fn, bias_d, i0, i1, kmax)
+        addend = plan.addend(total, q, i0, i1, kmax)
+        if fused and (total is None or not total.requires_grad):  # fixed bias: fused kernel
+            gq, gk, gv = _FLASH_CPU_BWD(go, qb, kb, vb, out[:, :, i0:i1], lse[:, :, i0:i1],
+                                        0.0, False, attn_mask=addend, scale=plan.scale)
+            dq[:, :, i0:i1] += gq
+            dk[:, :, :kmax] += gk
+            dv[:, :, :kmax] += gv
+            continue
+        s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(plan.scale).add_(addend)
+        p = s.sub_(lse[:, :, i0:i1, None].to(s.dtype)).exp_()  # P (b, h, rows, kmax)
+        dp = torch.matmul(go, vb.transpose(-1, -2))  # dP (b, h, rows, kmax)
+        if plan.value_term:
+            with torch.enable_grad():
+                p_d = p.detach().requires_grad_()
+                term = plan.positional.value_term(  # type: ignore[union-attr]
+                    p_d, plan.q_positions[..., i0:i1], plan.k_positions)
+            dp += grads.pull(term, go, (p_d,))[0]
+        dv[:, :, :kmax] += torch.matmul(p.transpose(-1, -2), go)
+        ds = dp.sub_(delta[:, :, i0:i1].to(dp.dtype)).mul_(p)  # dS (b, h, rows, kmax)
+        dq[:, :, i0:i1] += torch.matmul(ds, kb).mul_(plan.scale)
+        dk[:, :, :kmax] += torch.matmul(ds.transpose(-1, -2), qb).mul_(plan.scale)
+        if total is not None and total.requires_grad:
+            grads.pull(total, _sum_to(ds, total.shape))
+    return dq, dk, dv
+
+
+def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``x`` down to a broadcastable ``shape`` (the bias rows may broadcast over b or h)."""
+    dims = [i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1]
+    return x.sum(dims, keepdim=True) if dims else x
