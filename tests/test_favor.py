@@ -623,3 +623,39 @@ def test_causal_gradcheck_with_a_learnable_projection():
                                chunk_size=4)
 
     assert torch.autograd.gradcheck(fn, args, fast_mode=True)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["one-tile", "16-row-tiles"])
+def test_fused_backward_saves_the_inputs_and_small_summaries_not_the_output(tiled, monkeypatch):
+    """Bidirectional fused FAVOR+: beyond q, k, v, autograd holds 1/den (n per head), the key
+    summary K'ᵀ[V, 1] and W (O(F·d)) — and, as one tile, the features it keeps — but not
+    the b·h·n·d output, which backward recomputes per tile from φ(q) (issue 16: the module's
+    peak memory). Gradients stay equal to the generic path's."""
+    import transformer_zoo.functional.favor as favor_module
+
+    if tiled:
+        force_tiles(monkeypatch)
+    b, h, n, d, r = 1, 2, 64, 8, 4
+    q, k, v = (t.requires_grad_() for t in rand_qkv(b, h, n, n, d, scale=1.0))
+    w = draw_projection(r, d, seed=0)
+    inputs = {t.data_ptr() for t in (q, k, v)}
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t):
+        if t.data_ptr() not in inputs:
+            saved.append(tuple(t.shape))
+        return t
+
+    calls = []
+    fused_apply = favor_module.FusedFavor.apply
+    monkeypatch.setattr(favor_module.FusedFavor, "apply",
+                        lambda *a: calls.append(1) or fused_apply(*a))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = favor_attention(q, k, v, w)
+    assert calls and (b, h, n, d) not in saved, saved
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    args = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = favor_attention(*args, w.double(), feature_map=UnfusedPositive())
+    want = torch.autograd.grad(ref.square().sum(), args)
+    for got, expected in zip(grads, want, strict=True):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)

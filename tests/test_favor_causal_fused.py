@@ -237,3 +237,54 @@ def test_per_head_weights_must_broadcast_into_the_heads():
     with torch.no_grad():
         out = fused.causal_favor_affine(*args[:3], args[3], None, None, None)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.cpu_only
+def test_backward_saves_the_inputs_and_n_numbers_per_head_not_the_output():
+    """The output is not saved for backward (backward recomputes its rows in the forward scan
+    it runs anyway): beyond q, k, v themselves, what is saved holds O(n) per head (1/den)
+    and O(F·d) (W_F), not the b·h·n·d of out (issue 16: the module's peak memory)."""
+    b, h, n, d, r = 1, 2, 256, 8, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).requires_grad_() for _ in range(3))
+    w = draw_projection(r, d, seed=0)
+    inputs = {t.data_ptr() for t in (q, k, v)}
+    other: list[int] = []
+
+    def pack(t):
+        if t.data_ptr() not in inputs:
+            other.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = favor_attention(q, k, v, w, causal=True, chunk_size=64)
+    assert sum(other) <= b * h * n + r * d, other  # out would add b·h·n·d = 4096
+    out.square().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.cpu_only
+def test_backward_through_redone_steep_rows_equals_the_generic_path(monkeypatch):
+    """Huge norms: the reverse and forward scans of backward redo steep rows (the forward
+    scan's redo now runs before ∂den is formed from its output); gradients still equal the
+    generic path's (features formed by the map, autograd of the scan) in fp64."""
+    small_tiles(monkeypatch)
+    redone = []
+    redo = cl._redo_steep_rows
+
+    def spy(*args):
+        redone.append(bool(args[-2].any()))
+        return redo(*args)
+
+    monkeypatch.setattr(cl, "_redo_steep_rows", spy)
+    q, k, v = qkv(50, 50, seed=2, scale=20.0)
+    w = draw_projection(16, 8, seed=0, dtype=F64)
+    results = []
+    for fmap in (PositiveFeatures(), UnfusedPositive()):
+        args = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = favor_attention(*args, w, causal=True, chunk_size=4, feature_map=fmap)
+        results.append((out, torch.autograd.grad(out.square().sum(), args)))
+    assert any(redone)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
+    for got, want in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12 * want.abs().max().item())

@@ -33,12 +33,13 @@ and recomputes: ∂a = S_r ∂Y_r (a forward scan), ∂b and ∂x from one rever
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-TILE_ELEMENTS = 1 << 19  # about this many (row × feature) entries are processed at once
+TILE_ELEMENTS = 1 << 18  # about this many (row × feature) entries are processed at once
 _SUBDIVIDE = 8  # rows that rise too far are redone in chunks this many times smaller
 
 
@@ -90,14 +91,15 @@ def scan_rows(rows_of, x: Tensor, h: Tensor | None, chunk: int, *, want_y: bool 
     places (the reverse scans of backward); ``times_a``: z_r ⊙ a_r instead of z_r.
 
     x and h may be any object with ``shape``, ``new_zeros`` and ``[..., rows, :]`` (rows
-    computed on demand). ``sink(index, slice, y, z)``: receives each tile's rows (in order
+    computed on demand); h may also be a callable ``h(index, slice, y_rows)`` giving a tile's
+    rows of h from its (final) rows of y (forward scans with ``want_y``: backward's ∂den needs
+    the output it recomputes). ``sink(index, slice, y, z)``: receives each tile's rows (in order
     within the tile) instead of full outputs, and ``(None, None)`` is returned: nothing of
     size n × P is ever allocated."""
     *lead, n, p = rows_of.shape
     q = x.shape[-1]
     c = min(chunk, n)
     rows = tile_rows(tuple(lead), max(p, q), c)
-    sign = -1.0 if reverse else 1.0
     state = x.new_zeros(*lead, p, q) if s0 is None else s0
     ref = r0
     one = rows >= n
@@ -110,24 +112,30 @@ def scan_rows(rows_of, x: Tensor, h: Tensor | None, chunk: int, *, want_y: bool 
         if swap:
             a_t, b_t = b_t, a_t
         a_t = a_t if want_y or times_a else None
+        h_t = _cut(h, sl, False) if not callable(h) else None
         a_t, b_t, g_t, x_t, h_t = (_cut(t, slice(None), reverse) for t in (a_t, b_t, g_t,
-                                                                           x[..., sl, :],
-                                                                           _cut(h, sl, False)))
-        g_t = g_t * sign
+                                                                           x[..., sl, :], h_t))
+        if callable(h):  # rows of h computed from this tile's rows of y (forward scans)
+            h_t = functools.partial(h, index, sl)
+        if reverse:  # g -> −g: non-decreasing again (_cut's flip copied g_t: negate in place)
+            g_t = g_t.neg_()
         if ref is None:
             ref = g_t[..., 0, :]
         y, z, state, ref = _tile(a_t if want_y else None, b_t, x_t, g_t, h_t, state, ref, c)
         if times_a and z is not None:
-            z = z * a_t
+            z = z.mul_(a_t)  # z is _tile's own buffer
         y, z = _cut(y, slice(None), reverse), _cut(z, slice(None), reverse)
         if sink is not None:
             sink(index, sl, y, z)
-            continue
-        if one:
+        elif one:
             return y, z
-        for out, t in ((y_out, y), (z_out, z)):
-            if out is not None:  # written in place (autograd records the copies)
-                out[..., sl, :] = t
+        else:  # written in place (autograd records the copies)
+            if y_out is not None:
+                y_out[..., sl, :] = y
+            if z_out is not None:
+                z_out[..., sl, :] = z
+        # this tile's rows go before the next tile's are formed (2 tiles never coexist)
+        del a_t, b_t, g_t, x_t, h_t, y, z
     return y_out, z_out
 
 
@@ -157,7 +165,8 @@ def _tile(a, b, x, g, h, state: Tensor, ref0: Tensor, c: int):
     n, p, q = b.shape[-2], b.shape[-1], x.shape[-1]
     blocks = -(-n // c)
     pad = blocks * c - n
-    a_, b_, x_, h_ = (_chunks(t, blocks, c, pad) for t in (a, b, x, h))
+    h_of_y = h if callable(h) else None  # h from this tile's y rows (see ``scan_rows``)
+    a_, b_, x_, h_ = (_chunks(t, blocks, c, pad) for t in (a, b, x, None if h_of_y else h))
     g_ = _chunks(g, blocks, c, pad, replicate=True)  # (..., N, C, Pg)
     last = g_[..., -1:, :]  # (..., N, 1, Pg)
     ref = torch.cat([ref0[..., None, None, :], last[..., :-1, :, :]], -3)  # <= g in the chunk
@@ -192,14 +201,22 @@ def _tile(a, b, x, g, h, state: Tensor, ref0: Tensor, c: int):
             intra = (a_ * b_).sum(-1, keepdim=True) * x_
         else:
             intra = torch.matmul(torch.matmul(u, w.transpose(-2, -1)).tril_(), x_)
-        y = torch.matmul(u, states) + intra  # (..., N, C, Q)
+        y = torch.matmul(u, states).add_(intra)  # (..., N, C, Q)
+        del u, intra
+    if h_of_y is not None:  # y first (steep rows redone, as a y-only scan does), then h
+        if c > 1:
+            y = _redo_steep_rows(a_, b_, x_, g_, None, y, None, states, ref, steep, c)[0]
+        h_ = _chunks(h_of_y(y.reshape(*y.shape[:-3], blocks * c, q)[..., :n, :]), blocks, c,
+                     pad)
     if h_ is not None:
         z = torch.matmul(h_, states.transpose(-2, -1))  # (..., N, C, P)
         if c == 1:
-            z = z * down + (h_ * x_).sum(-1, keepdim=True) * b_
+            z = z.mul_(down).add_((h_ * x_).sum(-1, keepdim=True) * b_)
         else:
-            z = (z + torch.matmul(torch.matmul(h_, x_.transpose(-2, -1)).tril_(), w)) * down
-    if c > 1:
+            z = z.add_(torch.matmul(torch.matmul(h_, x_.transpose(-2, -1)).tril_(), w)).mul_(down)
+    if c > 1 and h_of_y is not None:  # y is final already: redo z alone
+        z = _redo_steep_rows(None, b_, x_, g_, h_, None, z, states, ref, steep, c)[1]
+    elif c > 1:
         y, z = _redo_steep_rows(a_, b_, x_, g_, h_, y, z, states, ref, steep, c)
     y = None if y is None else y.reshape(*y.shape[:-3], blocks * c, q)[..., :n, :]
     z = None if z is None else z.reshape(*z.shape[:-3], blocks * c, p)[..., :n, :]

@@ -17,9 +17,11 @@ key in a past output; the same scan, ``causal_linear.py``), but the log-features
 
 - forward: per tile, the projections, g (running max carried from tile to tile), φ̃(q), φ̃(k)
   and the scan's chunks; each tile's rows of out and 1/den are written, nothing else;
-- autograd saves q, k, v, W_F, B, β, out and 1/den: O(n·d), nothing of size n·F;
-- backward recomputes each tile's features in both scans (the forward scan for ∂φ̃(q), the
-  reverse scan for ∂φ̃(k) and ∂v) and contracts them on the spot: ∂q̂ = B ∂L_q W_F,
+- autograd saves q, k, v, W_F, B, β and 1/den (the inputs and n numbers per head; not the
+  output, nothing of size n·F);
+- backward recomputes each tile's features in both scans (the forward scan for ∂φ̃(q), which
+  also recomputes the tile's [num, den], hence ∂den = −(∂out · out) / den; the reverse scan
+  for ∂φ̃(k) and ∂v) and contracts them on the spot: ∂q̂ = B ∂L_q W_F,
   ∂k̂ = B ∂L_k W_F − (Σ_f ∂L_k) k̂, ∂W_F += B ∂Lᵀ x̂, ∂β += Σ_rows ∂L, ∂B += Σ ∂L ⊙ W_F x̂
   (∂L = φ̃ ⊙ ∂φ̃). No gradient flows into g nor the per-query max (they cancel exactly).
 
@@ -62,18 +64,35 @@ class _Ones:
         return torch.cat([t, t.new_ones(*t.shape[:-1], 1)], -1)
 
 
-class _OutputGrad:
-    """∂[num, den] = [∂out / den, −(∂out · out) / den], a tile of rows at a time."""
+def _ratio_rows(y: Tensor) -> Tensor:
+    """out = num / den from a tile's y = [num, den] (0 where den = 0: no key)."""
+    den = y[..., -1:]
+    live = den > 0
+    return torch.where(live, y[..., :-1] / torch.where(live, den, 1.0), 0.0)
 
-    def __init__(self, grad: Tensor, out: Tensor, inv: Tensor) -> None:
-        self.grad, self.out, self.inv = grad, out, inv
-        self.shape = (*out.shape[:-1], out.shape[-1] + 1)
-        self.new_zeros = out.new_zeros
+
+class _OutputGrad:
+    """∂[num, den] = [∂out / den, −(∂out · out) / den], a tile of rows at a time.
+
+    ``h_rows(index, slice, y)`` (a ``scan_rows`` h callable): the tile's rows from its
+    recomputed y = [num, den] (out is not saved for backward), recording ∂den; indexing then
+    serves the rows of every tile seen so far (the reverse scan's x)."""
+
+    def __init__(self, grad: Tensor, inv: Tensor) -> None:
+        self.grad, self.inv = grad, inv
+        self.shape = (*grad.shape[:-1], grad.shape[-1] + 1)
+        self.new_zeros = grad.new_zeros
+        self.dden = inv.new_empty(inv.shape)  # (b, h, n, 1)
+
+    def h_rows(self, index: int, sl: slice, y: Tensor) -> Tensor:
+        g, inv = self.grad[..., sl, :], self.inv[..., sl, :]
+        dden = (g * _ratio_rows(y)).sum(-1, keepdim=True).mul_(inv).neg_()
+        self.dden[..., sl, :] = dden
+        return torch.cat([g * inv, dden], -1)
 
     def __getitem__(self, key) -> Tensor:
         g, inv = self.grad[key], self.inv[key]
-        dden = (g * self.out[key]).sum(-1, keepdim=True).mul_(inv).neg_()
-        return torch.cat([g * inv, dden], -1)
+        return torch.cat([g * inv, self.dden[key]], -1)
 
 
 class _AffineRows:
@@ -189,7 +208,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None
     def sink(index: int, sl: slice, y: Tensor, z) -> None:
         den = y[..., -1:]
         live = den > 0
-        out[..., sl, :] = torch.where(live, y[..., :-1] / torch.where(live, den, 1.0), 0.0)
+        out[..., sl, :] = _ratio_rows(y)
         inv[..., sl, :] = torch.where(live, 1.0 / torch.where(live, den, 1.0), 0.0)
 
     scan_rows(rows, _Ones(v), None, chunk, sink=sink)
@@ -208,15 +227,17 @@ def _(q, k, v, w_f, b_coef, beta, valid, chunk):
 
 
 def _gradients(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None,
-               beta: Tensor | None, valid: Tensor | None, out: Tensor, inv: Tensor,
+               beta: Tensor | None, valid: Tensor | None, inv: Tensor,
                grad: Tensor, chunk: int, need: list[bool]) -> list[Tensor]:
     """∂q from the forward scan (∂L_q = φ̃(q) ⊙ ∂φ̃(q)), ∂k and ∂v from one reverse scan
-    (∂L_k = φ̃(k) ⊙ ∂φ̃(k)); ∂W_F, ∂B, ∂β from both. Features recomputed per tile."""
+    (∂L_k = φ̃(k) ⊙ ∂φ̃(k)); ∂W_F, ∂B, ∂β from both. Features recomputed per tile, and the
+    output too: the forward scan also gives each tile's [num, den] (the forward's own rows),
+    hence ∂den = −(∂out · out) / den, before that tile's ∂φ̃(q) needs it."""
     need_q, need_k, need_v, need_w, need_b, need_beta = need
     rows = _AffineRows(q, k, w_f, b_coef, beta, valid, chunk, v.shape[-1] + 1)
     params = (need_w, need_b and b_coef is not None, need_beta and beta is not None)
     acc = _Grads(rows, (True, *params))
-    dy, x = _OutputGrad(grad, out, inv), _Ones(v)
+    dy, x = _OutputGrad(grad, inv), _Ones(v)
     dq = torch.empty_like(q) if need_q else None
     if need_q or any(params):
         def query_sink(index: int, sl: slice, y, dl: Tensor) -> None:
@@ -225,7 +246,9 @@ def _gradients(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | No
             if dx is not None:
                 dq[..., sl, :] = dx
 
-        scan_rows(rows, x, dy, chunk, want_y=False, times_a=True, sink=query_sink)
+        scan_rows(rows, x, dy.h_rows, chunk, want_y=True, times_a=True, sink=query_sink)
+    elif need_k or need_v:  # ∂den alone, for the reverse scan
+        scan_rows(rows, x, None, chunk, sink=lambda index, sl, y, z: dy.h_rows(index, sl, y))
     dk = torch.empty_like(k) if need_k else None
     dv = torch.empty_like(v) if need_v else None
     if need_k or need_v or any(params):
@@ -248,13 +271,13 @@ def _gradients(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | No
 
 @torch.library.custom_op("transformer_zoo::causal_favor_affine_backward", mutates_args=())
 def _affine_backward_op(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None,
-                        beta: Tensor | None, valid: Tensor | None, out: Tensor, inv: Tensor,
+                        beta: Tensor | None, valid: Tensor | None, inv: Tensor,
                         grad: Tensor, chunk: int, need: list[bool]) -> list[Tensor]:
-    return _gradients(q, k, v, w_f, b_coef, beta, valid, out, inv, grad, chunk, need)
+    return _gradients(q, k, v, w_f, b_coef, beta, valid, inv, grad, chunk, need)
 
 
 @_affine_backward_op.register_fake
-def _(q, k, v, w_f, b_coef, beta, valid, out, inv, grad, chunk, need):
+def _(q, k, v, w_f, b_coef, beta, valid, inv, grad, chunk, need):
     likes = (q, k, v, w_f, b_coef, beta)
     return [torch.empty_like(t) if flag and t is not None else q.new_empty(0)
             for t, flag in zip(likes, need, strict=True)]
@@ -282,14 +305,14 @@ def _reference(q, k, v, w_f, b_coef, beta, valid, chunk: int) -> Tensor:
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, w_f, b_coef, beta, valid, chunk = inputs
-    out, inv = output
-    ctx.save_for_backward(q, k, v, w_f, b_coef, beta, valid, out, inv)
+    _out, inv = output  # out is not saved: backward recomputes its rows (``_gradients``)
+    ctx.save_for_backward(q, k, v, w_f, b_coef, beta, valid, inv)
     ctx.chunk = chunk
     ctx.mark_non_differentiable(inv)
 
 
 def _backward(ctx, grad: Tensor, _grad_inv):
-    q, k, v, w_f, b_coef, beta, valid, out, inv = ctx.saved_tensors
+    q, k, v, w_f, b_coef, beta, valid, inv = ctx.saved_tensors
     need = list(ctx.needs_input_grad[:6])
     if torch.is_grad_enabled():  # create_graph=True: differentiate the same function, eagerly
         inputs = (q, k, v, w_f, b_coef, beta)
@@ -298,8 +321,7 @@ def _backward(ctx, grad: Tensor, _grad_inv):
         found = iter(torch.autograd.grad(ref, wanted, grad, create_graph=True,
                                          allow_unused=True))
         return (*(next(found) if n else None for n in need), None, None)
-    grads = _affine_backward_op(q, k, v, w_f, b_coef, beta, valid, out, inv, grad, ctx.chunk,
-                                need)
+    grads = _affine_backward_op(q, k, v, w_f, b_coef, beta, valid, inv, grad, ctx.chunk, need)
     return (*(t if n else None for t, n in zip(grads, need, strict=True)), None, None)
 
 

@@ -18,8 +18,9 @@ et al. 2022, arXiv 2205.15317), computed tile by tile along the sequence so that
 - −|k̂|²/2 rides in the key projection matmul as an extra column, and c rides in the query
   projection the same way; the ones column appended to V yields numerator and denominator
   from one matmul pair; stabilizer subtraction and exp run in place;
-- only O(n·d + F·d) is saved for backward (out, 1/den, c, K'ᵀ[V, 1]); backward recomputes
-  each tile's features (two extra projection matmuls, against ten) and accumulates
+- only O(n + F·d) is saved beyond the inputs (1/den, c, K'ᵀ[V, 1]); backward recomputes
+  each tile's features (two extra projection matmuls, against ten) and its rows of out (one
+  F × (d_v + 1) matmul, as forward: the output itself is not held), and accumulates
   ∂(K'ᵀ[V, 1]) over query tiles before the key tiles use it. No gradient flows into the
   stabilizers (they cancel exactly, so their true gradient is 0) nor into B and β (FAVOR++'s
   measured ρ is a stop-gradient on both paths).
@@ -140,7 +141,9 @@ class FusedFavor(torch.autograd.Function):
         c = q.new_full((*k.shape[:2], 1, f), float("-inf"))  # running max (b, h, 1, F)
         tiled = _tiled(q, k, f)
         exact = _offsets_outside_matmuls()
+        kl = qf = None
         for t in _tiles(k, f, tiled):
+            kl = None  # the previous tile's features go before this tile's are formed
             kl = _key_logits(k[:, :, t] * scale, w_aug, b_coef,
                              None if valid is None else valid[:, t], exact)
             c_new = torch.maximum(c, kl.amax(-2, keepdim=True))
@@ -154,19 +157,25 @@ class FusedFavor(torch.autograd.Function):
         out = q.new_empty(*q.shape[:-1], v.shape[-1])  # (b, h, n, d_v)
         inv = q.new_empty(*q.shape[:-1], 1)  # 1 / denominator, 0 where it is 0
         for t in _tiles(q, f, tiled):
+            qf = None
             qf = _query_features(q[:, :, t], w_q, scale, b_coef, exact)
             y = torch.matmul(qf, kv)
             inv_t = _safe_inverse(y[..., -1:])
             inv[:, :, t] = inv_t
             out[:, :, t] = y[..., :-1] * inv_t
+            del y, inv_t
         kept = (None, None) if tiled else (qf, kl)  # one tile: kl holds the final K' already
-        ctx.save_for_backward(q, k, v, valid, w_aug, w_q, kv, c, inv, out, *kept)
+        del qf, kl
+        # out is not saved: backward recomputes each tile's rows from its φ(q) (one small
+        # matmul), so the output's n·d_v entries are not held for backward (the module's
+        # head merge copies it anyway)
+        ctx.save_for_backward(q, k, v, valid, w_aug, w_q, kv, c, inv, *kept)
         ctx.scale, ctx.b_coef, ctx.tiled, ctx.exact = scale, b_coef, tiled, exact
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        q, k, v, valid, w_aug, w_q, kv, c, inv, out, qf_kept, kf_kept = ctx.saved_tensors
+        q, k, v, valid, w_aug, w_q, kv, c, inv, qf_kept, kf_kept = ctx.saved_tensors
         scale, b_coef, tiled, exact = ctx.scale, ctx.b_coef, ctx.tiled, ctx.exact
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             inputs = [x for x, need in zip((q, k, v), ctx.needs_input_grad[:3], strict=True)
@@ -181,17 +190,27 @@ class FusedFavor(torch.autograd.Function):
         d, f = q.shape[-1], w_aug.shape[0]
         dq = torch.empty_like(q) if need_q else None
         dkv = kv.new_zeros(kv.shape)  # ∂L/∂(K'ᵀ[V, 1]), (b, h, F, d_v + 1)
+        # tile temporaries are dropped at the end of each tile (del), so a tile's features
+        # never coexist with the next tile's, nor the query loop's with the key loop's
         for t in _tiles(q, f, tiled):
             inv_t, g = inv[:, :, t], grad[:, :, t]
-            dden = (g * out[:, :, t]).sum(-1, keepdim=True).mul_(inv_t).neg_()  # (b, h, r, 1)
-            dy = torch.cat([g * inv_t, dden], -1)  # (b, h, r, d_v + 1)
             qf = qf_kept if qf_kept is not None else _query_features(q[:, :, t], w_q, scale,
                                                                      b_coef, exact)
+            out_t = torch.matmul(qf, kv)[..., :-1] * inv_t  # the forward's rows of out, as
+            # forward computes them (same ops, same rounding)
+            dden = (g * out_t).sum(-1, keepdim=True).mul_(inv_t).neg_()  # (b, h, r, 1)
+            del out_t
+            dy = torch.cat([g * inv_t, dden], -1)  # (b, h, r, d_v + 1)
             if need_k or need_v:
                 dkv.add_(torch.matmul(qf.transpose(-2, -1), dy))
             if need_q:
                 dpq = torch.matmul(dy, kv.transpose(-2, -1)).mul_(qf)  # (b, h, r, F)
+                del qf, dy
                 dq[:, :, t] = torch.matmul(dpq, w_aug[:, :d]).mul_(scale) * b_mul
+                del dpq
+            else:
+                del qf, dy
+        del qf_kept
         dk = torch.empty_like(k) if need_k else None
         dv = torch.empty_like(v) if need_v else None
         if need_k or need_v:
@@ -207,6 +226,12 @@ class FusedFavor(torch.autograd.Function):
                     dv[:, :, t] = torch.matmul(kf, dkv[..., :-1])
                 if need_k:
                     dpk = torch.matmul(_with_ones(v[:, :, t]), dkv.transpose(-2, -1)).mul_(kf)
+                    del kf
                     dk_aug = torch.matmul(dpk, w_aug)  # (b, h, r, d + 1); last col −Σ_F ∂P
+                    del dpk
                     dk[:, :, t] = (dk_aug[..., :d] * b_mul + dk_aug[..., d:] * kh).mul_(scale)
+                    del dk_aug
+                else:
+                    del kf
+                del kh
         return dq, dk, dv, None, None, None, None
