@@ -169,6 +169,7 @@ def linearize(
     *,
     stage1: AttentionTransfer | None = DEFAULT_TRANSFER,
     stage2: Finetune | None = None,
+    stage2_batches: Iterable[Any] | None = None,
     eval_batches: Sequence[Any] | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -188,6 +189,8 @@ def linearize(
         stage1: ``AttentionTransfer`` or None. Skipped (and said so in the report) when the
             student has no parameters of its own.
         stage2: ``Finetune`` or None (default: no fine-tuning).
+        stage2_batches: stage 2's batches, if not ``batches`` (e.g. short texts for the
+            cheap attention transfer, full-length ones for fine-tuning); same forms.
         eval_batches: where the report's errors are measured (default: the first batch).
         seed: seeds the students' initialisation (random features) and training; torch's
             global generator is left as it was.
@@ -203,6 +206,10 @@ def linearize(
     if isinstance(batches, Tensor) or not isinstance(batches, Iterable):
         raise TypeError(f"batches: expected an iterable of batches (a list of dicts, tuples or "
                         f"tensors), got {type(batches).__name__}; wrap one batch in a list")
+    if stage2_batches is not None and (isinstance(stage2_batches, Tensor)
+                                       or not isinstance(stage2_batches, Iterable)):
+        raise TypeError(f"stage2_batches: expected an iterable of batches or None, got "
+                        f"{type(stage2_batches).__name__}")
     if stage1 is not None and not isinstance(stage1, AttentionTransfer):
         raise TypeError(f"stage1: expected AttentionTransfer or None, got {stage1!r}")
     if stage2 is not None and not isinstance(stage2, Finetune):
@@ -220,11 +227,15 @@ def linearize(
         model.forward).parameters
     if hf_cache:  # training needs no decoding cache (and a recurrent one bypasses attend)
         batches = _without_cache(batches)
+        stage2_batches = None if stage2_batches is None else _without_cache(stage2_batches)
         eval_batches = None if eval_batches is None else _without_cache(eval_batches)
     stream = Stream(batches)
     first = stream.peek()
     if first is None:
         raise ValueError("batches: is empty")
+    stream2 = stream if stage2_batches is None else Stream(stage2_batches)
+    if stream2.peek() is None:
+        raise ValueError("stage2_batches: is empty")
     eval_batches = [first] if eval_batches is None else list(eval_batches)
     if not eval_batches:
         raise ValueError("eval_batches: is empty")
@@ -244,6 +255,7 @@ def linearize(
                          monitor_every, report)
             loop.evaluate("before")
             _stage1(model, conversion, loop, stage1, report)
+            loop.stream = stream2
             _stage2(model, conversion, loop, stage2, report)
         finally:
             for p in model.parameters():

@@ -1,4 +1,4 @@
-"""linearize's learning-rate schedules and stage 2's pooled-cosine term, on a tiny Encoder."""
+"""linearize's options: learning-rate schedules, stage 2's pooled-cosine term and own batches."""
 
 from __future__ import annotations
 
@@ -133,3 +133,20 @@ def test_bad_schedule_options_raise_clear_errors():
         Finetune(warmup=-0.1)
     with pytest.raises(ValueError, match="pooled_cosine: expected a number >= 0"):
         Finetune(pooled_cosine=-1)
+
+
+def test_stage2_batches_feed_stage2_only():
+    from transformer_zoo import HedgehogFeatures
+
+    hedgehog = functools.partial(PerformerAttention, feature_map=HedgehogFeatures())
+    _, report = linearize(encoder(), hedgehog, batches(2), progress=False,
+                          stage1=AttentionTransfer(steps=5), stage2=Finetune(steps=10),
+                          stage2_batches=iter(batches(3)))  # one pass: 3 steps, then "data"
+    assert report.stage1.steps == 5 and report.stage1.stopped_by == "steps"
+    assert report.stage2.steps == 3 and report.stage2.stopped_by == "data"
+    with pytest.raises(ValueError, match="stage2_batches: is empty"):
+        linearize(encoder(), PERFORMER, batches(1), stage2=Finetune(steps=1),
+                  stage2_batches=[], progress=False)
+    with pytest.raises(TypeError, match="stage2_batches: expected an iterable"):
+        linearize(encoder(), PERFORMER, batches(1), stage2_batches=batches(1)[0]["x"],
+                  progress=False)
