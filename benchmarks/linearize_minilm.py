@@ -58,6 +58,7 @@ from transformer_zoo import NystromAttention, PerformerAttention
 from transformer_zoo.linearize import AttentionTransfer, Finetune, linearize
 
 OUTPUT = "linearize_minilm.json"
+LEARNABLE = ("performer_hedgehog", "performer_t2r")  # stage 1 trains their feature maps
 SCALING_LENGTHS = (1024, 2048, 4096, 8192)
 HEADS, HEAD_DIM = 12, 32
 
@@ -120,19 +121,25 @@ class Scorer:
 
 
 # -- variants -----------------------------------------------------------------------------------
-def variants(stage1_s: float, stage2_s: float) -> dict[str, dict]:
+def variants(stage1_s: float, stage2_s: float, recipe: argparse.Namespace | None = None
+             ) -> dict[str, dict]:
     """name -> {"attention", "stage1", "stage2", "note"}. Kernels without parameters get stage
-    2 for both budgets (the same training time as the learnable ones)."""
-    s1 = AttentionTransfer(steps=100_000, seconds=stage1_s, lr=2e-2)
-    s2 = Finetune(steps=100_000, seconds=stage2_s, lr=3e-4, trainable="*attention*")
-    s2_only = Finetune(steps=100_000, seconds=stage1_s + stage2_s, lr=3e-4,
-                       trainable="*attention*")
+    2 for both budgets (the same training time as the learnable ones). ``recipe``: the
+    learning rates, schedule and stage-2 options (default: ``parse_args([])``'s)."""
+    r = parse_args([]) if recipe is None else recipe
+    trainable = "*" if r.stage2_trainable == "all" else r.stage2_trainable
+    s1 = AttentionTransfer(steps=100_000, seconds=stage1_s, lr=r.stage1_lr, schedule=r.schedule)
+    s2 = Finetune(steps=100_000, seconds=stage2_s, lr=r.stage2_lr, trainable=trainable,
+                  schedule=r.schedule, pooled_cosine=r.pooled_cosine)
+    s2_only = Finetune(steps=100_000, seconds=stage1_s + stage2_s, lr=r.stage2_lr,
+                       trainable=trainable, schedule=r.schedule, pooled_cosine=r.pooled_cosine)
+    hedgehog = transformer_zoo.HedgehogFeatures(feature_dim=r.hedgehog_dim)
     return {
         "performer_hedgehog": dict(
-            attention=functools.partial(PerformerAttention,
-                                        feature_map=transformer_zoo.HedgehogFeatures()),
+            attention=functools.partial(PerformerAttention, feature_map=hedgehog),
             stage1=s1, stage2=s2,
-            note="Performer with Hedgehog maps (d_f = 32, F = 64 features per head)"),
+            note=f"Performer with Hedgehog maps (d_f = {r.hedgehog_dim}, F = "
+                 f"{2 * r.hedgehog_dim} features per head)"),
         "nystrom_64": dict(
             attention=functools.partial(NystromAttention, num_landmarks=64, conv_kernel=None),
             stage1=s1, stage2=s2_only,
@@ -150,7 +157,8 @@ def variants(stage1_s: float, stage2_s: float) -> dict[str, dict]:
 
 
 def run_variant(name: str, spec: dict, make_model, train: list[dict], scorer: Scorer,
-                monitor_every: int, seed: int, progress: bool) -> dict:
+                monitor_every: int, seed: int, progress: bool,
+                train2: list[dict] | None = None) -> dict:
     """Convert a fresh model, score it zero-shot (the first monitor call, before any step),
     train, score again."""
     torch.manual_seed(seed)
@@ -165,7 +173,8 @@ def run_variant(name: str, spec: dict, make_model, train: list[dict], scorer: Sc
 
     smallest = min(train, key=lambda b: b["input_ids"].numel())  # the report's errors
     model, report = linearize(model, spec["attention"], train, stage1=spec["stage1"],
-                              stage2=spec["stage2"], eval_batches=[smallest], seed=seed,
+                              stage2=spec["stage2"], stage2_batches=train2,
+                              eval_batches=[smallest], seed=seed,
                               progress=progress, monitor=monitor, monitor_every=monitor_every)
     after = scorer(model)
     zero = scores["zero_shot"]
@@ -234,6 +243,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default="all", help="comma-separated names, or all")
     parser.add_argument("--stage1-seconds", type=float, default=60.0)
     parser.add_argument("--stage2-seconds", type=float, default=120.0)
+    parser.add_argument("--stage1-lr", type=float, default=2e-2)
+    parser.add_argument("--stage2-lr", type=float, default=3e-4)
+    parser.add_argument("--schedule", default="cosine", choices=("constant", "linear", "cosine"),
+                        help="learning rate over each stage's budget")
+    parser.add_argument("--stage2-trainable", default="*attention*",
+                        help="fnmatch pattern of stage 2's weights, or all")
+    parser.add_argument("--pooled-cosine", type=float, default=0.0,
+                        help="weight of stage 2's mean-pooled cosine term")
+    parser.add_argument("--hedgehog-dim", type=int, default=32, help="Hedgehog's d_f")
+    parser.add_argument("--stage1-tokens", type=int, default=128,
+                        help="stage 1 trains on the texts cut to this many tokens")
+    parser.add_argument("--stage2-min-tokens", type=int, default=0,
+                        help="stage 2 trains on the (full-length) texts of at least this many "
+                             "tokens")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--texts", type=int, default=800)
     parser.add_argument("--held-out", type=int, default=32, help="short passages scored")
@@ -261,11 +284,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     s1, s2 = (5.0, 5.0) if args.quick else (args.stage1_seconds, args.stage2_seconds)
     texts = 48 if args.quick else args.texts
+    # without --scaling, the scaling rows of the file being replaced are kept (said so)
+    kept = None if args.scaling or not out.exists() else json.loads(out.read_text()).get("scaling")
+    if kept is not None:
+        kept.setdefault("kept_from", "an earlier run of this script (not re-measured)")
     load_start = os.getloadavg()
     tok, make_model = load_minilm()
     paragraphs = docstring_paragraphs()
-    train = batches_by_length(tok, training_texts(paragraphs, texts, args.seed), args.batch,
-                              args.seed)
+    train_texts = training_texts(paragraphs, texts, args.seed)
+    train = batches_by_length(tok, train_texts, args.batch, args.seed,
+                              max_length=args.stage1_tokens)
+    train2 = batches_by_length(tok, train_texts, args.batch, args.seed,
+                               min_length=args.stage2_min_tokens)
     short, long = held_out_texts()
     short, long = short[::len(short) // args.held_out + 1][:args.held_out], long[:args.long]
     if args.quick:
@@ -273,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     short_b = batches_by_length(tok, short, 8, 0)
     long_b = batches_by_length(tok, long, 4, 0)
     scorer = Scorer(make_model(), short_b, long_b)
-    table = variants(s1, s2)
+    table = variants(s1, s2, args)
     chosen = list(table) if args.variants == "all" else args.variants.split(",")
     unknown = [c for c in chosen if c not in table]
     if unknown:
@@ -292,24 +322,32 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "budget_seconds": {"stage1": s1, "stage2": s2}, "batch": args.batch,
+        "recipe": {"stage1_lr": args.stage1_lr, "stage2_lr": args.stage2_lr,
+                   "schedule": args.schedule, "stage2_trainable": args.stage2_trainable,
+                   "pooled_cosine": args.pooled_cosine, "hedgehog_dim": args.hedgehog_dim,
+                   "stage1_tokens": args.stage1_tokens,
+                   "stage2_min_tokens": args.stage2_min_tokens},
         "train": {"source": f"docstring prose of {', '.join(TRAIN_PACKAGES)}",
-                  "paragraphs": len(paragraphs), "texts": texts, "batches": len(train),
-                  "tokens": [int(min(b["attention_mask"].sum(1).min() for b in train)),
-                             int(max(b["attention_mask"].sum(1).max() for b in train))]},
+                  "paragraphs": len(paragraphs), "texts": texts, "batches": len(train2),
+                  "tokens": [int(min(b["attention_mask"].sum(1).min() for b in train2)),
+                             int(max(b["attention_mask"].sum(1).max() for b in train2))]},
         "held_out": {"source": "pydoc_data.topics prose (Python reference manual)",
                      "short": len(short), "long": len(long),
                      "tokens": [int(min(b["attention_mask"].sum(1).min() for b in short_b)),
                                 int(max(b["attention_mask"].sum(1).max() for b in long_b))]},
         "results": rows,
-    })
+    } | ({"scaling": kept} if kept is not None else {}))
     for name in chosen:
-        rows.append(run_variant(name, table[name], make_model, train, scorer,
-                                args.monitor_every, args.seed, not args.no_progress))
+        # kernels without parameters of their own skip stage 1: all their training is stage 2
+        first = train if name in LEARNABLE else train2
+        rows.append(run_variant(name, table[name], make_model, first, scorer,
+                                args.monitor_every, args.seed, not args.no_progress, train2))
         results["load_average"]["end"] = os.getloadavg()
         write()
     if args.scaling:
         results["scaling"] = scaling()
         write()
+
     print(f"wrote {out} and its .md / .png")
 
 

@@ -19,7 +19,7 @@ def markdown(results: dict) -> str:
         f"Budget: stage 1 {budget['stage1']:g} s, stage 2 {budget['stage2']:g} s of training; "
         f"CPU, {results['threads']} threads of {results['cpus']} cores, load average "
         f"{load['start'][0]:.1f} at the start and {load['end'][0]:.1f} at the end (a shared "
-        f"machine); torch {results['torch']}.",
+        f"machine); torch {results['torch']}." + _recipe(results.get("recipe")),
         "",
         "| variant | zero-shot cosine | Spearman | after: cosine (min) | Spearman | stage 1 "
         "steps / s | stage 2 steps / s |",
@@ -42,7 +42,8 @@ def markdown(results: dict) -> str:
             "<!-- --8<-- [start:scaling] -->",
             f"Converted attention alone (`{scaling['attention'].splitlines()[0]}`...): forward "
             "time per token (median of 3) and forward+backward peak memory per token (fresh "
-            "process), batch 1.",
+            "process), batch 1." + (f" Kept from {scaling['kept_from']}."
+                                    if scaling.get("kept_from") else ""),
             "",
             "| n | forward µs / token | peak KiB / token |",
             "|---:|---:|---:|",
@@ -55,6 +56,17 @@ def markdown(results: dict) -> str:
                   + ("—" if memory is None else f"{memory:.2f}x") + " (target: within 1.5x).",
                   "<!-- --8<-- [end:scaling] -->"]
     return "\n".join(lines) + "\n"
+
+
+def _recipe(r: dict | None) -> str:
+    if not r:
+        return ""
+    return (f" Recipe: stage 1 on the texts cut to {r['stage1_tokens']} tokens, AdamW lr "
+            f"{r['stage1_lr']:g}; stage 2 on the full texts"
+            + (f" of {r['stage2_min_tokens']}+ tokens" if r["stage2_min_tokens"] else "")
+            + f", weights `{r['stage2_trainable']}`, lr {r['stage2_lr']:g}"
+            + (f", + {r['pooled_cosine']:g} x (1 - pooled cosine)" if r["pooled_cosine"] else "")
+            + f"; {r['schedule']} schedule in both.")
 
 
 def plot(results: dict, path: Path) -> bool:

@@ -80,10 +80,14 @@ def held_out_texts() -> tuple[list[str], list[str]]:
     return short, long
 
 
-def batches_by_length(tok, texts: list[str], batch: int, seed: int) -> list[dict]:
+def batches_by_length(tok, texts: list[str], batch: int, seed: int, *, max_length: int = 512,
+                      min_length: int = 0) -> list[dict]:
+    """Batches of ``batch`` texts of similar length (shuffled), each text truncated to
+    ``max_length`` tokens; texts shorter than ``min_length`` tokens (before truncation) left out."""
     lengths = [len(tok(t, truncation=True, max_length=512)["input_ids"]) for t in texts]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    order = sorted((i for i in range(len(texts)) if lengths[i] >= min_length),
+                   key=lengths.__getitem__)
     groups = [order[i:i + batch] for i in range(0, len(order), batch)]
     random.Random(seed).shuffle(groups)
-    return [dict(tok([texts[i] for i in g], padding=True, truncation=True, max_length=512,
-                     return_tensors="pt")) for g in groups]
+    return [dict(tok([texts[i] for i in g], padding=True, truncation=True,
+                     max_length=max_length, return_tensors="pt")) for g in groups]

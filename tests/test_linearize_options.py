@@ -150,3 +150,42 @@ def test_stage2_batches_feed_stage2_only():
     with pytest.raises(TypeError, match="stage2_batches: expected an iterable"):
         linearize(encoder(), PERFORMER, batches(1), stage2_batches=batches(1)[0]["x"],
                   progress=False)
+
+
+# -- the MiniLM benchmark's recipe (the run itself: benchmarks/linearize_minilm.py) ------------
+class _WordTokenizer:
+    """Whitespace 'tokenizer' with HF's call signature (ids = word lengths), for the helpers."""
+
+    def __call__(self, texts, *, truncation=True, max_length=512, padding=False,
+                 return_tensors=None):
+        one = isinstance(texts, str)
+        ids = [[len(w) for w in t.split()][:max_length] for t in ([texts] if one else texts)]
+        if one:
+            return {"input_ids": ids[0]}
+        n = max(len(i) for i in ids)
+        return {"input_ids": torch.tensor([i + [0] * (n - len(i)) for i in ids]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (n - len(i)) for i in ids])}
+
+
+def test_benchmark_batches_cut_and_filter_by_tokens():
+    from benchmarks.linearize_text import batches_by_length
+
+    texts = [" ".join(["word"] * n) for n in (5, 10, 40, 80, 120, 200)]
+    cut = batches_by_length(_WordTokenizer(), texts, 2, 0, max_length=64)
+    assert sorted(int(b["attention_mask"].sum()) for b in cut) == [15, 104, 128]
+    kept = batches_by_length(_WordTokenizer(), texts, 2, 0, min_length=40)
+    assert sorted(int(b["attention_mask"].sum()) for b in kept) == [120, 320]
+
+
+def test_benchmark_recipe_reaches_the_stages():
+    from benchmarks.linearize_minilm import parse_args, variants
+
+    args = parse_args(["--stage1-lr", "0.03", "--stage2-lr", "1e-4", "--schedule", "linear",
+                       "--stage2-trainable", "all", "--pooled-cosine", "0.5"])
+    table = variants(100.0, 200.0, args)
+    hedgehog, nystrom = table["performer_hedgehog"], table["nystrom_64"]
+    assert hedgehog["stage1"] == AttentionTransfer(steps=100_000, seconds=100.0, lr=0.03,
+                                                   schedule="linear")
+    assert hedgehog["stage2"] == Finetune(steps=100_000, seconds=200.0, lr=1e-4, trainable="*",
+                                          schedule="linear", pooled_cosine=0.5)
+    assert nystrom["stage2"].seconds == 300.0  # no parameters: stage 2 gets both budgets
