@@ -101,9 +101,12 @@ def test_attention_kernel_backward_traces(name):
     _first(fn(*e_args, **e_kwargs)).square().sum().backward()
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     _first(compiled(*c_args, **c_kwargs)).square().sum().backward()
+    # the blockwise kernel runs eagerly on its log-sum-exp Function (fused CPU flash kernel)
+    # and compiled on its checkpointed blocks: the same math, a different fp32 rounding
+    atol = 1e-5 if name == "blockwise_softmax_attention" else 1e-6
     for e, c in zip(e_args, c_args, strict=True):
         if isinstance(e, torch.Tensor) and e.requires_grad:
-            torch.testing.assert_close(c.grad, e.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c.grad, e.grad, rtol=1e-5, atol=atol)
 
 
 def _inputs(n: int, seed: int = 0, b: int = 2, d: int = 16):

@@ -125,7 +125,7 @@ def alibi_bias(
     causal mask, and its large values lose precision in bf16 at long lengths.)
     """
     r = relative_positions(q_positions, k_positions).to(torch.float32)  # (.., n, m): j − i
-    distance = r if causal else -r.abs()  # −(i − j) or −|i − j|
+    distance = r if causal else r.abs_().neg_()  # −(i − j) or −|i − j| (r is a fresh tensor)
     if distance.ndim == 2:
         distance = distance[None]  # (1, n, m)
     return slopes.to(device=distance.device, dtype=torch.float32)[:, None, None] * distance[

@@ -22,11 +22,12 @@ projections). The per-call work of the bias (``bias_rows``) is built once per ca
 (it is small) for the backward. On CPU the forward runs on PyTorch's fused flash kernel with
 the block's bias as its float mask (which also returns L), and so does the backward of a
 block whose bias needs no gradient (ALiBi). Cost: the content matmuls of one forward and one
-backward, plus the bias rows twice. With dropout (or under autocast) each block instead runs
-under ``torch.utils.checkpoint`` (``use_reentrant=False``), which replays the block's forward,
-dropout masks included, in the backward; with a value term (Shaw) one dropout mask of the
-weights serves both the values and the value term, as in the materialised path. (The masks
-drawn differ from the materialised kernel's: a different but equally valid dropout draw.)
+backward, plus the bias rows twice. With dropout (or under autocast or ``torch.compile``)
+each block instead runs under ``torch.utils.checkpoint`` (``use_reentrant=False``), which
+replays the block's forward, dropout masks included, in the backward; with a value term (Shaw)
+one dropout mask of the weights serves both the values and the value term, as in the
+materialised path. (The masks drawn differ from the materialised kernel's: a different but
+equally valid dropout draw.)
 
 Memory: one block's ``(b, h, rows, m)`` tensors at a time; ``block_size`` query rows per block
 (default: as many as keep one block's bias at ``BLOCK_ELEMENTS`` elements).
@@ -145,12 +146,14 @@ def blockwise_softmax_attention(
     k, v = expand_kv_heads(k, v, h)  # once, not per block
     value_term = positional is not None and positional.has_value_term
 
-    if dropout_p == 0 and not torch.is_autocast_enabled(q.device.type):
+    if dropout_p == 0 and not torch.is_autocast_enabled(q.device.type) and (
+            not torch.compiler.is_compiling()):
         plan = Plan(positional, q_positions, k_positions, mask, causal, scale, rows, n, m)
         leaves = prepare_grad(plan, q, k) if torch.is_grad_enabled() else []
         return BlockwiseBiasAttention.apply(plan, q, k, v, bias, *leaves)
 
-    # dropout (or autocast): each block checkpointed, its forward replayed in the backward.
+    # dropout, autocast or torch.compile (which traces the checkpointed blocks, not the Function
+    # and its graph probe): each block checkpointed, its forward replayed in the backward.
     # per-call work of the bias (Transformer-XL's W_R R table) once; rows per block
     bias_rows = None if positional is None else positional.bias_rows(
         q, q_positions, k_positions, k=k if positional.needs_keys else None)

@@ -267,7 +267,7 @@ class BlockwiseBiasAttention(torch.autograd.Function):
         with _rng_fork(q):
             _set_rng_state(q, ctx.rng)
             dq, dk, dv = _backward_blocks(ctx.plan, q, k, v, bias_d, out, lse,
-                                          grad_out.contiguous(), rows_fn, grads)
+                                          grad_out, rows_fn, grads)
         g = grads.values
         g_q = dq if g[0] is None else dq + g[0]
         g_k = dk if g[1] is None else dk + g[1]
@@ -299,19 +299,24 @@ class _Grads:
         return got[:len(extra)]
 
 
+def _add_matmul(acc: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
+    """acc += alpha · a @ b over (b, h) batches, in place (no temporary of acc's size)."""
+    for i in range(acc.shape[0]):  # batch entries: (h, ·, ·) 3-D views for baddbmm_
+        acc[i].baddbmm_(a[i], b[i], alpha=alpha)
+
+
 def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias_d: Tensor | None,
                      out: Tensor, lse: Tensor, grad_out: Tensor, rows_fn,
                      grads: _Grads) -> tuple[Tensor, Tensor, Tensor]:
     """The backward's loop over query blocks -> (dq, dk, dv) of the content path; the bias
     inputs' gradients go to ``grads``."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    delta = (grad_out * out).sum(-1, keepdim=True)  # D (b, h, n, 1)
     fused = _fused(q) and not plan.value_term
     for i0, i1, kmax in plan.blocks():
         if kmax == 0:
             continue
         qb, kb, vb = q[:, :, i0:i1], k[:, :, :kmax], v[:, :, :kmax]
-        go = grad_out[:, :, i0:i1]
+        go = grad_out[:, :, i0:i1].contiguous()  # dO (b, h, rows, d_v)
         with torch.enable_grad():
             total = plan.bias(rows_fn, bias_d, i0, i1, kmax)
         addend = plan.addend(total, q, i0, i1, kmax)
@@ -331,10 +336,11 @@ def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias_d: Tensor
                 term = plan.positional.value_term(  # type: ignore[union-attr]
                     p_d, plan.q_positions[..., i0:i1], plan.k_positions)
             dp += grads.pull(term, go, (p_d,))[0]
-        dv[:, :, :kmax] += torch.matmul(p.transpose(-1, -2), go)
-        ds = dp.sub_(delta[:, :, i0:i1].to(dp.dtype)).mul_(p)  # dS (b, h, rows, kmax)
-        dq[:, :, i0:i1] += torch.matmul(ds, kb).mul_(plan.scale)
-        dk[:, :, :kmax] += torch.matmul(ds.transpose(-1, -2), qb).mul_(plan.scale)
+        _add_matmul(dv[:, :, :kmax], p.transpose(-1, -2), go)
+        delta = (go * out[:, :, i0:i1]).sum(-1, keepdim=True)  # D (b, h, rows, 1)
+        ds = dp.sub_(delta.to(dp.dtype)).mul_(p)  # dS (b, h, rows, kmax)
+        _add_matmul(dq[:, :, i0:i1], ds, kb, plan.scale)
+        _add_matmul(dk[:, :, :kmax], ds.transpose(-1, -2), qb, plan.scale)
         if total is not None and total.requires_grad:
             grads.pull(total, _sum_to(ds, total.shape))
     return dq, dk, dv
