@@ -519,3 +519,29 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="pinv_iterations"):
         iterative_pinv(torch.eye(3), -2)
+
+
+def test_pinv_iteration_products_are_recomputed_not_saved(monkeypatch):
+    """The iterative pseudoinverse's 4 (m × m) products per step are recomputed in backward
+    (checkpointed), not saved: 6 steps at m = 256 and 8 heads would hold 48 MiB whatever n
+    (issue 16's peak memory). Output and gradient are the truncated iteration's, as before."""
+    import transformer_zoo.functional.nystrom as nystrom_module
+    from transformer_zoo.functional.pinv import iterative_pinv
+
+    m = 8
+    q, k, v = (t.requires_grad_() for t in qkv(1, 2, 64, 4, scale=0.5))
+    shapes: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t,
+                                                  lambda t: t):
+        out = nystrom_attention(q, k, v, num_landmarks=m, pinv_iterations=6)
+    square = [s for s in shapes if len(s) >= 2 and s[-2:] == (m, m)]
+    assert len(square) <= 4, square  # kernel_2 and z around the pinv, not 24 products
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    args = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    monkeypatch.setattr(nystrom_module, "nystrom_pinv",
+                        lambda a, it, ridge: iterative_pinv(a, it))  # products saved
+    ref = nystrom_attention(*args, num_landmarks=m, pinv_iterations=6)
+    want = torch.autograd.grad(ref.square().sum(), args)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, b in zip(grads, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

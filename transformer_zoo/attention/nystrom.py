@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from transformer_zoo._checks import check_positive_int
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.nystrom import check_pinv_options, nystrom_attention
+from transformer_zoo.functional.nystrom_conv import depthwise_sequence_conv
 from transformer_zoo.positional.base import Place, PositionalEncoding
 
 
@@ -150,7 +151,9 @@ class NystromAttention(MultiHeadAttention):
         if self.conv is not None:
             if key_padding_mask is not None:
                 v = v * key_padding_mask[:, None, :, None].to(v.dtype)  # padded values -> 0
-            out = out + self.conv(v)  # (b, h, n, d)
+            # = out + self.conv(v), without the CPU convolution's copies of V
+            # (functional/nystrom_conv.py); self.conv keeps the weight and its state_dict key
+            out = out + depthwise_sequence_conv(v, self.conv.weight)  # (b, h, n, d)
         return out
 
     def extra_repr(self) -> str:
