@@ -237,7 +237,7 @@ def test_dropout_recompute_sees_the_forward_mask(enc):
 
 
 def test_block_rows_default_and_validation():
-    assert block_rows(1, 8, 8192, 8192) == 64  # 2^22 elements per block
+    assert block_rows(1, 8, 8192, 8192) == 32  # 2^21 elements per block
     assert block_rows(1, 1, 10, 10) == 10  # never more than n
     assert block_rows(1, 8, 10**6, 10**6) == 16  # at least 16 rows
     assert block_rows(1, 8, 100, 100, 7) == 7

@@ -71,8 +71,8 @@ from transformer_zoo.functional.softmax_blockwise_lse import (
 )
 from transformer_zoo.positional.base import LogitBias
 
-#: Default size of one block's bias, in elements (b · h · rows · m): 2^22 fp32 = 16 MiB.
-BLOCK_ELEMENTS = 2**22
+#: Default size of one block's bias, in elements (b · h · rows · m): 2^21 fp32 = 8 MiB.
+BLOCK_ELEMENTS = 2**21
 
 
 def block_rows(b: int, h: int, n: int, m: int, block_size: int | None = None) -> int:

@@ -180,8 +180,9 @@ def transformer_xl_bias_rows(
     once: returns ``rows(i0, i1)`` -> rows i0:i1 of the bias ``(b, h, i1 − i0, m)`` (equal to
     them to rounding), or None for positions with gaps (then call ``transformer_xl_bias`` per
     block). The W_R R table of the call's n + m − 1 distances (lo = min pos_q − max pos_k per
-    sample) and uᵀk_j are computed once; each block costs one ``(b, h, rows, n + m − 1)``
-    matmul and a gather — the materialised bias's cost, spread over the blocks."""
+    sample) and uᵀk_j are computed once; each block costs one ``(b, h, rows, W)`` matmul over
+    the window of W <= rows + m − 1 distances its rows use (contiguous positions; the whole
+    table under ``torch.compile``) and a gather."""
     _check_inputs(q, k, u, v, r_weight)
     b, h, n, d = q.shape
     m = k.shape[2]
@@ -218,8 +219,12 @@ def transformer_xl_bias_rows(
         if clamp_len is not None:
             r = r.clamp(-clamp_len, clamp_len)
         index = r - lo[:, None, None]
+        table = w_r
+        if not torch.compiler.is_compiling():  # only the block's window of distances
+            first, last = int(index.min()), int(index.max())  # ~rows + m of the n + m
+            table, index = w_r[..., first:last + 1, :], index - first
         qv = (q[:, :, i0:i1] + v_scaled) * scale
-        per_distance = qv @ w_r.transpose(-1, -2)  # (b, h, rows, T)
+        per_distance = qv @ table.transpose(-1, -2)  # (b, h, rows, window)
         return per_distance.gather(-1, index[:, None].expand(b, h, i1 - i0, m)) + content
 
     return rows
