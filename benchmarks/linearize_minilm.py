@@ -9,8 +9,9 @@ maps only) on the training texts cut to 128 tokens (``--stage1-tokens``: attenti
 per layer and cheap on short texts), AdamW lr 2e-2; stage 2 on the full texts of 64+ tokens
 (``--stage2-min-tokens``; Nyström is exact below 64), the attention weights
 (``*attention*``), lr 3e-4, no pooled-cosine term; a cosine learning-rate decay over each
-stage's budget. Tried and not kept (numbers in docs/linearize.md): Hedgehog d_f = 64,
-Hedgehog's weights cross-entropy, the whole model in stage 2, the pooled-cosine term, lr 1e-3.
+stage's budget. Tried and not kept: Hedgehog d_f = 64,
+Hedgehog's weights cross-entropy, the whole model in stage 2, the pooled-cosine term, lr 1e-3
+(short exploratory runs, not committed: no clear gain at these budgets).
 
 Text, two disjoint real English sources available offline:
 
