@@ -168,8 +168,8 @@ def test_blockwise_equals_materialised_outputs_and_gradients(p):
 
 def test_encoding_is_called_on_row_blocks_only():
     """No call sees more than block_size query rows, and the rows cover n once (forward)
-    and once more in the backward, after a one-row probe that finds the bias's parameters;
-    without grad, no probe."""
+    and once more in the backward, after one-row probes that find the bias's parameters and
+    its per-call work; without grad, no probe."""
     torch.manual_seed(0)
     enc = ToyContentBias(4).double()
     q, k, v = (torch.randn(1, 2, 23, 4, dtype=F64, requires_grad=True) for _ in range(3))
@@ -178,9 +178,9 @@ def test_encoding_is_called_on_row_blocks_only():
     assert enc.rows_seen == [5, 5, 5, 5, 3]
     enc.rows_seen.clear()
     out = blockwise_softmax_attention(q, k, v, positional=enc, block_size=5)
-    assert enc.rows_seen == [1, 5, 5, 5, 5, 3]
+    assert enc.rows_seen == [1, 1, 1, 5, 5, 5, 5, 3]  # probes: leaves, then shared nodes
     out.sum().backward()
-    assert enc.rows_seen == [1] + [5, 5, 5, 5, 3] * 2
+    assert enc.rows_seen == [1, 1, 1] + [5, 5, 5, 5, 3] * 2
     assert enc.w.grad is not None and enc.w.grad.abs().sum() > 0
 
 

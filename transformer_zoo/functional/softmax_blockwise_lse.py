@@ -34,6 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from transformer_zoo.functional.block_grads import (
+    BlockGrads,
+    graph_nodes,
+    leaf_variables,
+    shared_nodes,
+)
 from transformer_zoo.positional.base import LogitBias
 
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -55,9 +61,9 @@ class Plan:
     rows: int
     n: int
     m: int
-    #: with grad: (q_d, k_d, rows) built once per call on detached leaf views of q and k
-    #: (the per-call work of the bias keeps its small graph until the backward)
-    grad_rows: tuple[Tensor, Tensor, Callable[[int, int], Tensor] | None] | None = None
+    #: with grad: (q_d, k_d, rows, shared nodes) built once per call on detached leaf views
+    #: of q and k (the per-call work of the bias keeps its small graph until the backward)
+    grad_rows: tuple[Tensor, Tensor, Callable[[int, int], Tensor] | None, set] | None = None
 
     @property
     def value_term(self) -> bool:
@@ -131,97 +137,25 @@ def _weights(qb: Tensor, k: Tensor, addend: Tensor, scale: float) -> tuple[Tenso
 
 def prepare_grad(plan: Plan, q: Tensor, k: Tensor) -> list[Tensor]:
     """With grad: build the bias's per-call work once on detached leaf views of q and k
-    (kept in ``plan.grad_rows`` for the forward and the backward) and return the tensors
-    requiring grad that the bias and value term read besides q and k: the leaves of the
-    autograd graph of a one-row probe (the encoding's parameters, and tensors it borrows,
-    such as DeBERTa's shared projections)."""
+    (kept in ``plan.grad_rows`` for the forward and the backward, with the autograd nodes of
+    that shared work: ``block_grads``) and return the tensors requiring grad that the bias
+    and value term read besides q and k: the leaves of the graph of a one-row probe (the
+    encoding's parameters, and tensors it borrows, such as DeBERTa's shared projections)."""
     q_d, k_d = q.detach().requires_grad_(), k.detach().requires_grad_()
     with torch.enable_grad():
         rows_fn = plan.rows_fn(q_d, k_d)
-    plan.grad_rows = (q_d, k_d, rows_fn)
-    roots = []
-    with _rng_fork(q), torch.enable_grad():  # the probe leaves the RNG as it found it
+    roots, shared = [], set()
+    with _rng_fork(q), torch.enable_grad():  # the probes leave the RNG as they found it
         if rows_fn is not None:
             roots.append(plan.bias(rows_fn, None, 0, 1, plan.m))
+            shared = shared_nodes(lambda i0, i1: plan.bias(rows_fn, None, i0, i1, plan.m),
+                                  plan.n)
         if plan.value_term:
             w = q_d.new_ones(q.shape[0], q.shape[1], 1, plan.m)
             roots.append(plan.positional.value_term(  # type: ignore[union-attr]
                 w, plan.q_positions[..., :1], plan.k_positions))
-    leaves: list[Tensor] = []
-    seen: set[int] = set()
-    stack = [r.grad_fn for r in roots if r is not None]
-    visited = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        var = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
-        if var is not None:
-            if var is not q_d and var is not k_d and id(var) not in seen:
-                seen.add(id(var))
-                leaves.append(var)
-            continue
-        stack.extend(fn for fn, _ in node.next_functions)
-    return leaves
-
-
-def _rng_state(x: Tensor) -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-
-
-def _set_rng_state(x: Tensor, state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], x.device)
-
-
-def _rng_fork(x: Tensor):
-    return torch.random.fork_rng(devices=[x.device] if x.is_cuda else [])
-
-
-def _fused(q: Tensor) -> bool:
-    return _FLASH_CPU is not None and q.device.type == "cpu" and q.dtype in _FUSED_DTYPES
-
-
-def _weights(qb: Tensor, k: Tensor, addend: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """P (b, h, rows, kmax) and L (b, h, rows); a row with no finite logit: P = 0, L = 0."""
-    s = torch.matmul(qb, k.transpose(-1, -2)).mul_(scale).add_(addend)
-    lse = torch.logsumexp(s, dim=-1)
-    lse = lse.masked_fill(torch.isneginf(lse), 0.0)
-    return s.sub_(lse[..., None]).exp_(), lse
-
-
-def bias_leaves(plan: Plan, q: Tensor, k: Tensor) -> list[Tensor]:
-    """Tensors requiring grad that the encoding's bias and value term read, other than q and
-    k: the leaves of the autograd graph of a one-row probe (its parameters, and tensors it
-    borrows, such as DeBERTa's shared projections)."""
-    q_d, k_d = q.detach().requires_grad_(), k.detach().requires_grad_()
-    roots = []
-    with _rng_fork(q), torch.enable_grad():  # the probe leaves the RNG as it found it
-        if plan.positional is not None:
-            roots.append(plan.bias(plan.rows_fn(q_d, k_d), None, 0, 1, plan.m))
-        if plan.value_term:
-            w = q_d.new_ones(q.shape[0], q.shape[1], 1, plan.m)
-            roots.append(plan.positional.value_term(  # type: ignore[union-attr]
-                w, plan.q_positions[..., :1], plan.k_positions))
-    leaves: list[Tensor] = []
-    seen: set[int] = set()
-    stack = [r.grad_fn for r in roots if r is not None]
-    visited = set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in visited:
-            continue
-        visited.add(node)
-        var = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf
-        if var is not None:
-            if var is not q_d and var is not k_d and id(var) not in seen:
-                seen.add(id(var))
-                leaves.append(var)
-            continue
-        stack.extend(fn for fn, _ in node.next_functions)
-    return leaves
+    plan.grad_rows = (q_d, k_d, rows_fn, shared)
+    return [t for t in leaf_variables(graph_nodes(roots)) if t is not q_d and t is not k_d]
 
 
 class BlockwiseBiasAttention(torch.autograd.Function):
@@ -252,51 +186,28 @@ class BlockwiseBiasAttention(torch.autograd.Function):
             out[:, :, i0:i1] = o
             lse[:, :, i0:i1] = l_
         ctx.plan = plan
-        ctx.save_for_backward(q, k, v, bias, out, lse, *leaves)
+        ctx.leaves = leaves  # the very tensors (the backward matches autograd leaves by identity)
+        ctx.save_for_backward(q, k, v, bias, out, lse)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        q, k, v, bias, out, lse, *leaves = ctx.saved_tensors
-        q_d, k_d, rows_fn = ctx.plan.grad_rows
-        bias_d = None if bias is None else bias.detach().requires_grad_(bias.requires_grad)
-        inputs = [q_d, k_d] + ([bias_d] if bias_d is not None and bias_d.requires_grad else [])
-        inputs += leaves
-        grads = _Grads(inputs)
+        q, k, v, bias, out, lse = ctx.saved_tensors
+        leaves = ctx.leaves
+        q_d, k_d, rows_fn, shared = ctx.plan.grad_rows
+        grads = BlockGrads([q_d, k_d, *leaves], shared)
+        g_bias = None if bias is None or not bias.requires_grad else torch.zeros_like(bias)
         with _rng_fork(q):
             _set_rng_state(q, ctx.rng)
-            dq, dk, dv = _backward_blocks(ctx.plan, q, k, v, bias_d, out, lse,
-                                          grad_out, rows_fn, grads)
-        g = grads.values
-        g_q = dq if g[0] is None else dq + g[0]
-        g_k = dk if g[1] is None else dk + g[1]
-        rest = g[2:]
-        g_bias = None
-        if bias_d is not None and bias_d.requires_grad:
-            g_bias, rest = rest[0], rest[1:]
+            dq, dk, dv = _backward_blocks(ctx.plan, q, k, v, bias, out, lse, grad_out,
+                                          rows_fn, grads, g_bias)
+        g_q, g_k, *rest = grads.finish()
+        g_q = dq if g_q is None else dq + g_q
+        g_k = dk if g_k is None else dk + g_k
         need = ctx.needs_input_grad
         return (None, g_q if need[1] else None, g_k if need[2] else None,
                 dv if need[3] else None, g_bias if need[4] else None, *rest)
-
-
-class _Grads:
-    """Gradients of the bias inputs, summed over blocks (``pull`` one block's term)."""
-
-    def __init__(self, inputs: list[Tensor]) -> None:
-        self.inputs = inputs
-        self.values: list[Tensor | None] = [None] * len(inputs)
-
-    def pull(self, outputs: Tensor, grad: Tensor, extra: tuple[Tensor, ...] = ()) -> tuple:
-        """Back-propagate ``grad`` from ``outputs`` into the inputs (accumulated) and into
-        ``extra`` (returned)."""
-        index = [i for i, t in enumerate(self.inputs) if t.requires_grad]
-        got = torch.autograd.grad(outputs, [*extra, *(self.inputs[i] for i in index)], grad,
-                                  retain_graph=True, allow_unused=True)
-        for i, g in zip(index, got[len(extra):], strict=True):
-            if g is not None:
-                self.values[i] = g if self.values[i] is None else self.values[i] + g
-        return got[:len(extra)]
 
 
 def _add_matmul(acc: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
@@ -305,11 +216,11 @@ def _add_matmul(acc: Tensor, a: Tensor, b: Tensor, alpha: float = 1.0) -> None:
         acc[i].baddbmm_(a[i], b[i], alpha=alpha)
 
 
-def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias_d: Tensor | None,
-                     out: Tensor, lse: Tensor, grad_out: Tensor, rows_fn,
-                     grads: _Grads) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward's loop over query blocks -> (dq, dk, dv) of the content path; the bias
-    inputs' gradients go to ``grads``."""
+def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                     out: Tensor, lse: Tensor, grad_out: Tensor, rows_fn, grads: BlockGrads,
+                     g_bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's loop over query blocks -> (dq, dk, dv) of the content path; the
+    encoding's inputs' gradients go to ``grads``, the additive bias's to ``g_bias``."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     fused = _fused(q) and not plan.value_term
     for i0, i1, kmax in plan.blocks():
@@ -318,9 +229,10 @@ def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias_d: Tensor
         qb, kb, vb = q[:, :, i0:i1], k[:, :, :kmax], v[:, :, :kmax]
         go = grad_out[:, :, i0:i1].contiguous()  # dO (b, h, rows, d_v)
         with torch.enable_grad():
-            total = plan.bias(rows_fn, bias_d, i0, i1, kmax)
+            total = plan.bias(rows_fn, None if bias is None else bias.detach(), i0, i1, kmax)
         addend = plan.addend(total, q, i0, i1, kmax)
-        if fused and (total is None or not total.requires_grad):  # fixed bias: fused kernel
+        learned = total is not None and total.requires_grad
+        if fused and not learned and g_bias is None:  # fixed bias: fused kernel
             # a quarter of the heads per call: its dk, dv outputs are (b, h/4, kmax, d)
             # temporaries, not (b, h, kmax, d) ones
             step = max(1, q.shape[1] // 4)
@@ -348,8 +260,12 @@ def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias_d: Tensor
         ds = dp.sub_(delta.to(dp.dtype)).mul_(p)  # dS (b, h, rows, kmax)
         _add_matmul(dq[:, :, i0:i1], ds, kb, plan.scale)
         _add_matmul(dk[:, :, :kmax], ds.transpose(-1, -2), qb, plan.scale)
-        if total is not None and total.requires_grad:
+        if learned:
             grads.pull(total, _sum_to(ds, total.shape))
+        if g_bias is not None:
+            rows = g_bias if g_bias.shape[-2] == 1 else g_bias[..., i0:i1, :]
+            rows = rows[..., :kmax]
+            rows += _sum_to(ds, rows.shape)
     return dq, dk, dv
 
 
