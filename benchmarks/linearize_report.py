@@ -17,7 +17,8 @@ def markdown(results: dict) -> str:
         f"({results['held_out']['short']} passages + {results['held_out']['long']} long ones, "
         f"{results['held_out']['tokens'][0]}-{results['held_out']['tokens'][1]} tokens). "
         f"Budget: stage 1 {budget['stage1']:g} s, stage 2 {budget['stage2']:g} s of training; "
-        f"CPU, {results['threads']} threads of {results['cpus']} cores, load average "
+        f"CPU, {results['threads']} thread{'s' * (results['threads'] != 1)} of "
+        f"{results['cpus']} cores, load average "
         f"{load['start'][0]:.1f} at the start and {load['end'][0]:.1f} at the end (a shared "
         f"machine); torch {results['torch']}." + _recipe(results.get("recipe")),
         "",
