@@ -15,6 +15,7 @@ Stage 2, fine-tuning (optional): chosen weights (default: every converted attent
 of the converted model against the original model's final hidden states,
 
     L₂ = ‖h_converted − h_original‖² / ‖h_original‖²   (real tokens only)
+         (+ pooled_cosine · mean_b(1 − cos(pool(h_converted), pool(h_original))), optional)
 
 where h_original is the same model with the softmax kernel under ``no_grad``, its trained
 tensors read from a snapshot taken before stage 2 (so the target never drifts; no second copy
