@@ -26,7 +26,13 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.favor_causal_memory import ROOT, _env, _run, _short, export
+from benchmarks.favor_causal_memory import (
+    _env,
+    _run,
+    _short,
+    add_revision_options,
+    revision_trees,
+)
 from benchmarks.outputs import add_output_options, output_path
 
 BEFORE = "5741d88"  # the last commit before the issue-16 memory work on these modules
@@ -123,19 +129,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
-    p.add_argument("--before", default=BEFORE, help="git revision, or 'none'")
-    p.add_argument("--after", default="HEAD", help="git revision, or 'worktree'")
+    add_revision_options(p, BEFORE)
     p.add_argument("--parallel", type=int, default=2,
                    help="processes at a time (peak memory is per process)")
     add_output_options(p, OUTPUT)
     args = p.parse_args()
     out = output_path(args, OUTPUT)
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {}
-        if args.before != "none":
-            trees["before"] = export(args.before, Path(tmp) / "before")
-        trees["after"] = ROOT if args.after == "worktree" else export(args.after,
-                                                                       Path(tmp) / "after")
+        trees = revision_trees(args.before, args.after, Path(tmp))
         meta = {"before": _short(args.before), "after": _short(args.after),
                 "machine": platform.processor() or platform.machine(), "threads": 1}
         rows = measure(trees, args.lengths, args.parallel)

@@ -112,6 +112,23 @@ def export(rev: str, into: Path) -> Path:
     return into / "tree"
 
 
+def add_revision_options(p: argparse.ArgumentParser, before: str) -> None:
+    """--before / --after: the two trees a before/after memory table compares."""
+    p.add_argument("--before", default=before, help="git revision for the 'before' column, "
+                   "or 'none'")
+    p.add_argument("--after", default="HEAD", help="git revision for the 'after' column, or "
+                   "'worktree'")
+
+
+def revision_trees(before: str, after: str, tmp: Path) -> dict[str, Path]:
+    """{"before"?: exported tree, "after": exported tree or this work tree} under ``tmp``."""
+    trees = {}
+    if before != "none":
+        trees["before"] = export(before, tmp / "before")
+    trees["after"] = ROOT if after == "worktree" else export(after, tmp / "after")
+    return trees
+
+
 def measure(trees: dict[str, Path], lengths: list[int], rounds: int, steps: int,
             threads: int, parallel: int = 1, on_memory=None) -> list[dict]:
     """Peak memory: the largest length in a fresh process of its own per contender and
@@ -198,10 +215,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    p.add_argument("--before", default=BEFORE, help="git revision for the 'before' column, "
-                   "or 'none'")
-    p.add_argument("--after", default="HEAD", help="git revision for the 'after' column, or "
-                   "'worktree'")
+    add_revision_options(p, BEFORE)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -211,11 +225,7 @@ def main() -> None:
     args = p.parse_args()
     out = output_path(args, OUTPUT)
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {}
-        if args.before != "none":
-            trees["before"] = export(args.before, Path(tmp) / "before")
-        trees["after"] = ROOT if args.after == "worktree" else export(args.after,
-                                                                       Path(tmp) / "after")
+        trees = revision_trees(args.before, args.after, Path(tmp))
         meta = {"before": _short(args.before), "after": _short(args.after),
                 "threads": args.threads, "machine": platform.processor() or platform.machine(),
                 "load": round(os.getloadavg()[0], 1), "cores": os.cpu_count()}
