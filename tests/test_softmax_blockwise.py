@@ -434,3 +434,55 @@ def test_fp32_fused_path_and_no_double_backward():
     (gq,) = torch.autograd.grad(out.sum(), [q], create_graph=True)
     with pytest.raises(RuntimeError):
         gq.sum().backward()
+
+
+class _CountBackward(torch.autograd.Function):
+    """Identity that counts its backward calls."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        _CountBackward.calls += 1
+        return g
+
+
+class SharedTableBias(LogitBias):
+    """A bias whose rows read one per-call table (like XL's W_R R or DeBERTa's p2c table)."""
+
+    def __init__(self, h: int, m: int) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(h, m, dtype=F64))
+
+    def forward(self, q: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
+        return self.bias_rows(q, q_positions, k_positions)(0, q.shape[2])
+
+    def bias_rows(self, q, q_positions, k_positions, *, k=None):
+        shared = _CountBackward.apply(self.table * 2.0)  # per-call work, (h, m)
+
+        def rows(i0: int, i1: int) -> Tensor:
+            w = (q_positions[..., i0:i1, None] % 3).to(q.dtype)  # (rows, 1)
+            return (w * shared[:, None, :])[None]  # (1, h, rows, m)
+
+        return rows
+
+
+def test_per_call_work_is_back_propagated_once():
+    """Five blocks read one shared table: its backward runs once (the blocks' gradients are
+    summed at its edge), and the table's gradient equals the materialised path's."""
+    torch.manual_seed(3)
+    enc = SharedTableBias(2, 11)
+    q, k, v = (torch.randn(1, 2, 11, 4, dtype=F64, requires_grad=True) for _ in range(3))
+    pos = torch.arange(11)
+    _CountBackward.calls = 0
+    out = blockwise_softmax_attention(q, k, v, positional=enc, block_size=3)
+    got = torch.autograd.grad(out.square().sum(), [q, enc.table])
+    assert _CountBackward.calls == 1
+    ref = softmax_attention(q, k, v, bias=enc(q, pos, pos))
+    want = torch.autograd.grad(ref.square().sum(), [q, enc.table])
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)

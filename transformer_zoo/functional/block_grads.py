@@ -94,8 +94,10 @@ class BlockGrads:
             return (None,) * len(extra)
         edges = [e for e in self._boundary(outputs)
                  if not any(getattr(e[0], "variable", None) is t for t in extra)]
+        # retain_graph: a shared node the probes missed is walked through per block (still
+        # exact), so its buffers must outlive this block; the block's own graph dies with it
         got = torch.autograd.grad(outputs, [*extra, *(GradientEdge(*e) for e in edges)], grad,
-                                  allow_unused=True)
+                                  allow_unused=True, retain_graph=True)
         for edge, g in zip(edges, got[len(extra):], strict=True):
             if g is None:
                 continue
