@@ -67,7 +67,9 @@ from transformer_zoo.functional.softmax import (
 from transformer_zoo.functional.softmax_blockwise_lse import (
     BlockwiseBiasAttention,
     Plan,
+    causal_rows,
     prepare_grad,
+    row_block,
 )
 from transformer_zoo.positional.base import LogitBias
 
@@ -81,19 +83,6 @@ def block_rows(b: int, h: int, n: int, m: int, block_size: int | None = None) ->
     if block_size is not None:
         return min(check_positive_int(block_size, "block_size"), n)
     return max(1, min(n, max(16, BLOCK_ELEMENTS // max(1, b * h * m))))
-
-
-def _rows(x: Tensor | None, i0: int, i1: int, n: int) -> Tensor | None:
-    """Rows i0:i1 of a 4-D view broadcastable to (b, h, n, m) (a size-1 row dim broadcasts)."""
-    if x is None or x.shape[-2] == 1:
-        return x
-    return x[:, :, i0:i1]
-
-
-def _causal_rows(i0: int, i1: int, n: int, m: int, device: torch.device) -> Tensor:
-    """Rows i0:i1 of the bottom-right aligned causal mask: key j <= i + (m − n)."""
-    i = torch.arange(i0, i1, device=device)[:, None]
-    return torch.arange(m, device=device) <= i + (m - n)  # (rows, m)
 
 
 def blockwise_softmax_attention(
@@ -159,13 +148,13 @@ def blockwise_softmax_attention(
         q, q_positions, k_positions, k=k if positional.needs_keys else None)
 
     def block(q_blk: Tensor, qp_blk: Tensor, i0: int, i1: int) -> Tensor:
-        total = _rows(bias, i0, i1, n)
+        total = row_block(bias, i0, i1)
         if bias_rows is not None:
             pe = bias_rows(i0, i1)  # = positional(q_blk, qp_blk, k_positions[, k=k])
             total = pe if total is None else pe + total
-        blk_mask = _rows(mask, i0, i1, n)
+        blk_mask = row_block(mask, i0, i1)
         if causal:
-            blk_mask = merge_masks(blk_mask, _causal_rows(i0, i1, n, m, q.device))
+            blk_mask = merge_masks(blk_mask, causal_rows(i0, i1, n, m, m, q.device))
         if not value_term:
             return softmax_attention(q_blk, k, v, mask=blk_mask, bias=total,
                                      dropout_p=dropout_p, scale=scale)

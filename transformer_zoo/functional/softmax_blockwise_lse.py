@@ -48,6 +48,26 @@ _FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_fo
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
+def row_block(x: Tensor | None, i0: int, i1: int) -> Tensor | None:
+    """Rows i0:i1 of a 4-D tensor broadcastable to (b, h, n, m) (a size-1 row dim
+    broadcasts: returned whole)."""
+    if x is None or x.shape[-2] == 1:
+        return x
+    return x[..., i0:i1, :]
+
+
+def causal_rows(i0: int, i1: int, n: int, m: int, kmax: int, device: torch.device) -> Tensor:
+    """Rows i0:i1, keys :kmax of the bottom-right aligned causal mask: key j <= i + (m − n)."""
+    i = torch.arange(i0, i1, device=device)[:, None]
+    return torch.arange(kmax, device=device) <= i + (m - n)  # (rows, kmax)
+
+
+def _probabilities(qb: Tensor, k: Tensor, addend: Tensor, scale: float, lse: Tensor) -> Tensor:
+    """P = exp(Q_I Kᵀ · s + addend − L) in place of the scores (b, h, rows, kmax)."""
+    s = torch.matmul(qb, k.transpose(-1, -2)).mul_(scale).add_(addend)
+    return s.sub_(lse[..., None].to(s.dtype)).exp_()
+
+
 @dataclass
 class Plan:
     """What one call attends with (everything but the differentiable tensors)."""
@@ -89,19 +109,15 @@ class Plan:
         """Rows i0:i1, keys :kmax of the encoding's bias plus ``bias`` (with its graph)."""
         total = None if rows_fn is None else rows_fn(i0, i1)
         if bias is not None:
-            part = bias if bias.shape[-2] == 1 else bias[..., i0:i1, :]
+            part = row_block(bias, i0, i1)
             total = part if total is None else total + part
         return None if total is None else total[..., :kmax]
 
     def addend(self, total: Tensor | None, q: Tensor, i0: int, i1: int, kmax: int) -> Tensor:
         """The block's additive float term: bias rows, −∞ where the mask or causality forbid."""
-        allowed = None
-        if self.mask is not None:
-            mask = self.mask if self.mask.shape[-2] == 1 else self.mask[..., i0:i1, :]
-            allowed = mask[..., :kmax]
+        allowed = None if self.mask is None else row_block(self.mask, i0, i1)[..., :kmax]
         if self.causal:
-            i = torch.arange(i0, i1, device=q.device)[:, None]
-            rule = torch.arange(kmax, device=q.device) <= i + (self.m - self.n)
+            rule = causal_rows(i0, i1, self.n, self.m, kmax, q.device)
             allowed = rule if allowed is None else allowed & rule
         out = q.new_zeros(()) if total is None else total.detach().to(q.dtype)
         if allowed is not None:
@@ -246,8 +262,7 @@ def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias: Tensor |
                 dk[:, hs, :kmax] += gk
                 dv[:, hs, :kmax] += gv
             continue
-        s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(plan.scale).add_(addend)
-        p = s.sub_(lse[:, :, i0:i1, None].to(s.dtype)).exp_()  # P (b, h, rows, kmax)
+        p = _probabilities(qb, kb, addend, plan.scale, lse[:, :, i0:i1])  # P (b, h, rows, kmax)
         dp = torch.matmul(go, vb.transpose(-1, -2))  # dP (b, h, rows, kmax)
         if plan.value_term:
             with torch.enable_grad():
@@ -263,8 +278,7 @@ def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias: Tensor |
         if learned:
             grads.pull(total, _sum_to(ds, total.shape))
         if g_bias is not None:
-            rows = g_bias if g_bias.shape[-2] == 1 else g_bias[..., i0:i1, :]
-            rows = rows[..., :kmax]
+            rows = row_block(g_bias, i0, i1)[..., :kmax]  # a view: summed in place
             rows += _sum_to(ds, rows.shape)
     return dq, dk, dv
 
