@@ -3,6 +3,7 @@
 from transformer_zoo import functional, interop, linearize, regularizers
 from transformer_zoo.attention import (
     HedgehogFeatures,
+    HybridWindowAttention,
     LearnedPositiveFeatures,
     MultiHeadAttention,
     NystromAttention,
@@ -63,6 +64,7 @@ __all__ = [
     "FeedForward",
     "GeneralizedFeatures",
     "HedgehogFeatures",
+    "HybridWindowAttention",
     "HyperbolicFeatures",
     "OptimalPositiveFeatures",
     "InputEncoding",

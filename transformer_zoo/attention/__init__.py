@@ -1,5 +1,6 @@
 """Attention modules: parameters and plumbing around the kernels in ``functional``."""
 
+from transformer_zoo.attention.hybrid_window import HybridWindowAttention
 from transformer_zoo.attention.kv_cache import KVCache
 from transformer_zoo.attention.learned_feature_maps import (
     HedgehogFeatures,
@@ -14,6 +15,7 @@ from transformer_zoo.attention.softmax import SoftmaxAttention
 
 __all__ = [
     "HedgehogFeatures",
+    "HybridWindowAttention",
     "KVCache",
     "LearnedFeatureMap",
     "LearnedPositiveFeatures",

@@ -22,6 +22,7 @@ from transformer_zoo.functional.gaussian import (
     gaussian_kl,
     gaussian_wasserstein2,
 )
+from transformer_zoo.functional.hybrid_window import hybrid_window_attention
 from transformer_zoo.functional.masks import causal_mask, merge_masks, padding_to_attn_mask
 from transformer_zoo.functional.nystrom import NystromFactors, nystrom_attention
 from transformer_zoo.functional.pinv import iterative_pinv, regularized_pinv
@@ -76,6 +77,7 @@ __all__ = [
     "favor_decode_step",
     "favor_prefill",
     "favor_features",
+    "hybrid_window_attention",
     "FavorState",
     "FeatureMap",
     "gaussian_orthogonal_matrix",

@@ -1,0 +1,204 @@
+"""LoLCATs' hybrid attention: exact softmax over a sliding window + linear attention outside it.
+
+Per head, with s_ij = q_i·k_j/√d, a window W(i) of nearby keys and the keys L(i) outside it,
+
+    y_i = [γ Σ_{j∈W(i)} e^{s_ij − c_i} v_j + λ Σ_{j∈L(i)} φ(q_i)ᵀφ(k_j) v_j]
+          / [γ Σ_{j∈W(i)} e^{s_ij − c_i}     + λ Σ_{j∈L(i)} φ(q_i)ᵀφ(k_j)]
+
+    c_i = max_{j∈W(i)} s_ij,   γ = sigmoid(window_factor_h),   λ = 1 (or 1 − γ: ``affine``)
+
+one shared normalizer for both parts. Zhang et al. 2024, "LoLCATs: On Low-Rank Linearizing of
+Large Language Models", arXiv 2410.10254 (sliding-window + linear attention, the
+``hybrid_attention_quadratic`` form of HazyResearch/lolcats, whose c_i is the max over the
+window's scores only, and whose window factor enters through a sigmoid, 0 at init: γ = ½).
+Note that c_i is part of the function, not a stabilizer: the window's weights are scaled so
+their largest is γ, the linear part's are φ(q)ᵀφ(k) as they are; gradients flow through c_i.
+
+Windows (keys j, queries i, in index order):
+
+- causal (LoLCATs' standard): W(i) = {j : i − w < j ≤ i},  L(i) = {j : j ≤ i − w};
+  bottom-right aligned for m ≠ n (query i sits at key index i + m − n), so a KV-cached
+  decode step equals the last rows of the full forward;
+- bidirectional (encoders): W(i) = {j : |i − j| < w},  L(i) = {j : |i − j| ≥ w}; needs n = m.
+
+Padded keys (``key_padding_mask`` False) are in neither part. A row with no key gives 0, never
+NaN. ``window ≥ n`` leaves L empty: exactly softmax attention (γ cancels).
+
+Cost, linear in n: the window part runs query blocks of C = min(w, n) rows against their
+C + 2w − 2 (causal: C + w − 1) neighbouring keys, never an n × m matrix; the linear part is
+the exact chunked prefix sum of ``causal_linear.py`` over keys shifted by w (causal: keys
+≤ i − w), plus the same on the reversed sequence for the keys ≥ i + w (bidirectional): no
+"global sum minus the window", which would cancel catastrophically when the window holds
+nearly all the weight.
+
+Features: ``feature_map`` (a ``FeatureMap``; Hedgehog's learnable map in
+``HybridWindowAttention``) on x̂ = d^(−1/4) x as the Performer kernel calls it (query side
+``query=True``, key side ``query=False``), in fp32 under autocast (fp64 stays fp64). Exact for
+the map's features: for exponential maps the kernel stabilises log φ with a running key max
+per feature and a per-query max, and multiplies that scale back (t_i below) before mixing, so
+the result is the formula above to rounding. Caveat: FAVOR+'s random-feature maps drop
+per-query factors on the query side (exp(−|q̂|²/2), r^(−1/2)) that cancel in pure linear
+attention; here they do not cancel, so with those maps the linear part is a per-query rescaled
+kernel (Hedgehog, T2R and ``GeneralizedFeatures`` are used as they are).
+
+Shapes: q ``(b, h, n, d)``, k/v ``(b, h_kv, m, d)`` (grouped-query: h_kv divides h), W ``(r, d)``
+(read by random-feature maps only), window_factor ``(h,)`` -> ``(b, h, n, d)`` in q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from transformer_zoo._checks import check_key_padding_mask, check_positive_int, check_tensor
+from transformer_zoo.functional.causal_linear import causal_linear_scan
+from transformer_zoo.functional.favor import compute_dtype, log_features, running_key_max
+from transformer_zoo.functional.feature_maps import FeatureMap
+from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
+
+
+def _window_part(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, window: int,
+                 causal: bool) -> tuple[Tensor, Tensor]:
+    """Σ_{j∈W(i)} e^{s_ij − c_i} [v_j, 1] as ``(num (b,h,n,d), den (b,h,n,1))``, banded."""
+    b, h, n, d = q.shape
+    c = min(window, n)  # query rows per block
+    blocks = -(-n // c)
+    tail = blocks * c - n
+    left = window - 1
+    right = 0 if causal else window - 1
+    span = c + left + right  # keys a block of queries can see
+    kp = F.pad(k, (0, 0, left, right + tail))
+    vp = F.pad(v, (0, 0, left, right + tail))
+    kb = kp.unfold(-2, span, c)  # (b, h, blocks, d, span); key t of block a: a·c − left + t
+    vb = vp.unfold(-2, span, c).transpose(-2, -1)  # (b, h, blocks, span, d)
+    qb = F.pad(q, (0, 0, 0, tail)).view(b, h, blocks, c, d)
+    s = torch.matmul(qb, kb) * d ** -0.5  # (b, h, blocks, c, span)
+    r = torch.arange(c, device=q.device)[:, None]
+    t = torch.arange(span, device=q.device)[None, :]
+    band = (t >= r) & (t <= r + left + right)  # i − j = r − t + left in the window
+    live = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
+    live = F.pad(live, (left, right + tail), value=False).unfold(-1, span, c)  # (b, blocks, span)
+    allowed = band & live[:, None, :, None, :]  # (b, 1, blocks, c, span)
+    s = s.masked_fill(~allowed, float("-inf"))
+    top = s.amax(-1, keepdim=True)  # c_i: part of the function (LoLCATs), not detached
+    top = torch.where(torch.isfinite(top), top, 0.0)  # no key in the window: its part is 0
+    p = (s - top).exp()
+    num = torch.matmul(p, vb).reshape(b, h, blocks * c, -1)[:, :, :n]
+    den = p.sum(-1, keepdim=True).reshape(b, h, blocks * c, 1)[:, :, :n]
+    return num, den
+
+
+def _shifted(x: Tensor, shift: int, value: float) -> Tensor:
+    """Row r of the result is row r − shift of x (``value`` before the start)."""
+    n = x.shape[-2]
+    if shift >= n:
+        return torch.full_like(x, value)
+    return F.pad(x[..., :n - shift, :], (0, 0, shift, 0), value=value)
+
+
+def _linear_prefix(lq: Tensor, lk: Tensor, x: Tensor, window: int, exponential: bool,
+                   chunk: int) -> tuple[Tensor, Tensor | None]:
+    """(Y, t) with e^{t_i} Y_i = Σ_{j ≤ i − w} φ(q_i)ᵀφ(k_j) x_j (t None: plain features)."""
+    x = _shifted(x, window, 0.0)
+    if not exponential:
+        lk = _shifted(lk, window, 0.0)
+        zeros = lk.new_zeros(*lk.shape[:-1], 1)
+        return causal_linear_scan(lq, lk, x, zeros, chunk=chunk), None
+    lk = _shifted(lk, window, float("-inf"))  # padded keys are −inf already: φ = 0
+    g = running_key_max(lk, padded=True)  # per feature, over keys ≤ i − w only (detached)
+    z = lq + g
+    t = z.detach().amax(-1, keepdim=True)  # the per-query scale, multiplied back by the caller
+    a, kf = (z - t).exp(), (lk - g).exp()
+    return causal_linear_scan(a, kf, x, g, chunk=chunk), t
+
+
+def hybrid_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor,
+    window_factor: Tensor,
+    *,
+    window: int,
+    feature_map: FeatureMap,
+    causal: bool = False,
+    affine: bool = False,
+    key_padding_mask: Tensor | None = None,
+    query_padding_mask: Tensor | None = None,
+    chunk_size: int = 128,
+) -> Tensor:
+    """Sliding-window softmax + linear attention under one normalizer; see the module docstring.
+
+    Args:
+        projection: W ``(r, d)`` for random-feature maps (unused by learnable maps).
+        window_factor: ``(h,)`` per-head logits, γ = sigmoid(window_factor).
+        window: w >= 1; causal W(i) = (i − w, i], bidirectional |i − j| < w.
+        feature_map: the linear part's φ (a ``FeatureMap``; a learnable one must be built for
+            these heads).
+        causal: causal windows (bottom-right aligned) instead of bidirectional ones.
+        affine: λ = 1 − γ (LoLCATs' ``affine_attention_factors``) instead of 1.
+        key_padding_mask: ``(b, m)`` bool, True = real key.
+        query_padding_mask: ``(b, n)``, passed to data-dependent maps' ``prepare`` only.
+        chunk_size: rows per chunk of the linear part's prefix sum.
+    """
+    b, h, n, m, _ = check_qkv(q, k, v)
+    window = check_positive_int(window, "window")
+    check_positive_int(chunk_size, "chunk_size")
+    if not isinstance(feature_map, FeatureMap):
+        raise TypeError(f"feature_map: expected a FeatureMap, got {type(feature_map).__name__}")
+    check_tensor(window_factor, "window_factor")
+    if tuple(window_factor.shape) != (h,):
+        raise ValueError(f"window_factor: expected shape (heads,) = ({h},), got "
+                         f"{tuple(window_factor.shape)}")
+    if not causal and n != m:
+        raise ValueError(f"bidirectional windows |i − j| < w need as many queries as keys, got "
+                         f"n={n}, m={m}; use causal=True for cross lengths (bottom-right)")
+    if key_padding_mask is not None:
+        check_key_padding_mask(key_padding_mask, b, m, "key_padding_mask")
+    if query_padding_mask is not None:
+        check_key_padding_mask(query_padding_mask, b, n, "query_padding_mask")
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        k, v = expand_kv_heads(k, v, h)
+        lq, lk = log_features(q, k, projection, feature_map=feature_map,
+                              key_padding_mask=key_padding_mask, causal=causal,
+                              query_padding_mask=query_padding_mask)
+        exponential = feature_map.exponential
+        valid = key_padding_mask
+        front, pad_k = (max(m - n, 0), max(n - m, 0)) if causal else (0, 0)
+        if front:  # query i sits at key index i + m − n: queries without output, dropped
+            q, lq = F.pad(q, (0, 0, front, 0)), F.pad(lq, (0, 0, front, 0))
+        if pad_k:  # more queries than keys: keys that are not there
+            k, v = F.pad(k, (0, 0, pad_k, 0)), F.pad(v, (0, 0, pad_k, 0))
+            lk = F.pad(lk, (0, 0, pad_k, 0), value=float("-inf") if exponential else 0.0)
+            valid = v.new_ones(b, m, dtype=torch.bool) if valid is None else valid
+            valid = F.pad(valid, (pad_k, 0), value=False)
+        num_w, den_w = _window_part(q, k, v, valid, window, causal)
+        gamma = torch.sigmoid(window_factor.to(dtype))[:, None, None]  # (h, 1, 1)
+        lam = 1 - gamma if affine else 1.0
+        parts = [(gamma, num_w, den_w, None)]
+        length = q.shape[-2]
+        if window < length:  # otherwise no key lies outside the window
+            x = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+            y, t = _linear_prefix(lq, lk, x, window, exponential, chunk_size)
+            parts.append((lam, y[..., :-1], y[..., -1:], t))
+            if not causal:  # keys j ≥ i + w: the same on the reversed sequence
+                y, t = _linear_prefix(lq.flip(-2), lk.flip(-2), x.flip(-2), window,
+                                      exponential, chunk_size)
+                parts.append((lam, y[..., :-1].flip(-2), y[..., -1:].flip(-2),
+                              None if t is None else t.flip(-2)))
+        top = None  # u_i = max(0, t_i...): every part's scale e^{t − u} <= 1
+        for *_, t in parts:
+            if t is not None:
+                top = t.clamp_min(0) if top is None else torch.maximum(top, t)
+        num = den = 0.0
+        for weight, pn, pd, t in parts:
+            if top is not None:
+                weight = weight * (-top if t is None else t - top).exp()
+            num, den = num + weight * pn, den + weight * pd
+        live = den > 0
+        out = torch.where(live, num / torch.where(live, den, 1.0), 0.0)[..., front:, :]
+    return out.to(out_dtype)
+
