@@ -55,30 +55,31 @@ from transformer_zoo._checks import check_key_padding_mask, check_positive_int, 
 from transformer_zoo.functional.causal_linear import causal_linear_scan
 from transformer_zoo.functional.favor import compute_dtype, log_features, running_key_max
 from transformer_zoo.functional.feature_maps import FeatureMap
+from transformer_zoo.functional.hybrid_window_blocks import bidirectional_hybrid
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
 
 
-def _window_part(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None, window: int,
-                 causal: bool) -> tuple[Tensor, Tensor]:
-    """Σ_{j∈W(i)} e^{s_ij − c_i} [v_j, 1] as ``(num (b,h,n,d), den (b,h,n,1))``, banded."""
+def _causal_window_part(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
+                        window: int) -> tuple[Tensor, Tensor]:
+    """Σ_{i−w<j≤i} e^{s_ij − c_i} [v_j, 1] as ``(num (b,h,n,d), den (b,h,n,1))``: query blocks
+    of C = min(w, n) rows against their C + w − 1 keys."""
     b, h, n, d = q.shape
     c = min(window, n)  # query rows per block
     blocks = -(-n // c)
     tail = blocks * c - n
     left = window - 1
-    right = 0 if causal else window - 1
-    span = c + left + right  # keys a block of queries can see
-    kp = F.pad(k, (0, 0, left, right + tail))
-    vp = F.pad(v, (0, 0, left, right + tail))
+    span = c + left  # keys a block of queries can see
+    kp = F.pad(k, (0, 0, left, tail))
+    vp = F.pad(v, (0, 0, left, tail))
     kb = kp.unfold(-2, span, c)  # (b, h, blocks, d, span); key t of block a: a·c − left + t
     vb = vp.unfold(-2, span, c).transpose(-2, -1)  # (b, h, blocks, span, d)
-    qb = F.pad(q, (0, 0, 0, tail)).view(b, h, blocks, c, d)
-    s = torch.matmul(qb, kb) * d ** -0.5  # (b, h, blocks, c, span)
+    qb = F.pad(q * d ** -0.5, (0, 0, 0, tail)).view(b, h, blocks, c, d)
+    s = torch.matmul(qb, kb)  # (b, h, blocks, c, span)
     r = torch.arange(c, device=q.device)[:, None]
     t = torch.arange(span, device=q.device)[None, :]
-    band = (t >= r) & (t <= r + left + right)  # i − j = r − t + left in the window
+    band = (t >= r) & (t <= r + left)  # i − j = r − t + left in [0, w)
     live = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
-    live = F.pad(live, (left, right + tail), value=False).unfold(-1, span, c)  # (b, blocks, span)
+    live = F.pad(live, (left, tail), value=False).unfold(-1, span, c)  # (b, blocks, span)
     allowed = band & live[:, None, :, None, :]  # (b, 1, blocks, c, span)
     s = s.masked_fill(~allowed, float("-inf"))
     top = s.amax(-1, keepdim=True)  # c_i: part of the function (LoLCATs), not detached
@@ -175,20 +176,17 @@ def hybrid_window_attention(
             lk = F.pad(lk, (0, 0, pad_k, 0), value=float("-inf") if exponential else 0.0)
             valid = v.new_ones(b, m, dtype=torch.bool) if valid is None else valid
             valid = F.pad(valid, (pad_k, 0), value=False)
-        num_w, den_w = _window_part(q, k, v, valid, window, causal)
         gamma = torch.sigmoid(window_factor.to(dtype))[:, None, None]  # (h, 1, 1)
         lam = 1 - gamma if affine else 1.0
+        if not causal:  # hybrid_window_blocks.py: blocks of w rows, dense matmuls
+            out = bidirectional_hybrid(q, k, v, lq, lk, valid, gamma, lam, window, exponential)
+            return out.to(out_dtype)
+        num_w, den_w = _causal_window_part(q, k, v, valid, window)
         parts = [(gamma, num_w, den_w, None)]
-        length = q.shape[-2]
-        if window < length:  # otherwise no key lies outside the window
+        if window < q.shape[-2]:  # otherwise no key lies outside the window
             x = torch.cat([v, torch.ones_like(v[..., :1])], -1)
             y, t = _linear_prefix(lq, lk, x, window, exponential, chunk_size)
             parts.append((lam, y[..., :-1], y[..., -1:], t))
-            if not causal:  # keys j ≥ i + w: the same on the reversed sequence
-                y, t = _linear_prefix(lq.flip(-2), lk.flip(-2), x.flip(-2), window,
-                                      exponential, chunk_size)
-                parts.append((lam, y[..., :-1].flip(-2), y[..., -1:].flip(-2),
-                              None if t is None else t.flip(-2)))
         top = None  # u_i = max(0, t_i...): every part's scale e^{t − u} <= 1
         for *_, t in parts:
             if t is not None:
