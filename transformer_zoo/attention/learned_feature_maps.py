@@ -111,6 +111,17 @@ class LearnedFeatureMap(nn.Module, FeatureMap):
         check_floating(x_hat, "x_hat")
         return self.features(x_hat, query=query)
 
+    def tile_parameters(self) -> tuple[Tensor, ...]:
+        """This map's parameters (the tiled kernels differentiate ``features_with`` on them)."""
+        return tuple(self.parameters())
+
+    def features_with(self, parameters: tuple[Tensor, ...], x_hat: Tensor, w: Tensor | None,
+                      *, query: bool) -> Tensor:
+        """The map with ``parameters`` in place of its own (``torch.func.functional_call``)."""
+        names = [name for name, _ in self.named_parameters()]
+        swap = dict(zip(names, parameters, strict=True))
+        return torch.func.functional_call(self, swap, (x_hat, w), {"query": query})
+
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self._options().items())
         sizes = f"n_heads={self.n_heads}, head_dim={self.head_dim}" if self.built else "spec"

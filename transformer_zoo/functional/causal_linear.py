@@ -41,6 +41,7 @@ from torch import Tensor
 
 TILE_ELEMENTS = 1 << 18  # about this many (row × feature) entries are processed at once
 _SUBDIVIDE = 8  # rows that rise too far are redone in chunks this many times smaller
+MIN_TILE_ROWS = 32  # a tile (and then a chunk) is never cut below this many rows
 
 
 def max_rise(dtype: torch.dtype) -> float:
@@ -52,8 +53,14 @@ def max_rise(dtype: torch.dtype) -> float:
 
 
 def tile_rows(lead: tuple[int, ...], width: int, chunk: int) -> int:
-    """Rows per tile: a multiple of the chunk holding about ``TILE_ELEMENTS`` entries."""
-    return chunk * max(1, TILE_ELEMENTS // max(1, math.prod(lead) * width * chunk))
+    """Rows per tile: a multiple of the chunk holding about ``TILE_ELEMENTS`` entries. Where one
+    chunk alone holds more (wide features, many heads), a tile is fewer rows, down to
+    ``MIN_TILE_ROWS``, and ``scan_rows`` runs its chunks at that size (the scan is exact for
+    any chunk: only rounding differs)."""
+    per_row = max(1, math.prod(lead) * width)
+    if chunk * per_row > TILE_ELEMENTS:
+        return min(chunk, max(MIN_TILE_ROWS, TILE_ELEMENTS // per_row))
+    return chunk * max(1, TILE_ELEMENTS // (per_row * chunk))
 
 
 class Rows:
@@ -98,8 +105,8 @@ def scan_rows(rows_of, x: Tensor, h: Tensor | None, chunk: int, *, want_y: bool 
     size n × P is ever allocated."""
     *lead, n, p = rows_of.shape
     q = x.shape[-1]
-    c = min(chunk, n)
-    rows = tile_rows(tuple(lead), max(p, q), c)
+    rows = tile_rows(tuple(lead), max(p, q), min(chunk, n))
+    c = min(chunk, n, rows)  # fewer rows than the chunk: wide tiles run smaller chunks
     state = x.new_zeros(*lead, p, q) if s0 is None else s0
     ref = r0
     one = rows >= n

@@ -50,7 +50,9 @@ from transformer_zoo.functional.favor_causal import (
     stabilized_query,
 )
 from transformer_zoo.functional.favor_causal_fused import causal_favor_affine
+from transformer_zoo.functional.favor_causal_tiled import causal_tiled_favor
 from transformer_zoo.functional.favor_fused import FusedFavor
+from transformer_zoo.functional.favor_tiled import tiled_favor, worth_tiling
 from transformer_zoo.functional.feature_maps import FeatureMap, PositiveFeatures
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
 
@@ -157,6 +159,13 @@ def favor_features(
     return stabilized_query(qz, g_q), (kz - g).exp(), g
 
 
+def _tiles_the_map(feature_map: FeatureMap, projection: Tensor, q: Tensor, k: Tensor) -> bool:
+    """The map answers ``tile_parameters()`` (it names its tensors), W needs no gradient and
+    a feature tensor would be large: the kernels that call the map per tile apply."""
+    return not projection.requires_grad and feature_map.tile_parameters() is not None and \
+        worth_tiling(q, k, feature_map.num_features(projection.shape[0]))
+
+
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     """num / den with den = 0 -> 0 (no key, or every feature underflowed), never NaN."""
     live = den > 0
@@ -220,16 +229,22 @@ def favor_attention(
             if affine is not None:
                 out = FusedFavor.apply(q, k, v, affine[0], key_padding_mask, *affine[1:])
                 return out.to(out_dtype)
+            if _tiles_the_map(feature_map, projection, q, k):  # favor_tiled.py: any map
+                return tiled_favor(q, k, v, projection.to(dtype), feature_map=feature_map,
+                                   key_padding_mask=key_padding_mask).to(out_dtype)
         front, pad_k = (max(m - n, 0), max(n - m, 0)) if causal else (0, 0)
         ones = v.new_ones(*v.shape[:-1], 1)
-        if causal and numerator_transform is None and feature_map.exponential:
+        if causal and numerator_transform is None:
             scale = q.shape[-1] ** -0.25
             feature_map = feature_map.prepare(
                 q * scale, k * scale, query_padding_mask=query_padding_mask,
                 key_padding_mask=key_padding_mask, causal=True,
             )
-            affine = feature_map.fused_affine(projection.to(dtype))
-            if affine is not None:  # favor_causal_fused.py: features formed per tile inside
+            affine = feature_map.fused_affine(projection.to(dtype)) \
+                if feature_map.exponential else None
+            tiled = affine is None and _tiles_the_map(feature_map, projection, q, k)
+            if affine is not None or tiled:  # favor_causal_fused.py / favor_causal_tiled.py:
+                # features formed per tile inside, by the kernel or by the map
                 valid = key_padding_mask
                 if front:  # align bottom-right: queries without output, dropped
                     q = F.pad(q, (0, 0, front, 0))
@@ -237,8 +252,12 @@ def favor_attention(
                     k, v = (F.pad(t, (0, 0, pad_k, 0)) for t in (k, v))
                     valid = v.new_ones(b, m, dtype=torch.bool) if valid is None else valid
                     valid = F.pad(valid, (pad_k, 0), value=False)
-                out = causal_favor_affine(q, k, v, *affine, valid, chunk=chunk_size)
+                out = causal_favor_affine(q, k, v, *affine, valid, chunk=chunk_size) \
+                    if affine is not None else causal_tiled_favor(
+                        q, k, v, projection.to(dtype), feature_map=feature_map, valid=valid,
+                        chunk=chunk_size)
                 return out[..., front:, :].to(out_dtype)
+        if causal and numerator_transform is None and feature_map.exponential:
             # favor_causal.py: g, φ̃(q), φ̃(k) and the prefix sum per tile of rows, from
             # log-features formed by the map (saved for backward: O(n·F))
             qz, kz = log_features(q, k, projection, feature_map=feature_map,

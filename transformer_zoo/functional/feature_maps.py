@@ -79,10 +79,33 @@ class FeatureMap:
         ``__call__`` without redefining this gets None (its map is no longer this form)."""
         return None
 
+    def tile_parameters(self) -> tuple[Tensor, ...] | None:
+        """The tensors φ reads besides x̂ and W (a learnable map: its parameters), for the
+        kernels that form features tile by tile and recompute them in backward
+        (``favor_tiled.py``, ``favor_causal_tiled.py``): they pass these through autograd and
+        call ``features_with`` on them, so gradients reach them exactly. None (default): not
+        known, the kernel keeps the ``(b, h, n, F)`` features for backward instead. A map that
+        answers must be row-wise (each token's features from its own x̂ alone, after
+        ``prepare``). A subclass that redefines ``__call__`` without redefining this gets None."""
+        return None
+
+    def features_with(self, parameters: tuple[Tensor, ...], x_hat: Tensor, w: Tensor, *,
+                      query: bool) -> Tensor:
+        """``self(x_hat, w, query=query)`` computed from ``parameters`` (the tensors
+        ``tile_parameters()`` returned, or stand-ins of the same shapes) instead of the map's
+        own: what the tiled kernels differentiate. Default: a map without tensors."""
+        if parameters:
+            raise NotImplementedError(
+                f"{type(self).__name__}.tile_parameters() returned tensors: define "
+                "features_with to compute the features from them")
+        return self(x_hat, w, query=query)
+
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         if "__call__" in vars(cls) and "fused_affine" not in vars(cls):
             cls.fused_affine = FeatureMap.fused_affine
+        if "__call__" in vars(cls) and "tile_parameters" not in vars(cls):
+            cls.tile_parameters = FeatureMap.tile_parameters
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
