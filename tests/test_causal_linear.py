@@ -132,6 +132,30 @@ def test_tiles_agree_with_one_tile(monkeypatch):
         torch.testing.assert_close(got, want_grad)
 
 
+@pytest.mark.cpu_only
+def test_wide_tiles_run_smaller_chunks_exactly(monkeypatch):
+    """Where one chunk of rows holds more than TILE_ELEMENTS entries (wide features: FAVOR++'s
+    512 at 8 heads), a tile is cut to fewer rows (not below MIN_TILE_ROWS) and the scan runs
+    its chunks at that size: values and gradients equal the one-tile scan."""
+    (a, b, x, g), _ = favor_like(150, 6, 3, 100.0, F64)  # lead (2, 3), P = 6
+    args = [t.clone().requires_grad_() for t in (a, b, x)]
+    want = causal_linear_scan(*args, g, chunk=64)
+    want_grads = torch.autograd.grad(want.square().sum(), args)
+    monkeypatch.setattr(cl, "MIN_TILE_ROWS", 8)
+    monkeypatch.setattr(cl, "TILE_ELEMENTS", 2 * 3 * 6 * 10)  # ten rows' worth
+    assert cl.tile_rows((2, 3), 6, 64) == 10
+    assert cl.tile_rows((2, 3), 6, 4) == 8  # chunks that fit: whole chunks per tile
+    monkeypatch.setattr(cl, "TILE_ELEMENTS", 1)
+    assert cl.tile_rows((2, 3), 6, 64) == 8  # never below MIN_TILE_ROWS
+    assert cl.tile_rows((2, 3), 6, 4) == 4  # nor above the chunk
+    args = [t.clone().requires_grad_() for t in (a, b, x)]
+    got = causal_linear_scan(*args, g, chunk=64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for got_grad, want_grad in zip(torch.autograd.grad(got.square().sum(), args), want_grads,
+                                   strict=True):
+        torch.testing.assert_close(got_grad, want_grad)
+
+
 # -- gradients --------------------------------------------------------------------------------
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("per_feature", [True, False])
