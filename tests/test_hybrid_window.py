@@ -27,6 +27,7 @@ from transformer_zoo import (
 )
 from transformer_zoo.functional import hybrid_window_attention, softmax_attention
 from transformer_zoo.functional.favor import log_features
+from transformer_zoo.functional.hybrid_window_decode import HybridWindowState
 from transformer_zoo.functional.random_features import draw_projection
 from transformer_zoo.linearize import AttentionTransfer, linearize
 
@@ -169,7 +170,7 @@ def test_grouped_query_heads_equal_repeated_keys():
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
-def test_module_is_causal_and_decodes_with_the_kv_cache():
+def test_module_is_causal():
     torch.manual_seed(0)
     attn = HybridWindowAttention(32, 4, window=5, causal=True).eval()
     with torch.no_grad():
@@ -181,12 +182,37 @@ def test_module_is_causal_and_decodes_with_the_kv_cache():
         later[:, 9:] += torch.randn(2, 8, 32)  # only the future of position 8 changes
         torch.testing.assert_close(attn(later)[:, :9], out[:, :9], atol=0, rtol=0)
         assert not torch.allclose(attn(later)[:, 9:], out[:, 9:])
-        y, cache = attn.forward_cached(x[:, :6])  # prefill, then one token at a time
+
+
+DECODE_MAPS = {"hedgehog": HedgehogFeatures, "t2r": lambda: T2RFeatures(feature_dim=16),
+               "favor": PositiveFeatures}
+
+
+@pytest.mark.parametrize("name", sorted(DECODE_MAPS))
+@pytest.mark.parametrize("window,prompt", [(1, 1), (5, 1), (5, 7), (16, 3)])
+def test_decode_state_equals_the_parallel_form(name, window, prompt):
+    torch.manual_seed(0)
+    attn = HybridWindowAttention(32, 4, window=window, causal=True, nb_features=16,
+                                 feature_map=DECODE_MAPS[name]()).double().eval()
+    with torch.no_grad():
+        attn.window_factor.copy_(torch.randn(4))
+    n = 14
+    x = torch.randn(2, n, 32, dtype=torch.float64)
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, [0, prompt, 9]] = False  # padded tokens in the prompt and later
+    with torch.no_grad():
+        parallel = attn(x, mask=mask)
+        y, state = attn.forward_cached(x[:, :prompt], mask=mask[:, :prompt])
         ys = [y]
-        for t in range(6, 17):
-            y, cache = attn.forward_cached(x[:, t:t + 1], cache)
+        for t in range(prompt, n):
+            y, state = attn.forward_cached(x[:, t:t + 1], state, mask=mask[:, t:t + 1])
             ys.append(y)
-    torch.testing.assert_close(torch.cat(ys, 1), out, atol=1e-6, rtol=1e-5)
+            assert state.keys.shape[-2] <= window - 1  # the state does not grow
+        y, _ = attn.forward_cached(x[:, prompt:], attn.forward_cached(
+            x[:, :prompt], mask=mask[:, :prompt])[1], mask=mask[:, prompt:])  # a chunk
+    assert isinstance(state, HybridWindowState) and state.length == n
+    torch.testing.assert_close(torch.cat(ys, 1), parallel, atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(y, parallel[:, prompt:], atol=1e-10, rtol=1e-9)
 
 
 def test_state_dict_round_trip_and_parameters():
@@ -267,6 +293,32 @@ def test_hf_bert_runs_the_hybrid_through_the_bridge():
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
     assert isinstance(model.encoder.layer[0].attention.self.tz_attention, HybridWindowAttention)
+
+
+def test_hf_llama_generates_on_the_hybrid_state():
+    """A causal HF model (GQA, HF's rotary) with the hybrid: generate() on the state equals
+    generate() without any cache, and the state does not grow."""
+    transformers = pytest.importorskip("transformers")
+    from transformer_zoo.interop import huggingface
+    from transformer_zoo.interop.hf_cache import RecurrentLayer
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, pad_token_id=0, eos_token_id=None,
+                                   bos_token_id=None)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    huggingface.use(model, functools.partial(HybridWindowAttention, window=4))
+    ids = torch.randint(1, 61, (2, 6), generator=torch.Generator().manual_seed(0))
+    runs = [model.generate(ids, use_cache=cache, pad_token_id=0, do_sample=False,
+                           max_new_tokens=10, output_logits=True, return_dict_in_generate=True)
+            for cache in (True, False)]
+    assert {type(layer) for layer in runs[0].past_key_values.layers} == {RecurrentLayer}
+    state = runs[0].past_key_values.layers[0].state
+    assert isinstance(state, HybridWindowState) and state.keys.shape[-2] == 3
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(torch.stack(runs[0].logits), torch.stack(runs[1].logits),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_softmax_teacher_reads_the_same_heads():

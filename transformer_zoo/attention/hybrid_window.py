@@ -23,7 +23,13 @@ from transformer_zoo._checks import check_positive_int
 from transformer_zoo.attention.learned_feature_maps import HedgehogFeatures
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.functional.feature_maps import FeatureMap
+from transformer_zoo.functional.feature_maps_optimal import OptimalPositiveFeatures
 from transformer_zoo.functional.hybrid_window import hybrid_window_attention
+from transformer_zoo.functional.hybrid_window_decode import (
+    HybridWindowState,
+    hybrid_window_prefill,
+    hybrid_window_step,
+)
 from transformer_zoo.functional.random_features import draw_projection
 from transformer_zoo.positional.base import Place, PositionalEncoding
 
@@ -49,9 +55,10 @@ class HybridWindowAttention(MultiHeadAttention):
 
     Parameters of its own (what ``linearize``'s stage 1 trains): the map's and
     ``window_factor`` ``(n_heads,)``. ``attn_mask`` is not supported (the window is the
-    pattern; use ``mask`` for padding). Decoding (``forward_cached``) uses the default KV
-    cache (the kernel is bottom-right aligned, so it equals the full forward), not a
-    constant-size state.
+    pattern; use ``mask`` for padding). Causal decoding (``forward_cached``, HF ``generate``)
+    keeps a ``HybridWindowState``: the last w − 1 keys and values plus the linear state of
+    the keys that left the window, O(w·d + F·d) per head whatever the length; it equals the
+    parallel form (``functional/hybrid_window_decode.py``).
 
     Example:
         >>> import torch
@@ -93,6 +100,10 @@ class HybridWindowAttention(MultiHeadAttention):
         if not isinstance(feature_map, FeatureMap):
             raise TypeError(f"feature_map: expected a FeatureMap instance (e.g. "
                             f"HedgehogFeatures(), T2RFeatures()), got {feature_map!r}")
+        if causal and isinstance(feature_map, OptimalPositiveFeatures) and feature_map.rho is None:
+            raise ValueError(
+                "causal HybridWindowAttention with OptimalPositiveFeatures(rho=None): measuring "
+                "rho reads every key, future ones included; pass a fixed rho")
         if isinstance(init_window_factor, bool) or not isinstance(init_window_factor,
                                                                   (int, float)):
             raise TypeError(f"init_window_factor: expected a float, got {init_window_factor!r}")
@@ -154,6 +165,29 @@ class HybridWindowAttention(MultiHeadAttention):
         )  # (b, h, n, d)
         p = self.attention_dropout()
         return F.dropout(out, p=p) if p > 0 else out
+
+    def attend_cached(self, q, k, v, cache, *, key_padding_mask, q_positions, k_positions):
+        """Causal decoding with a ``HybridWindowState`` (None: prefill the n tokens given)."""
+        if not self.causal:
+            raise ValueError("attend_cached decodes causal attention; build with causal=True")
+        if cache is not None and not isinstance(cache, HybridWindowState):
+            raise TypeError(f"cache: expected a HybridWindowState or None, got "
+                            f"{type(cache).__name__}")
+        q, k = self.rotate(q, k, q_positions, k_positions)
+        options = dict(window=self.window, feature_map=self.feature_map, affine=self.affine)
+        if cache is None:
+            return hybrid_window_prefill(q, k, v, self.projection, self.window_factor,
+                                         key_padding_mask=key_padding_mask,
+                                         chunk_size=self.chunk_size, **options)
+        outs = []
+        for i in range(q.shape[-2]):  # one step per new token
+            token = slice(i, i + 1)
+            out, cache = hybrid_window_step(
+                q[..., token, :], k[..., token, :], v[..., token, :], cache, self.projection,
+                self.window_factor, key_padding_mask=None if key_padding_mask is None
+                else key_padding_mask[:, token], **options)
+            outs.append(out)
+        return torch.cat(outs, -2), cache
 
     def extra_repr(self) -> str:
         fm = self.feature_map
