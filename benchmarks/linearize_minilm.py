@@ -22,6 +22,12 @@ Text, two disjoint real English sources available offline:
   passages of ``benchmarks.interop_zero_shot.prose_passages`` (80+ words, evenly spaced over
   the topics) and ``--long`` long passages of three of them joined (up to 512 tokens).
 
+Variants: Performer with FAVOR+ (m = 256), with Hedgehog maps, with T2R maps, Nyström 64, and
+``hybrid_hedgehog``: LoLCATs' hybrid (``HybridWindowAttention``: exact softmax over the keys
+within ``--window`` positions, Hedgehog linear attention over the rest, one normalizer, a
+learned window factor per head; not a pure linear attention). ``--merge`` re-runs only the
+chosen variants and keeps the file's other rows (each merged row records its own run).
+
 Metrics on the held-out text, against the original model (HF sdpa): mean and minimum cosine
 of the mean-pooled embeddings, and Spearman's ρ between the original's and the converted
 model's pairwise cosine similarities over the short passages; zero-shot (the converted model
@@ -30,11 +36,14 @@ parameters (FAVOR+ with random W, Nyström without conv) skip stage 1 and get st
 budgets. The curve (``--monitor-every`` steps) is the cosine on the first 8 short passages.
 ``--scaling``: the converted Performer's attention module (Hedgehog maps, MiniLM's 12 x 32
 heads) at n = 1024..8192: forward time per token, forward+backward peak memory per token in
-a fresh process (``benchmarks.memory``).
+a fresh process (``benchmarks.memory``); ``--scaling-hybrid``: the same for the hybrid
+(window 64).
 
     python -m benchmarks.linearize_minilm               # -> benchmarks/runs/linearize_minilm.*
     python -m benchmarks.linearize_minilm --update-results   # refresh benchmarks/results/
     python -m benchmarks.linearize_minilm --quick       # a smoke run (seconds per stage)
+    python -m benchmarks.linearize_minilm --variants hybrid_hedgehog --merge --update-results
+                                                        # re-run one variant, keep the others
     python -m benchmarks.linearize_minilm --report-only # re-render the committed JSON's .md
 """
 
@@ -63,11 +72,12 @@ from benchmarks.linearize_text import (
     training_texts,
 )
 from benchmarks.outputs import RESULTS, add_output_options, output_path
-from transformer_zoo import NystromAttention, PerformerAttention
+from transformer_zoo import HybridWindowAttention, NystromAttention, PerformerAttention
 from transformer_zoo.linearize import AttentionTransfer, Finetune, linearize
 
 OUTPUT = "linearize_minilm.json"
-LEARNABLE = ("performer_hedgehog", "performer_t2r")  # stage 1 trains their feature maps
+#: stage 1 trains their feature maps (and the hybrid's window factors)
+LEARNABLE = ("performer_hedgehog", "performer_t2r", "hybrid_hedgehog")
 SCALING_LENGTHS = (1024, 2048, 4096, 8192)
 HEADS, HEAD_DIM = 12, 32
 
@@ -162,6 +172,13 @@ def variants(stage1_s: float, stage2_s: float, recipe: argparse.Namespace | None
             attention=functools.partial(PerformerAttention, nb_features=64,
                                         feature_map=transformer_zoo.T2RFeatures()),
             stage1=s1, stage2=s2, note="Performer with T2R maps (ReLU(Wx + b), F = 64)"),
+        "hybrid_hedgehog": dict(
+            attention=functools.partial(HybridWindowAttention, window=r.window,
+                                        feature_map=hedgehog),
+            stage1=s1, stage2=s2,
+            note=f"LoLCATs' hybrid, not a pure Performer: exact softmax over the keys within "
+                 f"|i - j| < {r.window} + Hedgehog linear attention (d_f = {r.hedgehog_dim}) "
+                 "over the rest, one normalizer, a learned window factor per head"),
     }
 
 
@@ -198,8 +215,13 @@ def run_variant(name: str, spec: dict, make_model, train: list[dict], scorer: Sc
 
 
 # -- linear cost of the converted attention ------------------------------------------------------
-def converted_attention() -> torch.nn.Module:
-    """MiniLM's attention shape (12 heads x 32) with the converted kernel (Hedgehog maps)."""
+def converted_attention(kind: str = "performer") -> torch.nn.Module:
+    """MiniLM's attention shape (12 heads x 32) with the converted kernel: the Performer with
+    Hedgehog maps, or (``"hybrid"``) LoLCATs' hybrid with window 64 and Hedgehog d_f = 32."""
+    if kind == "hybrid":
+        return HybridWindowAttention(
+            HEADS * HEAD_DIM, HEADS, window=64,
+            feature_map=transformer_zoo.HedgehogFeatures(feature_dim=32)).eval()
     return PerformerAttention(HEADS * HEAD_DIM, HEADS,
                               feature_map=transformer_zoo.HedgehogFeatures()).eval()
 
@@ -207,21 +229,23 @@ def converted_attention() -> torch.nn.Module:
 def contenders() -> dict[str, Callable[[int], Callable[[], torch.Tensor]]]:
     """For ``benchmarks.memory``: forward+backward of the converted attention at length n."""
 
-    def converted(n: int) -> Callable[[], torch.Tensor]:
+    def converted(n: int, kind: str = "performer") -> Callable[[], torch.Tensor]:
         torch.manual_seed(0)
-        attn = converted_attention()
+        attn = converted_attention(kind)
         x = torch.randn(1, n, HEADS * HEAD_DIM, requires_grad=True)
         return lambda: attn(x)
 
-    return {"converted_performer": converted}
+    return {"converted_performer": converted,
+            "converted_hybrid": functools.partial(converted, kind="hybrid")}
 
 
-def scaling(lengths: tuple[int, ...] = SCALING_LENGTHS, repeats: int = 3) -> dict:
+def scaling(lengths: tuple[int, ...] = SCALING_LENGTHS, repeats: int = 3,
+            kind: str = "performer") -> dict:
     """Forward time per token (median of ``repeats``, no_grad) and fwd+bwd peak memory per
-    token (fresh process) of the converted attention."""
+    token (fresh process) of the converted attention (``converted_attention(kind)``)."""
     from benchmarks.memory import measure_memory
 
-    attn, rows = converted_attention(), []
+    attn, rows = converted_attention(kind), []
     for n in lengths:
         x = torch.randn(1, n, HEADS * HEAD_DIM)
         with torch.no_grad():
@@ -231,7 +255,7 @@ def scaling(lengths: tuple[int, ...] = SCALING_LENGTHS, repeats: int = 3) -> dic
                 start = time.perf_counter()
                 attn(x)
                 times.append(time.perf_counter() - start)
-        mem = measure_memory("benchmarks.linearize_minilm", "converted_performer", n,
+        mem = measure_memory("benchmarks.linearize_minilm", f"converted_{kind}", n,
                              threads=torch.get_num_threads())
         rows.append({"n": n, "forward_s": statistics.median(times),
                      "us_per_token": 1e6 * statistics.median(times) / n,
@@ -247,9 +271,38 @@ def scaling(lengths: tuple[int, ...] = SCALING_LENGTHS, repeats: int = 3) -> dic
             "memory_ratio": max(mems) / min(mems) if mems else None}
 
 
+# -- --merge: one variant re-run, the others kept -----------------------------------------------
+#: run-level fields that must agree between a file and the rows merged into it (same data)
+SAME_DATA = ("model", "batch", "train", "held_out")
+
+
+def merge_base(earlier: dict, now: dict) -> dict:
+    """The earlier results, to merge this run's rows into; SystemExit if they were measured on
+    other data (model, batch, texts), where the rows would not be comparable."""
+    differ = [k for k in SAME_DATA if earlier.get(k) != now.get(k)]
+    if differ:
+        raise SystemExit(f"--merge: the existing file was measured with other {differ}; run "
+                         "without --merge (or with the same options)")
+    return earlier
+
+
+def run_details(args: argparse.Namespace, s1: float, s2: float, load_start) -> dict:
+    """What a merged row's run was (the file's run-level fields describe the others)."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average": {"start": load_start, "end": os.getloadavg()},
+            "budget_seconds": {"stage1": s1, "stage2": s2},
+            "recipe": {"stage1_lr": args.stage1_lr, "stage2_lr": args.stage2_lr,
+                       "schedule": args.schedule, "stage2_trainable": args.stage2_trainable,
+                       "pooled_cosine": args.pooled_cosine, "hedgehog_dim": args.hedgehog_dim,
+                       "stage1_tokens": args.stage1_tokens,
+                       "stage2_min_tokens": args.stage2_min_tokens, "window": args.window}}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="all", help="comma-separated names, or all")
+    parser.add_argument("--variants", default="all",
+                        help="comma-separated names, all, or none (e.g. only --scaling)")
     parser.add_argument("--stage1-seconds", type=float, default=200.0)
     parser.add_argument("--stage2-seconds", type=float, default=400.0)
     parser.add_argument("--stage1-lr", type=float, default=2e-2)
@@ -261,6 +314,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pooled-cosine", type=float, default=0.0,
                         help="weight of stage 2's mean-pooled cosine term")
     parser.add_argument("--hedgehog-dim", type=int, default=32, help="Hedgehog's d_f")
+    parser.add_argument("--window", type=int, default=64,
+                        help="hybrid_hedgehog's window w (keys with |i - j| < w are exact)")
     parser.add_argument("--stage1-tokens", type=int, default=128,
                         help="stage 1 trains on the texts cut to this many tokens")
     parser.add_argument("--stage2-min-tokens", type=int, default=64,
@@ -274,7 +329,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 5 s per stage")
     parser.add_argument("--scaling", action="store_true", help="also measure n = 1k..8k")
+    parser.add_argument("--scaling-hybrid", action="store_true",
+                        help="also measure the hybrid (window 64) at n = 1k..8k")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the output file's other variants: the rows run now replace "
+                             "those of the same name (or are added), each with its own run "
+                             "details")
     add_output_options(parser, OUTPUT)
     parser.add_argument("--report-only", type=Path, nargs="?", const=RESULTS / OUTPUT,
                         metavar="JSON", help="re-render the table and plot from a JSON")
@@ -313,12 +374,14 @@ def main(argv: list[str] | None = None) -> None:
     long_b = batches_by_length(tok, long, 4, 0)
     scorer = Scorer(make_model(), short_b, long_b)
     table = variants(s1, s2, args)
-    chosen = list(table) if args.variants == "all" else args.variants.split(",")
+    chosen = list(table) if args.variants == "all" else [] if args.variants == "none" \
+        else args.variants.split(",")
     unknown = [c for c in chosen if c not in table]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; available: {sorted(table)}")
     rows: list[dict] = []
     results: dict = {}
+    earlier = json.loads(out.read_text()) if args.merge and out.exists() else None
 
     def write() -> None:  # after every variant: a cut-short run keeps what it measured
         out.write_text(json.dumps(results, indent=2) + "\n")
@@ -346,15 +409,32 @@ def main(argv: list[str] | None = None) -> None:
                                 int(max(b["attention_mask"].sum(1).max() for b in long_b))]},
         "results": rows,
     } | ({"scaling": kept} if kept is not None else {}))
+    if earlier is not None:  # --merge: the earlier file stays, with its run's details
+        results = merge_base(earlier, results)
+        rows = results["results"]
     for name in chosen:
         # kernels without parameters of their own skip stage 1: all their training is stage 2
         first = train if name in LEARNABLE else train2
-        rows.append(run_variant(name, table[name], make_model, first, scorer,
-                                args.monitor_every, args.seed, not args.no_progress, train2))
-        results["load_average"]["end"] = os.getloadavg()
+        row = run_variant(name, table[name], make_model, first, scorer,
+                          args.monitor_every, args.seed, not args.no_progress, train2)
+        if earlier is None:
+            rows.append(row)
+            results["load_average"]["end"] = os.getloadavg()
+        else:  # this row's own run details; a row of the same name is replaced
+            row["run"] = run_details(args, s1, s2, load_start)
+            at = [i for i, r in enumerate(rows) if r["variant"] == name]
+            if at:
+                rows[at[0]] = row
+            else:
+                rows.append(row)
         write()
     if args.scaling:
         results["scaling"] = scaling()
+        write()
+    if args.scaling_hybrid:
+        results["scaling_hybrid"] = scaling(kind="hybrid") | {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
         write()
 
     print(f"wrote {out} and its .md / .png")

@@ -36,27 +36,53 @@ def markdown(results: dict) -> str:
                      f"{first} | {second} |")
     lines += ["", "Variants:"] + [f"- `{row['variant']}`: {row['note']}"
                                   for row in results["results"]]
-    scaling = results.get("scaling")
-    if scaling:
-        lines += [
-            "",
-            "<!-- --8<-- [start:scaling] -->",
-            f"Converted attention alone (`{scaling['attention'].splitlines()[0]}`...): forward "
-            "time per token (median of 3) and forward+backward peak memory per token (fresh "
-            "process), batch 1." + (f" Kept from {scaling['kept_from']}."
-                                    if scaling.get("kept_from") else ""),
-            "",
-            "| n | forward µs / token | peak KiB / token |",
-            "|---:|---:|---:|",
-        ]
-        for row in scaling["rows"]:
-            mem = "—" if row["bytes_per_token"] is None else f"{row['bytes_per_token'] / 1024:.1f}"
-            lines.append(f"| {row['n']} | {row['us_per_token']:.2f} | {mem} |")
-        memory = scaling["memory_ratio"]
-        lines += ["", f"Max / min per token over n: time {scaling['time_ratio']:.2f}x, memory "
-                  + ("—" if memory is None else f"{memory:.2f}x") + " (target: within 1.5x).",
-                  "<!-- --8<-- [end:scaling] -->"]
+    merged = [row for row in results["results"] if row.get("run")]
+    if merged:
+        lines += ["", "Rows run separately (`--merge`; the run details above are the others'):"]
+        lines += [f"- `{row['variant']}`: {_run(row['run'], results.get('recipe'))}"
+                  for row in merged]
+    for key in ("scaling", "scaling_hybrid"):
+        if results.get(key):
+            lines += _scaling(results[key], key)
     return "\n".join(lines) + "\n"
+
+
+def _scaling(scaling: dict, key: str) -> list[str]:
+    """The linear-cost section of one converted attention (snippet ``key`` for the docs)."""
+    when = (f" Measured {scaling['date']}, {scaling['threads']} thread"
+            f"{'s' * (scaling['threads'] != 1)}, load average {scaling['load_average'][0]:.1f}."
+            if scaling.get("date") else "")
+    lines = [
+        "",
+        f"<!-- --8<-- [start:{key}] -->",
+        f"Converted attention alone (`{scaling['attention'].splitlines()[0]}`...): forward "
+        "time per token (median of 3) and forward+backward peak memory per token (fresh "
+        "process), batch 1." + (f" Kept from {scaling['kept_from']}."
+                                if scaling.get("kept_from") else "") + when,
+        "",
+        "| n | forward µs / token | peak KiB / token |",
+        "|---:|---:|---:|",
+    ]
+    for row in scaling["rows"]:
+        mem = "—" if row["bytes_per_token"] is None else f"{row['bytes_per_token'] / 1024:.1f}"
+        lines.append(f"| {row['n']} | {row['us_per_token']:.2f} | {mem} |")
+    memory = scaling["memory_ratio"]
+    lines += ["", f"Max / min per token over n: time {scaling['time_ratio']:.2f}x, memory "
+              + ("—" if memory is None else f"{memory:.2f}x") + " (target: within 1.5x).",
+              f"<!-- --8<-- [end:{key}] -->"]
+    return lines
+
+
+def _run(run: dict, recipe: dict | None) -> str:
+    load, budget = run["load_average"], run["budget_seconds"]
+    changed = {k: v for k, v in run["recipe"].items() if (recipe or {}).get(k, v) != v}
+    return (f"{run['date']}, {run['threads']} thread{'s' * (run['threads'] != 1)}, load "
+            f"average {load['start'][0]:.1f} at the start and {load['end'][0]:.1f} at the end; "
+            f"budget: stage 1 {budget['stage1']:g} s, stage 2 {budget['stage2']:g} s; "
+            + ("the same recipe" if not changed else "recipe changes: " + ", ".join(
+                f"{k} {v}" for k, v in changed.items()))
+            + (f"; window {run['recipe']['window']}" if "window" in run["recipe"] else "")
+            + ".")
 
 
 def _recipe(r: dict | None) -> str:
