@@ -39,6 +39,7 @@ from torch import Tensor
 
 from transformer_zoo.functional.causal_linear import _scan, scan_rows, tile_rows
 from transformer_zoo.functional.favor_causal import cummax_rows, stabilized_query
+from transformer_zoo.functional.favor_causal_rows import OnesColumn, OutputGrad, ratio_rows
 
 
 def _logits(xh: Tensor, w_f: Tensor, b_coef: Tensor | None, beta: Tensor | None,
@@ -50,49 +51,6 @@ def _logits(xh: Tensor, w_f: Tensor, b_coef: Tensor | None, beta: Tensor | None,
     if beta is not None:
         out = out + beta
     return out - xh.square().sum(-1, keepdim=True) * 0.5 if key else out
-
-
-class _Ones:
-    """[v, 1] along the last dim, built a tile of rows at a time (for ``scan_rows``)."""
-
-    def __init__(self, v: Tensor) -> None:
-        self.v, self.shape = v, (*v.shape[:-1], v.shape[-1] + 1)
-        self.new_zeros = v.new_zeros
-
-    def __getitem__(self, key) -> Tensor:
-        t = self.v[key]
-        return torch.cat([t, t.new_ones(*t.shape[:-1], 1)], -1)
-
-
-def _ratio_rows(y: Tensor) -> Tensor:
-    """out = num / den from a tile's y = [num, den] (0 where den = 0: no key)."""
-    den = y[..., -1:]
-    live = den > 0
-    return torch.where(live, y[..., :-1] / torch.where(live, den, 1.0), 0.0)
-
-
-class _OutputGrad:
-    """∂[num, den] = [∂out / den, −(∂out · out) / den], a tile of rows at a time.
-
-    ``h_rows(index, slice, y)`` (a ``scan_rows`` h callable): the tile's rows from its
-    recomputed y = [num, den] (out is not saved for backward), recording ∂den; indexing then
-    serves the rows of every tile seen so far (the reverse scan's x)."""
-
-    def __init__(self, grad: Tensor, inv: Tensor) -> None:
-        self.grad, self.inv = grad, inv
-        self.shape = (*grad.shape[:-1], grad.shape[-1] + 1)
-        self.new_zeros = grad.new_zeros
-        self.dden = inv.new_empty(inv.shape)  # (b, h, n, 1)
-
-    def h_rows(self, index: int, sl: slice, y: Tensor) -> Tensor:
-        g, inv = self.grad[..., sl, :], self.inv[..., sl, :]
-        dden = (g * _ratio_rows(y)).sum(-1, keepdim=True).mul_(inv).neg_()
-        self.dden[..., sl, :] = dden
-        return torch.cat([g * inv, dden], -1)
-
-    def __getitem__(self, key) -> Tensor:
-        g, inv = self.grad[key], self.inv[key]
-        return torch.cat([g * inv, self.dden[key]], -1)
 
 
 class _AffineRows:
@@ -208,10 +166,10 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | None
     def sink(index: int, sl: slice, y: Tensor, z) -> None:
         den = y[..., -1:]
         live = den > 0
-        out[..., sl, :] = _ratio_rows(y)
+        out[..., sl, :] = ratio_rows(y)
         inv[..., sl, :] = torch.where(live, 1.0 / torch.where(live, den, 1.0), 0.0)
 
-    scan_rows(rows, _Ones(v), None, chunk, sink=sink)
+    scan_rows(rows, OnesColumn(v), None, chunk, sink=sink)
     return out, inv
 
 
@@ -237,7 +195,7 @@ def _gradients(q: Tensor, k: Tensor, v: Tensor, w_f: Tensor, b_coef: Tensor | No
     rows = _AffineRows(q, k, w_f, b_coef, beta, valid, chunk, v.shape[-1] + 1)
     params = (need_w, need_b and b_coef is not None, need_beta and beta is not None)
     acc = _Grads(rows, (True, *params))
-    dy, x = _OutputGrad(grad, inv), _Ones(v)
+    dy, x = OutputGrad(grad, inv), OnesColumn(v)
     dq = torch.empty_like(q) if need_q else None
     if need_q or any(params):
         def query_sink(index: int, sl: slice, y, dl: Tensor) -> None:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from transformer_zoo.functional.causal_linear import _scan, scan_rows, tile_rows
 from transformer_zoo.functional.favor_causal import cummax_rows, stabilized_query
-from transformer_zoo.functional.favor_causal_fused import _Ones, _OutputGrad, _ratio_rows
+from transformer_zoo.functional.favor_causal_rows import OnesColumn, OutputGrad, ratio_rows
 from transformer_zoo.functional.favor_tiled import MapTiles, _safe_inverse
 from transformer_zoo.functional.feature_maps import FeatureMap
 
@@ -101,7 +101,7 @@ def _gradients(maps: MapTiles, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | 
     params = any(maps.need)
     rows = _MapRows(maps, q, k, valid, chunk, v.shape[-1] + 1, f)
     times_a = maps.exponential  # ∂log φ = φ̃ ⊙ ∂φ̃; plain maps: ∂φ itself
-    dy, x = _OutputGrad(grad, inv), _Ones(v)
+    dy, x = OutputGrad(grad, inv), OnesColumn(v)
     dq = torch.empty_like(q) if need_q else None
     if need_q or params:
         rows.trace, rows.need_x = "query", need_q
@@ -144,7 +144,7 @@ def _reference(maps: MapTiles, q, k, v, valid, params, chunk: int, f: int) -> Te
     else:
         g = lq.new_zeros(*lq.shape[:-1], 1)
     y = _scan(lq, lk, torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1), g, None, chunk)[0]
-    return _ratio_rows(y)
+    return ratio_rows(y)
 
 
 class TiledCausalFavor(torch.autograd.Function):
@@ -159,10 +159,10 @@ class TiledCausalFavor(torch.autograd.Function):
         inv = q.new_empty(*q.shape[:-1], 1)
 
         def sink(index: int, sl: slice, y: Tensor, z) -> None:
-            out[..., sl, :] = _ratio_rows(y)
+            out[..., sl, :] = ratio_rows(y)
             inv[..., sl, :] = _safe_inverse(y[..., -1:])
 
-        scan_rows(rows, _Ones(v), None, chunk, sink=sink)
+        scan_rows(rows, OnesColumn(v), None, chunk, sink=sink)
         ctx.save_for_backward(q, k, v, valid, inv, *params)
         ctx.fm, ctx.w, ctx.f, ctx.chunk = fm, w, f, chunk
         return out
