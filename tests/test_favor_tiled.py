@@ -24,6 +24,7 @@ from transformer_zoo import (
     LearnedPositiveFeatures,
     PerformerAttention,
     RotaryEmbedding,
+    RotaryMode,
     T2RFeatures,
 )
 from transformer_zoo.functional import draw_projection, favor_attention
@@ -170,13 +171,16 @@ def test_double_backward_equals_generic(name, causal):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("rotary", list(RotaryMode))
 @pytest.mark.parametrize("causal", [False, True])
-def test_module_with_rotary_and_padding_equals_generic(causal):
-    """PerformerAttention (rotary in the q/k mode, a padding mask): output and the gradient
-    of every parameter (projections and map) agree between the two paths."""
+def test_module_with_rotary_and_padding_equals_generic(causal, rotary):
+    """PerformerAttention (RoPE, a padding mask): output and the gradient of every parameter
+    (projections and map) agree between the two paths. The q/k rotary mode is tiled; the
+    numerator-only mode (it rotates φ(q), φ(k) themselves) keeps the generic path."""
     torch.manual_seed(0)
     attn = PerformerAttention(16, H, nb_features=12, feature_map=HedgehogFeatures(), seed=0,
-                              causal=causal, positional=RotaryEmbedding(head_dim=8)).double()
+                              causal=causal, positional=RotaryEmbedding(head_dim=8),
+                              rotary=rotary).double()
     x = torch.randn(2, 9, 16, dtype=F64)
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[0, 6:] = False
@@ -186,7 +190,7 @@ def test_module_with_rotary_and_padding_equals_generic(causal):
         attn.zero_grad()
         with path(tiled, calls):
             out = attn(x, mask=mask)
-        assert bool(calls) == tiled
+        assert bool(calls) == (tiled and rotary is RotaryMode.QUERY_KEY)
         out.square().sum().backward()
         results.append([out.detach()] + [p.grad.clone() for p in attn.parameters()])
     for a, b in zip(*results, strict=True):
@@ -214,6 +218,26 @@ def test_functional_call_gradients_reach_the_given_tensors(causal):
     assert not torch.allclose(own, results[0][0])  # the stand-ins were used
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_autocast_features_in_fp32_with_gradients_to_the_map(causal):
+    """Under bf16 autocast the tiled kernels form features in fp32 as the generic path does
+    (the two agree to fp32 rounding) and the map's parameters get their gradients."""
+    torch.manual_seed(0)
+    attn = PerformerAttention(32, H, nb_features=16, feature_map=HedgehogFeatures(), seed=0,
+                              causal=causal)
+    x = torch.randn(2, 40, 32)
+    results = []
+    for tiled in (True, False):
+        attn.zero_grad()
+        with path(tiled), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attn(x)
+        out.float().square().sum().backward()
+        results.append([out.float(), *(p.grad.clone() for p in attn.feature_map.parameters())])
+    assert all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in results[0][1:])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 class ScaledRelu(FeatureMap):
