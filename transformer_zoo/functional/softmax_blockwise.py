@@ -64,6 +64,7 @@ from transformer_zoo.functional.softmax import (
     explicit_softmax_attention,
     softmax_attention,
 )
+from transformer_zoo.functional.softmax_banded import banded_softmax_attention
 from transformer_zoo.functional.softmax_blockwise_lse import (
     BlockwiseBiasAttention,
     Plan,
@@ -137,6 +138,13 @@ def blockwise_softmax_attention(
 
     if dropout_p == 0 and not torch.is_autocast_enabled(q.device.type) and (
             not torch.compiler.is_compiling()):
+        if positional is not None and bias is None:  # separable past a band: fused far keys
+            out = banded_softmax_attention(q, k, v, positional=positional,
+                                           q_positions=q_positions, k_positions=k_positions,
+                                           mask=mask, causal=causal, scale=scale,
+                                           block_size=block_size)
+            if out is not None:
+                return out
         plan = Plan(positional, q_positions, k_positions, mask, causal, scale, rows, n, m)
         leaves = prepare_grad(plan, q, k) if torch.is_grad_enabled() else []
         return BlockwiseBiasAttention.apply(plan, q, k, v, bias, *leaves)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
@@ -80,6 +81,33 @@ class QKTransform(PositionalEncoding):
         raise NotImplementedError
 
 
+@dataclass
+class FarSide:
+    """The bias of the key pairs on one side of the band (``FarField``), as separable terms:
+    bias_ij = ``row``_i + ``key``_j, and (a value term) ``value`` added to v_j. Each term is
+    None (zero) or a tensor: ``row`` broadcastable to ``(b, h, n)``, ``key`` to ``(b, h, m)``,
+    ``value`` to ``(b, h, 1, d_v)``; with the graph to the encoding's parameters, q and k."""
+
+    row: Tensor | None = None
+    key: Tensor | None = None
+    value: Tensor | None = None
+
+
+@dataclass
+class FarField:
+    """Past a distance the bias is separable: for contiguous positions and every pair with
+    pos_j − pos_i <= −``radius`` the bias equals ``left``'s terms (``left.row``_i +
+    ``left.key``_j, value term Σ_j α_ij ``left.value``), for pos_j − pos_i >= ``radius``
+    ``right``'s. (T5 and DeBERTa buckets saturate, Shaw's clipping ends, ALiBi is linear.)
+    The band kernel (``functional.softmax_banded``) serves those keys with the fused kernel
+    and the terms as extra head-dim columns, and only the band |pos_j − pos_i| < radius with
+    the bias itself."""
+
+    radius: int
+    left: FarSide
+    right: FarSide
+
+
 class LogitBias(PositionalEncoding):
     """Additive logit bias ``forward(q, q_positions, k_positions) -> (b|1, h, n, m)``.
 
@@ -132,6 +160,17 @@ class LogitBias(PositionalEncoding):
             return self(*args, k=k) if self.needs_keys else self(*args)
 
         return rows
+
+    def far_field(
+        self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *, k: Tensor | None = None
+    ) -> FarField | None:
+        """This bias beyond a distance as separable terms (``FarField``), for these q
+        ``(b, h, n, d)`` (k ``(b, h, m, d)`` when ``needs_keys``) and 1-D contiguous positions,
+        or None (the blockwise kernel then builds every bias row). Its terms must equal
+        ``forward`` on every far pair. The band's bias comes from ``forward`` on sub-blocks
+        of rows and keys (row i, key j of the bias depend only on q_i, k_j and their
+        positions). Default: None."""
+        return None
 
     def score_mod(
         self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformer_zoo._checks import check_positive_int, check_rank
 from transformer_zoo.functional.flex import ScoreMod, position_at
 from transformer_zoo.functional.relative import shaw_relative_index
-from transformer_zoo.positional.base import LogitBias
+from transformer_zoo.positional.base import FarField, FarSide, LogitBias
 
 
 class ShawRelativePosition(LogitBias):
@@ -90,6 +90,16 @@ class ShawRelativePosition(LogitBias):
             return score + scores[b, h, q_idx, r.clamp(-d, d) + d]
 
         return shaw
+
+    def far_field(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
+                  k: Tensor | None = None) -> FarField:
+        """Past the clipping distance k: left q_i·a^K_(−k)/√d and value a^V_(−k), right the
+        same at +k."""
+        scale = 1.0 / math.sqrt(self.head_dim)
+        emb, val = self.key_embedding.to(q.dtype), self.value_embedding.to(q.dtype)
+        left = FarSide(row=(q @ emb[0]) * scale, value=val[0])
+        right = FarSide(row=(q @ emb[-1]) * scale, value=val[-1])
+        return FarField(self.max_distance, left, right)
 
     def value_term(self, weights: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         check_rank(weights, "weights", 4, "(batch, heads, q_len, k_len)")
