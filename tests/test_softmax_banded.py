@@ -18,20 +18,33 @@ from test_softmax_blockwise import materialised
 from torch import nn
 
 import transformer_zoo.functional.softmax_banded as banded
-from transformer_zoo import ALiBi, ShawRelativePosition, SoftmaxAttention, T5RelativeBias
+from transformer_zoo import (
+    ALiBi,
+    DebertaRelativeBias,
+    ShawRelativePosition,
+    SoftmaxAttention,
+    T5RelativeBias,
+)
 from transformer_zoo.functional.softmax_blockwise import blockwise_softmax_attention
 from transformer_zoo.positional.base import FarField
 
 F64 = torch.float64
 real_worth_it = banded._worth_it
-ENCODINGS = ["t5", "t5_causal", "alibi", "alibi_causal", "shaw"]
+ENCODINGS = ["t5", "t5_causal", "alibi", "alibi_causal", "shaw", "deberta"]
+DEBERTA = [dict(position_buckets=-1, max_relative_positions=6, pos_att_type=("c2p", "p2c")),
+           dict(position_buckets=4, max_relative_positions=12, pos_att_type=("c2p", "p2c")),
+           dict(position_buckets=8, max_relative_positions=24, pos_att_type=("c2p",)),
+           dict(position_buckets=4, max_relative_positions=16, pos_att_type=("p2c",))]
 
 
 def make_encoding(name: str, h: int, d: int, **options):
     torch.manual_seed(0)
     if name.startswith("alibi"):
         return ALiBi(n_heads=h, causal=name.endswith("causal"))
-    if name.startswith("t5"):
+    if name == "deberta":
+        enc = DebertaRelativeBias(d_model=h * d, n_heads=h, head_dim=d,
+                                  **DEBERTA[options.get("variant", 1)])
+    elif name.startswith("t5"):
         enc = T5RelativeBias(n_heads=h, causal=name.endswith("causal"),
                              num_buckets=options.get("num_buckets", 8),
                              max_distance=options.get("max_distance", 6))
@@ -83,7 +96,8 @@ def problems(draw):
                 scale=draw(st.sampled_from([None, 0.4])), block_size=draw(st.integers(1, 9)),
                 options=dict(num_buckets=draw(st.sampled_from([4, 8, 12])),
                              max_distance=draw(st.integers(7, 12)) if enc.startswith("t5")
-                             else draw(st.integers(1, 4))))
+                             else draw(st.integers(1, 4)),
+                             variant=draw(st.integers(0, len(DEBERTA) - 1))))
 
 
 def _run(fn, p, positional):
@@ -120,21 +134,26 @@ def test_banded_equals_materialised_outputs_and_gradients(p):
 @settings(max_examples=40, deadline=None)
 @given(enc=st.sampled_from(ENCODINGS), q0=st.integers(-20, 200), k0=st.integers(-20, 200),
        num_buckets=st.sampled_from([4, 8, 32]), max_distance=st.integers(1, 140),
-       seed=st.integers(0, 1000))
-def test_far_field_equals_forward_on_far_pairs(enc, q0, k0, num_buckets, max_distance, seed):
+       variant=st.integers(0, len(DEBERTA) - 1), seed=st.integers(0, 1000))
+def test_far_field_equals_forward_on_far_pairs(enc, q0, k0, num_buckets, max_distance,
+                                               variant, seed):
     """Every pair at pos_j − pos_i <= −R gets left.row_i + left.key_j, >= R right's; Shaw's
     value term on far keys is Σ_j α_ij · side.value."""
     if enc.startswith("t5") and max_distance <= (num_buckets if enc.endswith("causal")
                                                  else num_buckets // 2) // 2:
         max_distance += num_buckets
     h, d, n, m = 3, 4, 40, 300
-    positional = make_encoding(enc, h, d, num_buckets=num_buckets, max_distance=max_distance)
+    positional = make_encoding(enc, h, d, num_buckets=num_buckets, max_distance=max_distance,
+                               variant=variant)
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, h, n, d, generator=g, dtype=F64)
+    k = torch.randn(2, h, m, d, generator=g, dtype=F64)
     qp, kp = torch.arange(n) + q0, torch.arange(m) + k0
-    far = positional.far_field(q, qp, kp)
-    assert isinstance(far, FarField) and far.radius >= 1
-    bias = positional(q, qp, kp).expand(2, h, n, m)
+    keys = {"k": k} if positional.needs_keys else {}
+    far = positional.far_field(q, qp, kp, **keys)
+    radius = positional.far_radius()
+    assert isinstance(far, FarField) and radius >= 1
+    bias = positional(q, qp, kp, **keys).expand(2, h, n, m)
     tol = 1e-6 if bias.dtype == torch.float32 else 1e-12  # ALiBi's forward is fp32
     bias = bias.to(F64)
     delta = kp[None, :] - qp[:, None]  # (n, m)
@@ -146,7 +165,7 @@ def test_far_field_equals_forward_on_far_pairs(enc, q0, k0, num_buckets, max_dis
             side.key.to(F64).expand(2, h, m)[..., None, :])
         return (row + key).expand(2, h, n, m)
 
-    for side, where in ((far.left, delta <= -far.radius), (far.right, delta >= far.radius)):
+    for side, where in ((far.left, delta <= -radius), (far.right, delta >= radius)):
         torch.testing.assert_close(bias[..., where], terms(side)[..., where], rtol=tol,
                                    atol=tol)
         if positional.has_value_term:
@@ -156,7 +175,7 @@ def test_far_field_equals_forward_on_far_pairs(enc, q0, k0, num_buckets, max_dis
             torch.testing.assert_close(want, got, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("enc", ["t5", "alibi", "shaw"])
+@pytest.mark.parametrize("enc", ["t5", "alibi", "shaw", "deberta"])
 def test_module_default_uses_the_band_and_never_a_full_row(enc):
     """``SoftmaxAttention``'s blockwise path takes the band kernel by itself; the encoding's
     forward only ever sees sub-blocks (rows x (rows + 2R) keys, never all m keys), and the
@@ -164,7 +183,9 @@ def test_module_default_uses_the_band_and_never_a_full_row(enc):
     torch.manual_seed(0)
     n, h = 1024, 2
     make = {"t5": lambda: T5RelativeBias(n_heads=h), "alibi": lambda: ALiBi(n_heads=h),
-            "shaw": lambda: ShawRelativePosition(head_dim=8)}[enc]
+            "shaw": lambda: ShawRelativePosition(head_dim=8),
+            "deberta": lambda: DebertaRelativeBias(d_model=16, n_heads=h, position_buckets=8,
+                                                   max_relative_positions=32)}[enc]
     attn = SoftmaxAttention(16, h, positional=make(), blockwise=True, block_size=64).double()
     ref = copy.deepcopy(attn)
     ref.blockwise = False

@@ -46,6 +46,7 @@ BAND_ELEMENTS = 2**21
 class BandPlan:
     positional: LogitBias
     far: FarField  # terms built on (q_d, k_d), with their graphs
+    radius: int
     q_positions: Tensor  # (n,)
     k_positions: Tensor  # (m,)
     pad: Tensor | None  # float (b, 1, 1, m): 0 or −inf
@@ -59,7 +60,7 @@ class BandPlan:
 
     def blocks(self):
         """(i0, i1, a, c, kmax): keys :a far left, a:min(c, kmax) band, c:kmax far right."""
-        q0, k0, r = int(self.q_positions[0]), int(self.k_positions[0]), self.far.radius
+        q0, k0, r = int(self.q_positions[0]), int(self.k_positions[0]), self.radius
         for i0 in range(0, self.n, self.rows):
             i1 = min(i0 + self.rows, self.n)
             kmax = self.m if not self.causal else max(0, min(self.m, i1 + self.m - self.n))
@@ -380,18 +381,19 @@ def banded_softmax_attention(
             return None  # only key padding masks (b|1, 1, 1, m)
         pad = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(
             ~mask, float("-inf")).expand(b, 1, 1, m)
-    q_d, k_d = q.detach().requires_grad_(), k.detach().requires_grad_()
-    qp, kp = q_positions.reshape(-1), k_positions.reshape(-1)
-    with torch.enable_grad():
-        far = positional.far_field(q_d, qp, kp, k=k_d if positional.needs_keys else None)
-    if far is None:
+    radius = positional.far_radius()
+    if radius is None:
         return None
-    band = 2 * far.radius
+    band = 2 * radius
     rows = block_size or max(16, min(512, BAND_ELEMENTS // max(1, b * h * (band + 256))))
     rows = min(rows, n)
     if not _worth_it(m, rows, band):
         return None
-    plan = BandPlan(positional, far, qp, kp, pad, causal, scale, rows, n, m, q_d, k_d)
+    q_d, k_d = q.detach().requires_grad_(), k.detach().requires_grad_()
+    qp, kp = q_positions.reshape(-1), k_positions.reshape(-1)
+    with torch.enable_grad():
+        far = positional.far_field(q_d, qp, kp, k=k_d if positional.needs_keys else None)
+    plan = BandPlan(positional, far, radius, qp, kp, pad, causal, scale, rows, n, m, q_d, k_d)
     leaves: list[Tensor] = []
     if torch.is_grad_enabled():
         with torch.enable_grad():

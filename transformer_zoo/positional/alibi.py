@@ -82,17 +82,20 @@ class ALiBi(LogitBias):
             )
         return alibi_bias(self.slopes, q_positions, k_positions, causal=self.causal)
 
+    def far_radius(self) -> int:
+        return 1
+
     def far_field(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
                   k: Tensor | None = None) -> FarField:
         """Linear in the distance: left of the query −m_h·pos_i + m_h·pos_j, right the same
-        (causal form) or its negation (symmetric), radius 1. In fp64 (the band kernel takes
+        (causal form) or its negation (symmetric), past radius 1. In fp64 (the band kernel takes
         differences of these terms; fp32 products of large positions would round)."""
         slopes = self.slopes.to(device=q.device, dtype=torch.float64)[None, :, None]
         qp = q_positions.to(torch.float64)
         kp = k_positions.to(torch.float64)
         left = FarSide(row=-slopes * qp, key=slopes * kp)
         right = left if self.causal else FarSide(row=slopes * qp, key=-slopes * kp)
-        return FarField(1, left, right)
+        return FarField(left, right)
 
     def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
                   k_positions: Tensor) -> ScoreMod:

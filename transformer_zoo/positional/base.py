@@ -95,17 +95,27 @@ class FarSide:
 
 @dataclass
 class FarField:
-    """Past a distance the bias is separable: for contiguous positions and every pair with
-    pos_j − pos_i <= −``radius`` the bias equals ``left``'s terms (``left.row``_i +
-    ``left.key``_j, value term Σ_j α_ij ``left.value``), for pos_j − pos_i >= ``radius``
-    ``right``'s. (T5 and DeBERTa buckets saturate, Shaw's clipping ends, ALiBi is linear.)
-    The band kernel (``functional.softmax_banded``) serves those keys with the fused kernel
-    and the terms as extra head-dim columns, and only the band |pos_j − pos_i| < radius with
-    the bias itself."""
+    """Past the encoding's ``far_radius`` R the bias is separable: for every pair with
+    pos_j − pos_i <= −R the bias equals ``left``'s terms (``left.row``_i + ``left.key``_j,
+    value term Σ_j α_ij ``left.value``), for pos_j − pos_i >= R ``right``'s. (T5 and DeBERTa
+    buckets saturate, Shaw's clipping ends, ALiBi is linear.) The band kernel
+    (``functional.softmax_banded``) serves those keys with the fused kernel and the terms
+    as an extra head-dim column or a log-sum-exp shift, and only the band |pos_j − pos_i| < R
+    with the bias itself."""
 
-    radius: int
     left: FarSide
     right: FarSide
+
+
+def saturation_radius(distance: Tensor, value: Tensor) -> int:
+    """The smallest R >= 1 with ``value`` constant over distance <= −R and over >= R (value:
+    e.g. the bucket of each distance, 1-D over a span that reaches the saturation)."""
+    radius = 1
+    for side, edge in ((distance < 0, value[0]), (distance > 0, value[-1])):
+        differs = side & (value != edge)
+        if bool(differs.any()):
+            radius = max(radius, int(distance[differs].abs().max()) + 1)
+    return radius
 
 
 class LogitBias(PositionalEncoding):
@@ -161,16 +171,20 @@ class LogitBias(PositionalEncoding):
 
         return rows
 
+    def far_radius(self) -> int | None:
+        """The distance R >= 1 past which the bias is separable (``far_field``), or None
+        when it never is (the blockwise kernel then builds every bias row). Default: None."""
+        return None
+
     def far_field(
         self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *, k: Tensor | None = None
-    ) -> FarField | None:
-        """This bias beyond a distance as separable terms (``FarField``), for these q
-        ``(b, h, n, d)`` (k ``(b, h, m, d)`` when ``needs_keys``) and 1-D contiguous positions,
-        or None (the blockwise kernel then builds every bias row). Its terms must equal
-        ``forward`` on every far pair. The band's bias comes from ``forward`` on sub-blocks
-        of rows and keys (row i, key j of the bias depend only on q_i, k_j and their
-        positions). Default: None."""
-        return None
+    ) -> FarField:
+        """This bias past ``far_radius`` as separable terms (``FarField``), for these q
+        ``(b, h, n, d)`` (k ``(b, h, m, d)`` when ``needs_keys``) and 1-D positions. Its
+        terms must equal ``forward`` on every far pair. The band's bias comes from
+        ``forward`` on sub-blocks of rows and keys (row i, key j of the bias depend only on
+        q_i, k_j and their positions)."""
+        raise NotImplementedError(f"{type(self).__name__} has no far field")
 
     def score_mod(
         self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor

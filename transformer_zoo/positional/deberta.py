@@ -42,7 +42,7 @@ from transformer_zoo.functional.deberta import (
     disentangled_bias_rows,
 )
 from transformer_zoo.functional.flex import ScoreMod, position_at
-from transformer_zoo.positional.base import LogitBias
+from transformer_zoo.positional.base import FarField, FarSide, LogitBias, saturation_radius
 from transformer_zoo.positional.deberta_embeddings import DebertaRelativeEmbeddings
 
 if TYPE_CHECKING:
@@ -235,6 +235,38 @@ class DebertaRelativeBias(LogitBias):
 
         return disentangled_bias_rows(q, k, index_rows, pos_key=pos_key, pos_query=pos_query,
                                       scale=self.logit_scale(self.head_dim))
+
+    def far_radius(self) -> int | None:
+        """Past the saturation distance (``deberta_saturation_distance``) each side uses one
+        table row. None without a lookup table, or with dropout on P in training (one draw
+        per call; the band's blocks would each draw their own)."""
+        lookup = self.embeddings.index_table()
+        if lookup is None or (self.dropout > 0 and self.training):
+            return None
+        rows, limit = lookup  # rows[δ + L], δ = pos_i − pos_j
+        return saturation_radius(torch.arange(-limit, limit + 1), rows.flip(0))
+
+    def far_field(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
+                  k: Tensor | None = None) -> FarField:
+        """c2p gives a row term s·q_i·K^r_edge, p2c a key term s·Q^r_edge·k_j per side."""
+        self._check_q(q)
+        lookup = self.embeddings.index_table(q.device)
+        if lookup is None or ("p2c" in self.pos_att_type and k is None):
+            raise ValueError("DebertaRelativeBias.far_field: needs a lookup table (far_radius "
+                             "not None) and, for p2c, the keys k")
+        rows = lookup[0]
+        pos_key, pos_query = self.position_projections(self._table())
+        scale = self.logit_scale(self.head_dim)
+
+        def side(row: int) -> FarSide:
+            c2p = None if pos_key is None else (
+                q @ pos_key[:, row, :, None].to(q.dtype))[..., 0] * scale  # (b, h, n)
+            p2c = None if pos_query is None or k is None else (
+                k @ pos_query[:, row, :, None].to(k.dtype))[..., 0] * scale  # (b, h, m)
+            return FarSide(row=c2p, key=p2c)
+
+        # left (key before the query): δ > 0, the last row; right: the first
+        return FarField(side(int(rows[-1])), side(int(rows[0])))
 
     def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
                   k_positions: Tensor) -> ScoreMod | None:

@@ -91,6 +91,9 @@ class ShawRelativePosition(LogitBias):
 
         return shaw
 
+    def far_radius(self) -> int:
+        return self.max_distance
+
     def far_field(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
                   k: Tensor | None = None) -> FarField:
         """Past the clipping distance k: left q_i·a^K_(−k)/√d and value a^V_(−k), right the
@@ -99,7 +102,7 @@ class ShawRelativePosition(LogitBias):
         emb, val = self.key_embedding.to(q.dtype), self.value_embedding.to(q.dtype)
         left = FarSide(row=(q @ emb[0]) * scale, value=val[0])
         right = FarSide(row=(q @ emb[-1]) * scale, value=val[-1])
-        return FarField(self.max_distance, left, right)
+        return FarField(left, right)
 
     def value_term(self, weights: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
         check_rank(weights, "weights", 4, "(batch, heads, q_len, k_len)")

@@ -28,7 +28,7 @@ from transformer_zoo.functional.relative import (
     t5_bucket_lookup,
     t5_relative_bucket,
 )
-from transformer_zoo.positional.base import FarField, FarSide, LogitBias
+from transformer_zoo.positional.base import FarField, FarSide, LogitBias, saturation_radius
 
 
 class T5RelativeBias(LogitBias):
@@ -121,21 +121,20 @@ class T5RelativeBias(LogitBias):
                                          max_distance=d)  # (2D + 1,)
         return self.weight.T[:, bucket_of_r]  # (h, 2D + 1), contiguous
 
-    def far_field(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
-                  k: Tensor | None = None) -> FarField:
-        """Past the distance R where the buckets saturate (R <= max_distance; 91 for T5's
-        32 buckets and 128) each side's bias is one table entry per head: a row term."""
-        table = self.per_distance(q.device).to(q.dtype)  # (h, 2D + 1)
+    def far_radius(self) -> int:
+        """Where the buckets saturate on both sides (<= max_distance; 91 for T5's 32 buckets
+        and 128)."""
         d = self.max_distance
         span = torch.arange(-d, d + 1)
         bucket = t5_relative_bucket(span, causal=self.causal, num_buckets=self.num_buckets,
                                     max_distance=d)
-        radius = 1
-        for side, edge in ((span < 0, bucket[0]), (span > 0, bucket[-1])):
-            differs = side & (bucket != edge)
-            if bool(differs.any()):
-                radius = max(radius, int(span[differs].abs().max()) + 1)
-        return FarField(radius, FarSide(row=table[None, :, :1]), FarSide(row=table[None, :, -1:]))
+        return saturation_radius(span, bucket)
+
+    def far_field(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
+                  k: Tensor | None = None) -> FarField:
+        """Past ``far_radius`` each side's bias is one table entry per head: a row term."""
+        table = self.per_distance(q.device).to(q.dtype)  # (h, 2D + 1)
+        return FarField(FarSide(row=table[None, :, :1]), FarSide(row=table[None, :, -1:]))
 
     def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
                   k_positions: Tensor) -> ScoreMod:
