@@ -7,6 +7,7 @@ sigmoid(window factor)); the kernel must equal it in fp64, values and gradients.
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import math
@@ -29,7 +30,7 @@ from transformer_zoo.functional import hybrid_window_attention, softmax_attentio
 from transformer_zoo.functional.favor import log_features
 from transformer_zoo.functional.hybrid_window_decode import HybridWindowState
 from transformer_zoo.functional.random_features import draw_projection
-from transformer_zoo.linearize import AttentionTransfer, linearize
+from transformer_zoo.linearize import AttentionTransfer, convert, linearize
 
 B, H, D = 2, 3, 8
 
@@ -38,7 +39,7 @@ def reference(q, k, v, lq, lk, window_factor, *, window, causal, exponential=Tru
               affine=False, key_padding_mask=None):
     """The hybrid formula with the full n x m weights (slow, obvious)."""
     n, m, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    i = torch.arange(n)[:, None] + (m - n if causal else 0)  # bottom-right aligned
+    i = torch.arange(n)[:, None] + (m - n)  # bottom-right aligned
     j = torch.arange(m)[None, :]
     inside = ((i - j >= 0) & (i - j < window)) if causal else ((i - j).abs() < window)
     outside = (j <= i - window) if causal else ((i - j).abs() >= window)
@@ -117,11 +118,14 @@ def test_kernel_equals_the_materialised_reference_fp64(n, window, causal, pad, a
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("n,m", [(5, 13), (13, 5), (1, 9)])
-def test_causal_cross_lengths_are_bottom_right_aligned(n, m):
+def test_cross_lengths_are_bottom_right_aligned(n, m, causal):
     q, k, v, wf = inputs(n, m, 1)
     fm, w = built(HedgehogFeatures())
-    out, ref = both(q, k, v, wf, fm, w, window=3, causal=True)
+    mask = torch.ones(B, m, dtype=torch.bool)
+    mask[1, -2:] = False
+    out, ref = both(q, k, v, wf, fm, w, window=3, causal=causal, mask=mask)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
 
 
@@ -245,8 +249,6 @@ def test_bad_arguments_raise_clear_errors():
     x = torch.randn(2, 6, 32)
     with pytest.raises(ValueError, match="attn_mask"):
         attn(x, attn_mask=torch.ones(6, 6, dtype=torch.bool))
-    with pytest.raises(ValueError, match="as many queries as keys"):
-        attn(x, context=torch.randn(2, 9, 32))
     q, k, v, wf = inputs(4, 4, 0)
     fm, w = built(HedgehogFeatures())
     with pytest.raises(ValueError, match="window_factor"):
@@ -273,15 +275,42 @@ def test_linearize_trains_feature_maps_and_window_factors():
     assert not torch.equal(student.window_factor, torch.zeros(4))  # the factors trained
 
 
+def test_nn_multihead_model_converts_to_the_hybrid():
+    """nn.TransformerEncoder (through swap_attention): window >= n is the original model, and
+    transfer trains the hybrid's own parameters."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0,
+                                             batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(3, 16, 32)
+    pad = torch.zeros(3, 16, dtype=torch.bool)
+    pad[1, 11:] = True  # nn.MultiheadAttention's convention: True = padded
+    with torch.no_grad():
+        ref = model(x, src_key_padding_mask=pad)
+    wide = copy.deepcopy(model)
+    convert(wide, functools.partial(HybridWindowAttention, window=16))
+    with torch.no_grad():
+        got = wide(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(got[~pad], ref[~pad], atol=1e-5, rtol=1e-5)
+    _, report = linearize(model, functools.partial(HybridWindowAttention, window=3), [(x,)],
+                          stage1=AttentionTransfer(steps=15, lr=3e-2), progress=False)
+    assert "layers.1.self_attn.attention.window_factor" in report.stage1.trained
+    assert all(a < b for a, b in zip(report.attention_error["stage1"],
+                                     report.attention_error["before"], strict=True))
+
+
 def test_hf_bert_runs_the_hybrid_through_the_bridge():
     transformers = pytest.importorskip("transformers")
     from transformer_zoo.interop import huggingface
 
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, vocab_size=100,
-                                  attn_implementation="sdpa")
-    model = transformers.BertModel(cfg).eval()
+    def bert():
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=64,
+                                      vocab_size=100, attn_implementation="sdpa")
+        return transformers.BertModel(cfg).eval()
+
+    model = bert()
     ids = torch.randint(1, 100, (2, 20))
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[1, 14:] = 0
@@ -293,6 +322,14 @@ def test_hf_bert_runs_the_hybrid_through_the_bridge():
     real = mask.bool()
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
     assert isinstance(model.encoder.layer[0].attention.self.tz_attention, HybridWindowAttention)
+    # the named kernel, as linearize and swap_attention take it: the same, by name
+    named = bert()
+    huggingface.use(named, "hybrid_window", window=20)
+    with torch.no_grad():
+        by_name = named(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(by_name[real], ref[real], atol=1e-5, rtol=0)
+    inner = named.encoder.layer[1].attention.self.tz_attention
+    assert isinstance(inner, HybridWindowAttention) and inner.window == 20 and inner.layer == 1
 
 
 def test_hf_llama_generates_on_the_hybrid_state():

@@ -443,7 +443,7 @@ def test_named_kernels_are_the_hf_bridge_names_and_defaults():
     """swap_attention(model, name, **options) takes huggingface.use's names, options, defaults."""
     from transformer_zoo.interop.hf_kernels import KERNELS, NystromKernel, PerformerKernel
 
-    assert sorted(KERNELS) == ["nystrom", "performer", "softmax"]
+    assert sorted(KERNELS) == ["hybrid_window", "nystrom", "performer", "softmax"]
     ref = encoder(batch_first=True)
     exact = copy.deepcopy(ref)
     swap_attention(exact, "softmax")

@@ -189,3 +189,27 @@ def test_benchmark_recipe_reaches_the_stages():
     assert hedgehog["stage2"] == Finetune(steps=100_000, seconds=200.0, lr=1e-4, trainable="*",
                                           schedule="linear", pooled_cosine=0.5)
     assert nystrom["stage2"].seconds == 300.0  # no parameters: stage 2 gets both budgets
+
+
+def test_benchmark_hybrid_variant_and_merge():
+    """The hybrid variant reads --window; --merge keeps the file's other rows only for the same
+    data; the committed table is what the report renders from the committed JSON."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.linearize_minilm import merge_base, parse_args, variants
+    from benchmarks.linearize_report import markdown
+
+    table = variants(1.0, 2.0, parse_args(["--window", "32"]))
+    assert table["hybrid_hedgehog"]["attention"].keywords["window"] == 32
+    assert table["hybrid_hedgehog"]["stage2"].seconds == 2.0  # learnable: its own stage 1
+    base = {"model": "m", "batch": 8, "train": {"texts": 800}, "held_out": {"short": 32},
+            "results": []}
+    assert merge_base(base, dict(base)) is base
+    with pytest.raises(SystemExit, match="train"):
+        merge_base(base, base | {"train": {"texts": 48}})
+    results = Path(__file__).parents[1] / "benchmarks" / "results"
+    committed = json.loads((results / "linearize_minilm.json").read_text())
+    assert (results / "linearize_minilm.md").read_text() == markdown(committed)
+    merged = [r["variant"] for r in committed["results"] if r.get("run")]
+    assert merged == ["hybrid_hedgehog"] and len(committed["results"]) == 5

@@ -23,11 +23,6 @@ from transformer_zoo.functional.gaussian import (
     gaussian_wasserstein2,
 )
 from transformer_zoo.functional.hybrid_window import hybrid_window_attention
-from transformer_zoo.functional.hybrid_window_decode import (
-    HybridWindowState,
-    hybrid_window_prefill,
-    hybrid_window_step,
-)
 from transformer_zoo.functional.masks import causal_mask, merge_masks, padding_to_attn_mask
 from transformer_zoo.functional.nystrom import NystromFactors, nystrom_attention
 from transformer_zoo.functional.pinv import iterative_pinv, regularized_pinv
@@ -83,9 +78,6 @@ __all__ = [
     "favor_prefill",
     "favor_features",
     "hybrid_window_attention",
-    "hybrid_window_prefill",
-    "hybrid_window_step",
-    "HybridWindowState",
     "FavorState",
     "FeatureMap",
     "gaussian_orthogonal_matrix",

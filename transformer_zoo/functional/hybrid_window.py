@@ -17,29 +17,36 @@ their largest is γ, the linear part's are φ(q)ᵀφ(k) as they are; gradients 
 Windows (keys j, queries i, in index order):
 
 - causal (LoLCATs' standard): W(i) = {j : i − w < j ≤ i},  L(i) = {j : j ≤ i − w};
-  bottom-right aligned for m ≠ n (query i sits at key index i + m − n), so a KV-cached
-  decode step equals the last rows of the full forward;
-- bidirectional (encoders): W(i) = {j : |i − j| < w},  L(i) = {j : |i − j| ≥ w}; needs n = m.
+- bidirectional (encoders): W(i) = {j : |i − j| < w},  L(i) = {j : |i − j| ≥ w};
+
+both bottom-right aligned for m ≠ n (query i sits at key index i + m − n, so a KV-cached
+decode step equals the last rows of the full forward; bidirectional cross lengths follow the
+same convention).
 
 Padded keys (``key_padding_mask`` False) are in neither part. A row with no key gives 0, never
 NaN. ``window ≥ n`` leaves L empty: exactly softmax attention (γ cancels).
 
-Cost, linear in n: the window part runs query blocks of C = min(w, n) rows against their
-C + 2w − 2 (causal: C + w − 1) neighbouring keys, never an n × m matrix; the linear part is
-the exact chunked prefix sum of ``causal_linear.py`` over keys shifted by w (causal: keys
-≤ i − w), plus the same on the reversed sequence for the keys ≥ i + w (bidirectional): no
-"global sum minus the window", which would cancel catastrophically when the window holds
-nearly all the weight.
+Cost, linear in n, never an n × m matrix:
+
+- bidirectional (``hybrid_window_blocks.py``): blocks of w queries against their own and the
+  two neighbouring key blocks (dense w × w products, window and linear terms masked), the
+  farther blocks through prefix and suffix cumsums of per-block states φ(K)ᵀ[V, 1];
+- causal: query blocks of w rows against their 2w − 1 keys (n <= w: the causal n × n), and
+  the keys ≤ i − w through the exact chunked prefix sum of ``causal_linear.py`` on the keys
+  shifted by w; no "global sum minus the window", which would cancel catastrophically when
+  the window holds nearly all the weight.
 
 Features: ``feature_map`` (a ``FeatureMap``; Hedgehog's learnable map in
 ``HybridWindowAttention``) on x̂ = d^(−1/4) x as the Performer kernel calls it (query side
 ``query=True``, key side ``query=False``), in fp32 under autocast (fp64 stays fp64). Exact for
-the map's features: for exponential maps the kernel stabilises log φ with a running key max
-per feature and a per-query max, and multiplies that scale back (t_i below) before mixing, so
-the result is the formula above to rounding. Caveat: FAVOR+'s random-feature maps drop
-per-query factors on the query side (exp(−|q̂|²/2), r^(−1/2)) that cancel in pure linear
-attention; here they do not cancel, so with those maps the linear part is a per-query rescaled
-kernel (Hedgehog, T2R and ``GeneralizedFeatures`` are used as they are).
+the map's features: exponential maps are stabilised by a key max per feature (causal: the
+running max over the keys ≤ i − w, so no future key changes a past output; bidirectional: the
+max over the real keys) and a per-query max t_i, whose scale e^{t_i} is multiplied back
+before the mixing (both parts scaled by e^{−max(0, t_i)}), so the result is the formula above
+to rounding. Caveat: FAVOR+'s random-feature maps drop per-query factors on the query side
+(exp(−|q̂|²/2), r^(−1/2)) that cancel in pure linear attention; here they do not cancel, so
+with those maps the linear part is a per-query rescaled kernel (Hedgehog, T2R and
+``GeneralizedFeatures`` are used as they are).
 
 Shapes: q ``(b, h, n, d)``, k/v ``(b, h_kv, m, d)`` (grouped-query: h_kv divides h), W ``(r, d)``
 (read by random-feature maps only), window_factor ``(h,)`` -> ``(b, h, n, d)`` in q's dtype.
@@ -62,24 +69,31 @@ from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
 def _causal_window_part(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
                         window: int) -> tuple[Tensor, Tensor]:
     """Σ_{i−w<j≤i} e^{s_ij − c_i} [v_j, 1] as ``(num (b,h,n,d), den (b,h,n,1))``: query blocks
-    of C = min(w, n) rows against their C + w − 1 keys."""
+    of w rows against their 2w − 1 keys (n <= w: one block, the causal n × n)."""
     b, h, n, d = q.shape
-    c = min(window, n)  # query rows per block
-    blocks = -(-n // c)
-    tail = blocks * c - n
-    left = window - 1
-    span = c + left  # keys a block of queries can see
-    kp = F.pad(k, (0, 0, left, tail))
-    vp = F.pad(v, (0, 0, left, tail))
-    kb = kp.unfold(-2, span, c)  # (b, h, blocks, d, span); key t of block a: a·c − left + t
-    vb = vp.unfold(-2, span, c).transpose(-2, -1)  # (b, h, blocks, span, d)
+    live = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
+    if n <= window:  # one block: every key j <= i is in the window (no padding, no unfold)
+        c, blocks, tail = n, 1, 0
+        kb, vb = k.transpose(-2, -1)[:, :, None], v[:, :, None]
+        r = torch.arange(n, device=q.device)[:, None]
+        band = torch.arange(n, device=q.device)[None, :] <= r
+        live = live[:, None, :]  # (b, 1, n)
+    else:
+        c = window  # query rows per block
+        blocks = -(-n // c)
+        tail = blocks * c - n
+        left = window - 1
+        span = c + left  # keys a block of queries can see
+        kp = F.pad(k, (0, 0, left, tail))
+        vp = F.pad(v, (0, 0, left, tail))
+        kb = kp.unfold(-2, span, c)  # (b, h, blocks, d, span); key t of block a: a·c − left + t
+        vb = vp.unfold(-2, span, c).transpose(-2, -1)  # (b, h, blocks, span, d)
+        r = torch.arange(c, device=q.device)[:, None]
+        t = torch.arange(span, device=q.device)[None, :]
+        band = (t >= r) & (t <= r + left)  # i − j = r − t + left in [0, w)
+        live = F.pad(live, (left, tail), value=False).unfold(-1, span, c)  # (b, blocks, span)
     qb = F.pad(q * d ** -0.5, (0, 0, 0, tail)).view(b, h, blocks, c, d)
     s = torch.matmul(qb, kb)  # (b, h, blocks, c, span)
-    r = torch.arange(c, device=q.device)[:, None]
-    t = torch.arange(span, device=q.device)[None, :]
-    band = (t >= r) & (t <= r + left)  # i − j = r − t + left in [0, w)
-    live = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
-    live = F.pad(live, (left, tail), value=False).unfold(-1, span, c)  # (b, blocks, span)
     allowed = band & live[:, None, :, None, :]  # (b, 1, blocks, c, span)
     s = s.masked_fill(~allowed, float("-inf"))
     top = s.amax(-1, keepdim=True)  # c_i: part of the function (LoLCATs), not detached
@@ -134,7 +148,8 @@ def hybrid_window_attention(
     Args:
         projection: W ``(r, d)`` for random-feature maps (unused by learnable maps).
         window_factor: ``(h,)`` per-head logits, γ = sigmoid(window_factor).
-        window: w >= 1; causal W(i) = (i − w, i], bidirectional |i − j| < w.
+        window: w >= 1; causal W(i) = (i − w, i], bidirectional |i − j| < w (query i at key
+            index i + m − n when the lengths differ).
         feature_map: the linear part's φ (a ``FeatureMap``; a learnable one must be built for
             these heads).
         causal: causal windows (bottom-right aligned) instead of bidirectional ones.
@@ -152,9 +167,6 @@ def hybrid_window_attention(
     if tuple(window_factor.shape) != (h,):
         raise ValueError(f"window_factor: expected shape (heads,) = ({h},), got "
                          f"{tuple(window_factor.shape)}")
-    if not causal and n != m:
-        raise ValueError(f"bidirectional windows |i − j| < w need as many queries as keys, got "
-                         f"n={n}, m={m}; use causal=True for cross lengths (bottom-right)")
     if key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, b, m, "key_padding_mask")
     if query_padding_mask is not None:
@@ -168,7 +180,7 @@ def hybrid_window_attention(
                               query_padding_mask=query_padding_mask)
         exponential = feature_map.exponential
         valid = key_padding_mask
-        front, pad_k = (max(m - n, 0), max(n - m, 0)) if causal else (0, 0)
+        front, pad_k = max(m - n, 0), max(n - m, 0)
         if front:  # query i sits at key index i + m − n: queries without output, dropped
             q, lq = F.pad(q, (0, 0, front, 0)), F.pad(lq, (0, 0, front, 0))
         if pad_k:  # more queries than keys: keys that are not there
@@ -180,7 +192,7 @@ def hybrid_window_attention(
         lam = 1 - gamma if affine else 1.0
         if not causal:  # hybrid_window_blocks.py: blocks of w rows, dense matmuls
             out = bidirectional_hybrid(q, k, v, lq, lk, valid, gamma, lam, window, exponential)
-            return out.to(out_dtype)
+            return out[..., front:, :].to(out_dtype)
         num_w, den_w = _causal_window_part(q, k, v, valid, window)
         parts = [(gamma, num_w, den_w, None)]
         if window < q.shape[-2]:  # otherwise no key lies outside the window

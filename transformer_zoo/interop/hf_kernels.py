@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from transformer_zoo.attention.hybrid_window import HybridWindowAttention
 from transformer_zoo.attention.multihead import MultiHeadAttention
 from transformer_zoo.attention.nystrom import NystromAttention
 from transformer_zoo.attention.performer import PerformerAttention
@@ -273,10 +274,31 @@ class NystromKernel(ModuleKernel):
                                  pinv_ridge=self.pinv_ridge, conv_kernel=self.conv_kernel)
 
 
+@dataclass
+class HybridWindowKernel(ModuleKernel):
+    """LoLCATs' sliding-window + linear hybrid (Zhang et al. 2024, arXiv 2410.10254) on HF's
+    q, k, v: exact softmax over the keys within ``window`` positions (causal: (i − w, i]),
+    the feature map's linear attention outside, one normalizer, a learnable window factor per
+    head (``HybridWindowAttention``; its parameters live in ``tz_attention``). Approximate
+    outside the window; exact softmax when ``window`` covers the sequence. Causal models
+    decode on its fixed-size state (``recurrent_cache``)."""
+
+    name: ClassVar[str] = "hybrid_window"
+    window: int = 64
+    #: a ``FeatureMap`` spec (default ``HedgehogFeatures()``): each layer builds its own
+    feature_map: FeatureMap | None = None
+    recurrent_cache: bool = True
+
+    def attention_factory(self, layer):
+        return functools.partial(HybridWindowAttention, window=self.window,
+                                 feature_map=self.feature_map, layer=layer)
+
+
 #: Built-in kernels by short name: ``huggingface.use(model, name)`` and
 #: ``swap_attention(model, name)`` look names up here.
 KERNELS: dict[str, type[HFKernel]] = {
     "softmax": SoftmaxKernel, "performer": PerformerKernel, "nystrom": NystromKernel,
+    "hybrid_window": HybridWindowKernel,
 }
 
 

@@ -52,6 +52,7 @@ from transformer_zoo.interop.hf_kernels import (
     KERNELS,
     AttentionKernel,
     HFKernel,
+    HybridWindowKernel,
     ModuleKernel,
     NystromKernel,
     PerformerKernel,
@@ -59,7 +60,8 @@ from transformer_zoo.interop.hf_kernels import (
     check_factory,
 )
 
-__all__ = ["KERNELS", "AttentionKernel", "HFKernel", "ModuleKernel", "NystromKernel",
+__all__ = ["KERNELS", "AttentionKernel", "HFKernel", "HybridWindowKernel", "ModuleKernel",
+           "NystromKernel",
            "PerformerKernel", "RecurrentCache", "RecurrentLayer", "SoftmaxKernel",
            "padding_only_mask", "register", "use"]
 
