@@ -259,10 +259,11 @@ class DebertaRelativeBias(LogitBias):
         scale = self.logit_scale(self.head_dim)
 
         def side(row: int) -> FarSide:
+            # (q·r).sum, not q @ r: a matmul would keep a contiguous copy of q (of k)
             c2p = None if pos_key is None else (
-                q @ pos_key[:, row, :, None].to(q.dtype))[..., 0] * scale  # (b, h, n)
+                q * pos_key[:, row, None].to(q.dtype)).sum(-1) * scale  # (b, h, n)
             p2c = None if pos_query is None or k is None else (
-                k @ pos_query[:, row, :, None].to(k.dtype))[..., 0] * scale  # (b, h, m)
+                k * pos_query[:, row, None].to(k.dtype)).sum(-1) * scale  # (b, h, m)
             return FarSide(row=c2p, key=p2c)
 
         # left (key before the query): δ > 0, the last row; right: the first

@@ -100,8 +100,9 @@ class ShawRelativePosition(LogitBias):
         same at +k."""
         scale = 1.0 / math.sqrt(self.head_dim)
         emb, val = self.key_embedding.to(q.dtype), self.value_embedding.to(q.dtype)
-        left = FarSide(row=(q @ emb[0]) * scale, value=val[0])
-        right = FarSide(row=(q @ emb[-1]) * scale, value=val[-1])
+        # (q·a).sum rather than q @ a: a matmul would keep a contiguous copy of q for a's grad
+        left = FarSide(row=(q * emb[0]).sum(-1) * scale, value=val[0])
+        right = FarSide(row=(q * emb[-1]).sum(-1) * scale, value=val[-1])
         return FarField(left, right)
 
     def value_term(self, weights: Tensor, q_positions: Tensor, k_positions: Tensor) -> Tensor:
