@@ -93,6 +93,8 @@ def encoding_classes() -> list[type[PositionalEncoding]]:
 ATTENTION_OPTIONS: dict[str, dict[str, Any]] = {
     "PerformerAttention": {"nb_features": 16},
     "NystromAttention": {"num_landmarks": 4, "conv_kernel": 3},
+    # a window shorter than the test sequences: both parts (and the map's parameters) in use
+    "HybridWindowAttention": {"window": 3, "nb_features": 16},
 }
 # options that make random features redraw every training step (DDP redraw check)
 REDRAW_OPTIONS: dict[str, dict[str, Any]] = {
@@ -518,6 +520,16 @@ KERNEL_TABLE: dict[str, KernelCase | str] = {
                       chunk_size=4)),
         lambda q, k, v, kpm, causal: _f("favor_attention")(
             q, k, v, _projection(q.shape[-1]), causal=causal, key_padding_mask=kpm,
+            chunk_size=4),
+    ),
+    # LoLCATs' hybrid: window 3 (keys inside and outside it at n = 6), a fixed W, FAVOR+'s map
+    "hybrid_window_attention": KernelCase(
+        lambda: (_qkv() + (_projection(), torch.zeros(2)),
+                 dict(window=3, feature_map=tz.PositiveFeatures(), causal=True,
+                      key_padding_mask=padding_mask(2, 6, _gen(2)), chunk_size=4)),
+        lambda q, k, v, kpm, causal: _f("hybrid_window_attention")(
+            q, k, v, _projection(q.shape[-1]), torch.zeros(q.shape[1]), window=3,
+            feature_map=tz.PositiveFeatures(), causal=causal, key_padding_mask=kpm,
             chunk_size=4),
     ),
     "favor_features": KernelCase(

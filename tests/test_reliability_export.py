@@ -30,6 +30,7 @@ from torch.export import Dim
 from transformer_zoo import (
     Encoder,
     FeedForward,
+    HybridWindowAttention,
     NystromAttention,
     PerformerAttention,
     SoftmaxAttention,
@@ -105,10 +106,14 @@ def _inputs(b: int, n: int, seed: int) -> tuple[tuple, dict]:
 @pytest.mark.cpu_only
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", pairs(), ids=pair_id)
-def test_encoder_exports_every_pair_with_dynamic_shapes(pair):
+def test_encoder_exports_every_pair_with_dynamic_shapes(pair, request):
     """One graph for every batch size and length: equal to eager at the traced shape and at
     another (causal where the attention supports it)."""
     attention, encoding = pair
+    if issubclass(attention, HybridWindowAttention):  # known limitation (docs/linearize.md)
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "the hybrid's block count ceil(n / w) is a derived dimension torch.export's "
+            "constraint solver cannot express; static-shape export and dynamic compile work")))
     torch.manual_seed(0)
     config = encoder_config(attention, encoding, n_layers=1, causal=attention.supports_causal)
     model = Encoder(config).eval()

@@ -31,10 +31,13 @@ Cost, linear in n, never an n × m matrix:
 - bidirectional (``hybrid_window_blocks.py``): blocks of w queries against their own and the
   two neighbouring key blocks (dense w × w products, window and linear terms masked), the
   farther blocks through prefix and suffix cumsums of per-block states φ(K)ᵀ[V, 1];
-- causal: query blocks of w rows against their 2w − 1 keys (n <= w: the causal n × n), and
-  the keys ≤ i − w through the exact chunked prefix sum of ``causal_linear.py`` on the keys
-  shifted by w; no "global sum minus the window", which would cancel catastrophically when
-  the window holds nearly all the weight.
+- causal: blocks of w queries against their own and the previous key block (the window's
+  pairs masked), and the keys ≤ i − w through the exact chunked prefix sum of
+  ``causal_linear.py`` on the keys shifted by w; no "global sum minus the window", which
+  would cancel catastrophically when the window holds nearly all the weight.
+
+No Python branch depends on the length (short inputs are padded to one block), so
+``torch.compile`` with dynamic shapes and ``torch.export`` keep the length symbolic.
 
 Features: ``feature_map`` (a ``FeatureMap``; Hedgehog's learnable map in
 ``HybridWindowAttention``) on x̂ = d^(−1/4) x as the Performer kernel calls it (query side
@@ -62,54 +65,16 @@ from transformer_zoo._checks import check_key_padding_mask, check_positive_int, 
 from transformer_zoo.functional.causal_linear import causal_linear_scan
 from transformer_zoo.functional.favor import compute_dtype, log_features, running_key_max
 from transformer_zoo.functional.feature_maps import FeatureMap
-from transformer_zoo.functional.hybrid_window_blocks import bidirectional_hybrid
+from transformer_zoo.functional.hybrid_window_blocks import (
+    bidirectional_hybrid,
+    causal_window_part,
+)
 from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
-
-
-def _causal_window_part(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
-                        window: int) -> tuple[Tensor, Tensor]:
-    """Σ_{i−w<j≤i} e^{s_ij − c_i} [v_j, 1] as ``(num (b,h,n,d), den (b,h,n,1))``: query blocks
-    of w rows against their 2w − 1 keys (n <= w: one block, the causal n × n)."""
-    b, h, n, d = q.shape
-    live = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
-    if n <= window:  # one block: every key j <= i is in the window (no padding, no unfold)
-        c, blocks, tail = n, 1, 0
-        kb, vb = k.transpose(-2, -1)[:, :, None], v[:, :, None]
-        r = torch.arange(n, device=q.device)[:, None]
-        band = torch.arange(n, device=q.device)[None, :] <= r
-        live = live[:, None, :]  # (b, 1, n)
-    else:
-        c = window  # query rows per block
-        blocks = -(-n // c)
-        tail = blocks * c - n
-        left = window - 1
-        span = c + left  # keys a block of queries can see
-        kp = F.pad(k, (0, 0, left, tail))
-        vp = F.pad(v, (0, 0, left, tail))
-        kb = kp.unfold(-2, span, c)  # (b, h, blocks, d, span); key t of block a: a·c − left + t
-        vb = vp.unfold(-2, span, c).transpose(-2, -1)  # (b, h, blocks, span, d)
-        r = torch.arange(c, device=q.device)[:, None]
-        t = torch.arange(span, device=q.device)[None, :]
-        band = (t >= r) & (t <= r + left)  # i − j = r − t + left in [0, w)
-        live = F.pad(live, (left, tail), value=False).unfold(-1, span, c)  # (b, blocks, span)
-    qb = F.pad(q * d ** -0.5, (0, 0, 0, tail)).view(b, h, blocks, c, d)
-    s = torch.matmul(qb, kb)  # (b, h, blocks, c, span)
-    allowed = band & live[:, None, :, None, :]  # (b, 1, blocks, c, span)
-    s = s.masked_fill(~allowed, float("-inf"))
-    top = s.amax(-1, keepdim=True)  # c_i: part of the function (LoLCATs), not detached
-    top = torch.where(torch.isfinite(top), top, 0.0)  # no key in the window: its part is 0
-    p = (s - top).exp()
-    num = torch.matmul(p, vb).reshape(b, h, blocks * c, -1)[:, :, :n]
-    den = p.sum(-1, keepdim=True).reshape(b, h, blocks * c, 1)[:, :, :n]
-    return num, den
 
 
 def _shifted(x: Tensor, shift: int, value: float) -> Tensor:
     """Row r of the result is row r − shift of x (``value`` before the start)."""
-    n = x.shape[-2]
-    if shift >= n:
-        return torch.full_like(x, value)
-    return F.pad(x[..., :n - shift, :], (0, 0, shift, 0), value=value)
+    return F.pad(x, (0, 0, shift, 0), value=value)[..., :x.shape[-2], :]  # no branch on n
 
 
 def _linear_prefix(lq: Tensor, lk: Tensor, x: Tensor, window: int, exponential: bool,
@@ -193,12 +158,12 @@ def hybrid_window_attention(
         if not causal:  # hybrid_window_blocks.py: blocks of w rows, dense matmuls
             out = bidirectional_hybrid(q, k, v, lq, lk, valid, gamma, lam, window, exponential)
             return out[..., front:, :].to(out_dtype)
-        num_w, den_w = _causal_window_part(q, k, v, valid, window)
-        parts = [(gamma, num_w, den_w, None)]
-        if window < q.shape[-2]:  # otherwise no key lies outside the window
-            x = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-            y, t = _linear_prefix(lq, lk, x, window, exponential, chunk_size)
-            parts.append((lam, y[..., :-1], y[..., -1:], t))
+        part = causal_window_part(q, k, v, valid, window)  # (b, h, n, d + 1)
+        parts = [(gamma, part[..., :-1], part[..., -1:], None)]
+        # keys <= i − w (none when w >= n: zeros, and the map's parameters still get gradients)
+        x = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        y, t = _linear_prefix(lq, lk, x, window, exponential, chunk_size)
+        parts.append((lam, y[..., :-1], y[..., -1:], t))
         top = None  # u_i = max(0, t_i...): every part's scale e^{t − u} <= 1
         for *_, t in parts:
             if t is not None:

@@ -1,4 +1,8 @@
-"""The bidirectional hybrid window attention in blocks of w rows: dense matmuls only.
+"""The hybrid window attention in blocks of w rows: dense matmuls only.
+
+``bidirectional_hybrid`` is the whole bidirectional kernel; ``causal_window_part`` the causal
+kernel's window part (block A's queries against blocks A − 1 and A; its linear part is the
+prefix sum in ``hybrid_window.py``).
 
 With windows |i − j| < w and the sequence cut in blocks of w rows, block A's queries see
 
@@ -26,26 +30,75 @@ from torch import Tensor
 
 
 def _blocks(x: Tensor, c: int, nb: int, value: float = 0.0) -> Tensor:
-    """``(..., n, f)`` -> ``(..., nb, c, f)``, padded at the end with ``value``."""
-    pad = nb * c - x.shape[-2]
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad), value=value)
+    """``(..., n, f)`` -> ``(..., nb, c, f)``, padded at the end with ``value`` (always padded,
+    by 0 rows if need be: no branch on the length, so compile and export stay dynamic)."""
+    x = F.pad(x, (0, 0, 0, nb * c - x.shape[-2]), value=value)
     return x.reshape(*x.shape[:-2], nb, c, x.shape[-1])
 
 
 def _neighbour(xb: Tensor, o: int, value: float = 0.0) -> Tensor:
-    """Block A of the result is block A + o of ``xb`` ``(..., nb, c, f)`` (``value`` beyond)."""
+    """Block A of the result is block A + o of ``xb`` ``(..., nb, c, f)`` (``value`` beyond);
+    pad, then slice: nb blocks for any nb."""
     nb = xb.shape[-3]
     if o == 0:
         return xb
     if o < 0:
-        return F.pad(xb[..., :nb + o, :, :], (0, 0, 0, 0, -o, 0), value=value)
-    return F.pad(xb[..., o:, :, :], (0, 0, 0, 0, 0, o), value=value)
+        return F.pad(xb, (0, 0, 0, 0, -o, 0), value=value)[..., :nb, :, :]
+    return F.pad(xb, (0, 0, 0, 0, 0, o), value=value)[..., o:, :, :]
 
 
-def _shift_blocks(x: Tensor, o: int) -> Tensor:
-    """Block A of the result is block A + o of ``x`` ``(..., nb, F, d)`` (zeros beyond)."""
-    return _neighbour(x, o, 0.0)
+def _window_scores(q: Tensor, k: Tensor, valid: Tensor | None, c: int,
+                   inside: dict[int, Tensor]):
+    """Per neighbour offset o: the scores of block A's queries against block A + o's keys
+    ``(b, h, nb, c, c)``, the window mask (``inside[o]`` and real keys), and c_i, the max over
+    the window's scores (found without gradient, then recomputed from q and the winning key,
+    so gradients reach it exactly; 0 for a row without keys in its window)."""
+    b, h, n, d = q.shape
+    nb = -(-n // c)
+    live = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
+    liveb = F.pad(live, (0, nb * c - n), value=False).view(b, 1, nb, 1, c)
+    qb, kb = _blocks(q * d ** -0.5, c, nb), _blocks(k, c, nb)
+    scores, oks, live_o = {}, {}, {}
+    best = best_at = None
+    for o in inside:
+        live_o[o] = _neighbour(liveb, o, False)
+        oks[o] = inside[o] & live_o[o]  # (b, 1, nb, c, c)
+        scores[o] = torch.matmul(qb, _neighbour(kb, o).transpose(-2, -1))  # (b, h, nb, c, c)
+        m, at = scores[o].detach().masked_fill(~oks[o], float("-inf")).max(-1, keepdim=True)
+        at = at + (o + 1) * c  # index into the blocks A − 1, A, A + 1
+        if best is None:
+            best, best_at = m, at
+        else:
+            better = m > best
+            best, best_at = torch.where(better, m, best), torch.where(better, at, best_at)
+    three = torch.cat([_neighbour(kb, -1), kb, _neighbour(kb, 1)], -2)  # (b, h, nb, 3c, d)
+    winner = three.gather(-2, best_at.expand(*best_at.shape[:-1], d))  # (b, h, nb, c, d)
+    top = (qb * winner).sum(-1, keepdim=True)
+    top = torch.where(torch.isfinite(best), top, 0.0)
+    return scores, oks, live_o, top, nb
+
+
+def _softmax_terms(scores: Tensor, ok: Tensor, top: Tensor) -> Tensor:
+    """e^{s − c} on the window's pairs, 0 elsewhere (masked before the exponential)."""
+    bias = torch.zeros(ok.shape, dtype=scores.dtype, device=scores.device).masked_fill_(
+        ~ok, float("-inf"))
+    return (scores + bias).sub_(top).exp_()
+
+
+def causal_window_part(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
+                       window: int) -> Tensor:
+    """Σ_{i−w<j≤i} e^{s_ij − c_i} [v_j, 1] ``(b, h, n, d + 1)``: blocks of w queries against
+    their own block (j <= i) and the previous one (i − j < w)."""
+    b, h, n, d = q.shape
+    c = window
+    r = torch.arange(c, device=q.device)[:, None]
+    t = torch.arange(c, device=q.device)[None, :]
+    scores, oks, _, top, nb = _window_scores(q, k, valid, c, {-1: t > r, 0: t <= r})
+    xb = _blocks(torch.cat([v, torch.ones_like(v[..., :1])], -1), c, nb)
+    out = 0.0
+    for o in scores:
+        out = out + torch.matmul(_softmax_terms(scores[o], oks[o], top), _neighbour(xb, o))
+    return out.reshape(b, h, nb * c, d + 1)[:, :, :n]
 
 
 def bidirectional_hybrid(q: Tensor, k: Tensor, v: Tensor, lq: Tensor, lk: Tensor,
@@ -54,43 +107,14 @@ def bidirectional_hybrid(q: Tensor, k: Tensor, v: Tensor, lq: Tensor, lk: Tensor
     """q, k, v ``(b, h, n, d)``; lq, lk ``(b, h, n, F)`` (log-)features, padded keys −inf
     (exponential) or 0; valid ``(b, n)`` or None; gamma ``(h, 1, 1)`` -> ``(b, h, n, d)``."""
     b, h, n, d = q.shape
-    c = min(window, n)  # rows per block; window >= n: one block, every key in the window
-    nb = -(-n // c)
-    offsets = (-1, 0, 1) if nb > 1 else (0,)
-    live = torch.ones(b, n, dtype=torch.bool, device=q.device) if valid is None else valid
-    liveb = F.pad(live, (0, nb * c - n), value=False).view(b, 1, nb, 1, c)
+    c = window  # rows per block (n < w: one block, padded)
     r = torch.arange(c, device=q.device)[:, None]
     t = torch.arange(c, device=q.device)[None, :]
     inside = {-1: t > r, 0: torch.ones(c, c, dtype=torch.bool, device=q.device), 1: t < r}
-    qb = _blocks(q * d ** -0.5, c, nb)
-    kb = _blocks(k, c, nb)
+    scores, oks, live_o, top, nb = _window_scores(q, k, valid, c, inside)
     xb = _blocks(torch.cat([v, torch.ones_like(v[..., :1])], -1), c, nb)
     gamma = gamma[..., None]  # (h, 1, 1, 1), against (b, h, nb, c, ·)
     lam = lam[..., None] if isinstance(lam, Tensor) else lam
-    scores, oks = {}, {}
-    for o in offsets:
-        ok = inside[o] & _neighbour(liveb, o, False)  # (b, 1, nb, c, c)
-        scores[o] = torch.matmul(qb, _neighbour(kb, o).transpose(-2, -1))  # (b, h, nb, c, c)
-        oks[o] = ok
-    # c_i = max of the window's scores: found without gradient, then recomputed from q and the
-    # winning key, so gradients reach it exactly (cheaper than amax's backward)
-    best = best_at = None
-    for o in offsets:
-        m, at = scores[o].detach().masked_fill(~oks[o], float("-inf")).max(-1, keepdim=True)
-        at = at + (o + 1) * c  # index into the three neighbouring blocks
-        if best is None:
-            best, best_at = m, at
-        else:
-            better = m > best
-            best, best_at = torch.where(better, m, best), torch.where(better, at, best_at)
-    kpad = F.pad(kb, (0, 0, 0, 0, 1, 1))  # (b, h, nb + 2, c, d): block A − 1 .. A + 1
-    three = torch.cat([kpad[..., :-2, :, :], kpad[..., 1:-1, :, :], kpad[..., 2:, :, :]], -2) \
-        if nb > 1 else kb  # (b, h, nb, 3c | c, d); the index above, for nb = 1: at + c
-    if nb == 1:
-        best_at = best_at - c
-    winner = three.gather(-2, best_at.expand(*best_at.shape[:-1], d))  # (b, h, nb, c, d)
-    top = (qb * winner).sum(-1, keepdim=True)
-    top = torch.where(torch.isfinite(best), top, 0.0)  # no key in the window: its part is 0
     # the linear part's features and scales
     if exponential:
         cf = lk.detach().amax(-2, keepdim=True)  # (b, h, 1, F), over real keys
@@ -99,30 +123,25 @@ def bidirectional_hybrid(q: Tensor, k: Tensor, v: Tensor, lq: Tensor, lk: Tensor
         tq = z.detach().amax(-1, keepdim=True)  # (b, h, n, 1)
         qf, kf = (z - tq).exp(), (lk - cf).exp()
         u = tq.clamp_min(0)
-        wscale = _blocks((-u).exp(), c, nb)  # (b, h, nb, c, 1)
-        lscale = _blocks((tq - u).exp(), c, nb)
+        gw = gamma * _blocks((-u).exp(), c, nb)  # (b, h, nb, c, 1)
+        lw = lam * _blocks((tq - u).exp(), c, nb)
     else:
         qf, kf = lq, lk
-        wscale = lscale = None
+        gw, lw = gamma, lam
     qfb, kfb = _blocks(qf, c, nb), _blocks(kf, c, nb)
-    gw = gamma if wscale is None else gamma * wscale
-    lw = lam if lscale is None else lam * lscale
     out = 0.0
-    for o in offsets:
-        bias = torch.zeros(oks[o].shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~oks[o], float("-inf"))
-        weights = gw * (scores[o] + bias).sub_(top).exp_()
+    for o in inside:
+        weights = gw * _softmax_terms(scores[o], oks[o], top)
         if o:  # the pairs of a neighbouring block outside the window: linear terms
-            away = (~inside[o]) & _neighbour(liveb, o, False)
-            near = torch.matmul(qfb, _neighbour(kfb, o).transpose(-2, -1)) * away
-            weights = weights + lw * near
+            near = torch.matmul(qfb, _neighbour(kfb, o).transpose(-2, -1))
+            weights = weights + lw * (near * ((~inside[o]) & live_o[o]))
         out = out + torch.matmul(weights, _neighbour(xb, o))  # (b, h, nb, c, d + 1)
-    if nb > 2:  # blocks at least two away: every key outside the window
-        states = torch.matmul(kfb.transpose(-2, -1), xb)  # (b, h, nb, F, d + 1)
-        before = states.cumsum(-3)  # Σ_{B' <= B}
-        after = states.flip(-3).cumsum(-3).flip(-3)  # Σ_{B' >= B}
-        far = _shift_blocks(before, -2) + _shift_blocks(after, 2)
-        out = out + lw * torch.matmul(qfb, far)
+    # blocks at least two away: every key outside the window, through per-block states
+    states = torch.matmul(kfb.transpose(-2, -1), xb)  # (b, h, nb, F, d + 1)
+    before = states.cumsum(-3)  # Σ_{B' <= B}
+    after = states.flip(-3).cumsum(-3).flip(-3)  # Σ_{B' >= B}
+    far = _neighbour(before, -2) + _neighbour(after, 2)
+    out = out + lw * torch.matmul(qfb, far)
     out = out.reshape(b, h, nb * c, d + 1)[:, :, :n]
     num, den = out[..., :-1], out[..., -1:]
     live_rows = den > 0
