@@ -42,8 +42,7 @@ class HybridWindowAttention(MultiHeadAttention):
         window: w, keys per window. Causal (LoLCATs' form): W(i) = (i − w, i], the linear
             part takes keys j <= i − w. Bidirectional (encoders, e.g. a converted BERT):
             W(i) = {j : |i − j| < w} (2w − 1 keys), the linear part every other key. Cross
-            lengths: query i at key index i + m − n. ``window >= n``: exact softmax (the
-            map's parameters get no gradient then; DDP needs ``find_unused_parameters``).
+            lengths: query i at key index i + m − n. ``window >= n``: exact softmax.
         feature_map: a ``FeatureMap`` spec for the linear part, built per layer as in
             ``PerformerAttention`` (default ``HedgehogFeatures()``, learnable, in
             ``state_dict``); any map works (``T2RFeatures()``, ``PositiveFeatures()``...).
