@@ -154,6 +154,17 @@ def test_window_covering_the_sequence_is_softmax_attention():
     assert not torch.allclose(out, softmax_attention(q, k, v), atol=1e-6)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_every_parameter_is_in_the_graph_when_the_window_covers_the_input(causal):
+    """window >= n: no linear keys, yet the map's parameters get (zero) gradients, so data
+    parallel training sees every parameter used."""
+    attn = HybridWindowAttention(32, 4, window=64, causal=causal)
+    attn(torch.randn(2, 10, 32)).square().sum().backward()
+    for name, p in attn.named_parameters():
+        assert p.grad is not None, name
+    assert all(float(p.grad.abs().max()) == 0 for p in attn.feature_map.parameters())
+
+
 def test_autocast_bf16_forms_fp32_features():
     torch.manual_seed(0)
     attn = HybridWindowAttention(32, 4, window=4)
