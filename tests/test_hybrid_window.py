@@ -145,10 +145,11 @@ def test_window_covering_the_sequence_is_softmax_attention():
     mask = torch.ones(B, 11, dtype=torch.bool)
     mask[1, 7:] = False
     for causal in (False, True):
-        out = hybrid_window_attention(q, k, v, w, wf, window=11, feature_map=fm, causal=causal,
-                                      key_padding_mask=mask)
         exact = softmax_attention(q, k, v, mask=mask[:, None, None, :], causal=causal)
-        torch.testing.assert_close(out, exact, atol=1e-12, rtol=1e-10)
+        for window in (11, 10**9):  # a huge window costs n x n, not w x w
+            out = hybrid_window_attention(q, k, v, w, wf, window=window, feature_map=fm,
+                                          causal=causal, key_padding_mask=mask)
+            torch.testing.assert_close(out, exact, atol=1e-12, rtol=1e-10)
     # one key fewer in the window: the linear part is there and the result moves
     out = hybrid_window_attention(q, k, v, w, wf, window=10, feature_map=fm, causal=False)
     assert not torch.allclose(out, softmax_attention(q, k, v), atol=1e-6)

@@ -36,8 +36,10 @@ Cost, linear in n, never an n × m matrix:
   ``causal_linear.py`` on the keys shifted by w; no "global sum minus the window", which
   would cancel catastrophically when the window holds nearly all the weight.
 
-No Python branch depends on the length (short inputs are padded to one block), so
-``torch.compile`` with dynamic shapes and ``torch.export`` keep the length symbolic.
+Blocks have min(w, n) rows (a short input is one block, whatever w); no other Python branch
+depends on the length, so ``torch.compile`` with dynamic shapes compiles at most twice (n < w
+and n >= w). ``torch.export`` with a dynamic length is not supported (the block count ⌈n / w⌉
+is a derived dimension its constraint solver rejects); a static length exports.
 
 Features: ``feature_map`` (a ``FeatureMap``; Hedgehog's learnable map in
 ``HybridWindowAttention``) on x̂ = d^(−1/4) x as the Performer kernel calls it (query side
@@ -74,7 +76,8 @@ from transformer_zoo.functional.softmax import check_qkv, expand_kv_heads
 
 def _shifted(x: Tensor, shift: int, value: float) -> Tensor:
     """Row r of the result is row r − shift of x (``value`` before the start)."""
-    return F.pad(x, (0, 0, shift, 0), value=value)[..., :x.shape[-2], :]  # no branch on n
+    n = x.shape[-2]
+    return F.pad(x, (0, 0, min(shift, n), 0), value=value)[..., :n, :]  # pad, then slice
 
 
 def _linear_prefix(lq: Tensor, lk: Tensor, x: Tensor, window: int, exponential: bool,

@@ -90,7 +90,7 @@ def causal_window_part(q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None,
     """Σ_{i−w<j≤i} e^{s_ij − c_i} [v_j, 1] ``(b, h, n, d + 1)``: blocks of w queries against
     their own block (j <= i) and the previous one (i − j < w)."""
     b, h, n, d = q.shape
-    c = window
+    c = min(window, n)  # n < w: one block of n rows (its previous block is padding)
     r = torch.arange(c, device=q.device)[:, None]
     t = torch.arange(c, device=q.device)[None, :]
     scores, oks, _, top, nb = _window_scores(q, k, valid, c, {-1: t > r, 0: t <= r})
@@ -107,7 +107,7 @@ def bidirectional_hybrid(q: Tensor, k: Tensor, v: Tensor, lq: Tensor, lk: Tensor
     """q, k, v ``(b, h, n, d)``; lq, lk ``(b, h, n, F)`` (log-)features, padded keys −inf
     (exponential) or 0; valid ``(b, n)`` or None; gamma ``(h, 1, 1)`` -> ``(b, h, n, d)``."""
     b, h, n, d = q.shape
-    c = window  # rows per block (n < w: one block, padded)
+    c = min(window, n)  # rows per block (n < w: one block of n rows, no neighbours)
     r = torch.arange(c, device=q.device)[:, None]
     t = torch.arange(c, device=q.device)[None, :]
     inside = {-1: t > r, 0: torch.ones(c, c, dtype=torch.bool, device=q.device), 1: t < r}
