@@ -267,3 +267,32 @@ def test_fp32_matches_materialised(enc):
                        q_positions=pos, k_positions=pos, mask=None, bias=None, causal=False,
                        scale=None)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+
+
+def test_a_subclass_that_changes_the_bias_loses_the_far_field():
+    """A subclass redefining ``forward`` (or ``value_term``) without ``far_radius`` gets None:
+    its parent's far terms no longer describe its bias, so the blockwise kernel serves it."""
+
+    class Doubled(T5RelativeBias):
+        def forward(self, q, q_positions, k_positions):
+            return 2 * super().forward(q, q_positions, k_positions)
+
+    class OwnFarField(T5RelativeBias):
+        def forward(self, q, q_positions, k_positions):
+            return super().forward(q, q_positions, k_positions)
+
+        def far_radius(self):
+            return super().far_radius()
+
+    assert Doubled(n_heads=2).far_radius() is None
+    assert OwnFarField(n_heads=2).far_radius() == T5RelativeBias(n_heads=2).far_radius()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 4, dtype=F64) for _ in range(3))
+    pe = Doubled(n_heads=2, num_buckets=8, max_distance=6).double()
+    with always_banded() as calls:
+        out = blockwise_softmax_attention(q, k, v, positional=pe, block_size=4)
+    assert calls == []
+    ref = materialised(q, k, v, positional=pe, q_positions=torch.arange(64),
+                       k_positions=torch.arange(64), mask=None, bias=None, causal=False,
+                       scale=None)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)

@@ -61,7 +61,7 @@ class BandedBiasAttention(torch.autograd.Function):
         lse = q.new_zeros(q.shape[:-1])
         # a row term's gradient Σ_(j ∈ left) dS_ij needs the left part's share of the output
         # (the right's follows: a softmax row's dS sums to 0)
-        keep = row_grads(plan)
+        keep = plan.grad and row_grads(plan)
         u_left = torch.zeros_like(out) if keep else None
         w_left = torch.zeros_like(lse) if keep else None
         for i0, i1, a, c, kmax in plan.blocks():
@@ -165,7 +165,8 @@ def banded_softmax_attention(
     qp, kp = q_positions.reshape(-1), k_positions.reshape(-1)
     with torch.enable_grad():
         far = positional.far_field(q_d, qp, kp, k=k_d if positional.needs_keys else None)
-    plan = BandPlan(positional, far, radius, qp, kp, pad, causal, scale, rows, n, m, q_d, k_d)
+    plan = BandPlan(positional, far, radius, qp, kp, pad, causal, scale, rows, n, m, q_d, k_d,
+                    grad=torch.is_grad_enabled())
     leaves: list[Tensor] = []
     if torch.is_grad_enabled():
         with torch.enable_grad():

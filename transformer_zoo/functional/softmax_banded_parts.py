@@ -28,6 +28,7 @@ class BandPlan:
     m: int
     q_d: Tensor
     k_d: Tensor
+    grad: bool = True  # a backward may follow (grad mode at the call)
 
     def blocks(self):
         """(i0, i1, a, c, kmax): keys :a far left, a:min(c, kmax) band, c:kmax far right."""

@@ -3,6 +3,8 @@
 from transformer_zoo.functional.rotary import RotaryLayout
 from transformer_zoo.positional.alibi import ALiBi
 from transformer_zoo.positional.base import (
+    FarField,
+    FarSide,
     InputEncoding,
     LogitBias,
     Place,
@@ -29,6 +31,8 @@ __all__ = [
     "ALiBi",
     "DebertaRelativeBias",
     "DebertaRelativeEmbeddings",
+    "FarField",
+    "FarSide",
     "InputEncoding",
     "LearnedPositionalEncoding",
     "LogitBias",

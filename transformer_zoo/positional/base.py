@@ -173,8 +173,16 @@ class LogitBias(PositionalEncoding):
 
     def far_radius(self) -> int | None:
         """The distance R >= 1 past which the bias is separable (``far_field``), or None
-        when it never is (the blockwise kernel then builds every bias row). Default: None."""
+        when it never is (the blockwise kernel then builds every bias row). Default: None;
+        also for a subclass that redefines ``forward`` or ``value_term`` but not this (its
+        parent's far field would no longer describe its bias)."""
         return None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if ("forward" in vars(cls) or "value_term" in vars(cls)) and (
+                "far_radius" not in vars(cls)):
+            cls.far_radius = LogitBias.far_radius  # type: ignore[method-assign]
 
     def far_field(
         self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *, k: Tensor | None = None
