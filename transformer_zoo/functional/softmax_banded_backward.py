@@ -17,7 +17,7 @@ from transformer_zoo.functional.softmax_banded_parts import (
     far_value,
     widen,
 )
-from transformer_zoo.functional.softmax_blockwise_lse import _FLASH_CPU_BWD
+from transformer_zoo.functional.softmax_blockwise_lse import _FLASH_CPU_BWD, sum_to
 
 
 def banded_backward(plan: BandPlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -84,7 +84,7 @@ def banded_backward(plan: BandPlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         t = getattr(sides[name], term)
         if t.requires_grad:
             roots.append(t)
-            grads.append(_sum_to(g, t.shape))
+            grads.append(sum_to(g, t.shape))
     # one root at a time: each pull's (b, h, n, d) temporaries are freed before the next
     for i, (root, g) in enumerate(zip(roots, grads, strict=True)):
         got = torch.autograd.grad(root, [plan.q_d, plan.k_d, *leaves], g, allow_unused=True,
@@ -125,7 +125,7 @@ def _band_backward(plan: BandPlan, q, k, v, go, ob, lb, delta, i0, i1, a, c, dq,
     dq[:, :, i0:i1] += torch.matmul(ds, kb_l.detach()) * plan.scale
     dk[:, :, a:c] += torch.matmul(ds.transpose(-1, -2), qb_l.detach()) * plan.scale
     if bias.requires_grad:
-        got = torch.autograd.grad(bias, [qb_l, kb_l, *leaves], _sum_to(ds, bias.shape),
+        got = torch.autograd.grad(bias, [qb_l, kb_l, *leaves], sum_to(ds, bias.shape),
                                   allow_unused=True)
         if got[0] is not None:
             dq[:, :, i0:i1] += got[0]
@@ -139,11 +139,3 @@ def _add_leaves(g_leaves: list, got) -> None:
     for i, g in enumerate(got):
         if g is not None:
             g_leaves[i] = g if g_leaves[i] is None else g_leaves[i] + g
-
-
-def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
-    """Sum ``x`` down to ``shape`` (leading dims dropped, size-1 dims summed)."""
-    while x.dim() > len(shape):
-        x = x.sum(0)
-    dims = [i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1]
-    return x.sum(dims, keepdim=True) if dims else x

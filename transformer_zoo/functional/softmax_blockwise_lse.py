@@ -276,14 +276,17 @@ def _backward_blocks(plan: Plan, q: Tensor, k: Tensor, v: Tensor, bias: Tensor |
         _add_matmul(dq[:, :, i0:i1], ds, kb, plan.scale)
         _add_matmul(dk[:, :, :kmax], ds.transpose(-1, -2), qb, plan.scale)
         if learned:
-            grads.pull(total, _sum_to(ds, total.shape))
+            grads.pull(total, sum_to(ds, total.shape))
         if g_bias is not None:
             rows = row_block(g_bias, i0, i1)[..., :kmax]  # a view: summed in place
-            rows += _sum_to(ds, rows.shape)
+            rows += sum_to(ds, rows.shape)
     return dq, dk, dv
 
 
-def _sum_to(x: Tensor, shape: torch.Size) -> Tensor:
-    """Sum ``x`` down to a broadcastable ``shape`` (the bias rows may broadcast over b or h)."""
+def sum_to(x: Tensor, shape: torch.Size) -> Tensor:
+    """Sum ``x`` down to a broadcastable ``shape`` (the bias rows may broadcast over b or h;
+    leading dims that ``shape`` lacks are summed away)."""
+    while x.dim() > len(shape):
+        x = x.sum(0)
     dims = [i for i, (a, b) in enumerate(zip(x.shape, shape, strict=True)) if b == 1 and a != 1]
     return x.sum(dims, keepdim=True) if dims else x
