@@ -428,14 +428,13 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 rows.append(row)
         write()
-    if args.scaling:
-        results["scaling"] = scaling()
-        write()
-    if args.scaling_hybrid:
-        results["scaling_hybrid"] = scaling(kind="hybrid") | {
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
-        write()
+    for wanted, key, kind in ((args.scaling, "scaling", "performer"),
+                              (args.scaling_hybrid, "scaling_hybrid", "hybrid")):
+        if wanted:  # each block records its own run
+            results[key] = scaling(kind=kind) | {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+            write()
 
     print(f"wrote {out} and its .md / .png")
 
