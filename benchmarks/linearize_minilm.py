@@ -54,16 +54,15 @@ import functools
 import json
 import os
 import platform
-import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import transformer_zoo
-from benchmarks.linearize_report import markdown, plot
+from benchmarks.linearize_metrics import Scorer, spearman  # noqa: F401 (spearman: tests)
+from benchmarks.linearize_report import markdown, merge_base, plot, run_details
+from benchmarks.linearize_scaling import scaling
 from benchmarks.linearize_text import (
     TRAIN_PACKAGES,
     batches_by_length,
@@ -78,8 +77,6 @@ from transformer_zoo.linearize import AttentionTransfer, Finetune, linearize
 OUTPUT = "linearize_minilm.json"
 #: stage 1 trains their feature maps (and the hybrid's window factors)
 LEARNABLE = ("performer_hedgehog", "performer_t2r", "hybrid_hedgehog")
-SCALING_LENGTHS = (1024, 2048, 4096, 8192)
-HEADS, HEAD_DIM = 12, 32
 
 
 # -- model and metrics --------------------------------------------------------------------------
@@ -91,52 +88,6 @@ def load_minilm():
     path = gt.get_model_path()
     return AutoTokenizer.from_pretrained(path), lambda: AutoModel.from_pretrained(
         path, attn_implementation="sdpa").eval()
-
-
-@torch.no_grad()
-def embed(model, batches: list[dict]) -> torch.Tensor:
-    out = []
-    for batch in batches:
-        hidden = model(**batch).last_hidden_state
-        real = batch["attention_mask"][..., None].to(hidden.dtype)
-        out.append((hidden * real).sum(1) / real.sum(1))
-    return torch.cat(out)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's ρ of two vectors (ranks' Pearson correlation; ties are negligible here)."""
-    ra = a.argsort().argsort().double()
-    rb = b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
-def pair_cosines(x: torch.Tensor) -> torch.Tensor:
-    u = F.normalize(x.double(), dim=-1)
-    i, j = torch.triu_indices(len(u), len(u), 1)
-    return (u @ u.T)[i, j]
-
-
-class Scorer:
-    """Held-out cosine / Spearman of a converted model against the original embeddings."""
-
-    def __init__(self, original, short: list[dict], long: list[dict]) -> None:
-        self.short, self.long = short, long
-        self.ref_short, self.ref_long = embed(original, short), embed(original, long)
-        self.ref_pairs = pair_cosines(self.ref_short)
-
-    def __call__(self, model) -> dict:
-        e_short, e_long = embed(model, self.short), embed(model, self.long)
-        cos = torch.cat([F.cosine_similarity(e_short, self.ref_short),
-                         F.cosine_similarity(e_long, self.ref_long)])
-        return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()),
-                "cosine_long": float(F.cosine_similarity(e_long, self.ref_long).mean()),
-                "spearman": spearman(pair_cosines(e_short), self.ref_pairs)}
-
-    def quick(self, model) -> float:
-        """The curve's point: mean cosine on the first batch of short passages."""
-        got = embed(model, self.short[:1])
-        return float(F.cosine_similarity(got, self.ref_short[:len(got)]).mean())
 
 
 # -- variants -----------------------------------------------------------------------------------
@@ -212,91 +163,6 @@ def run_variant(name: str, spec: dict, make_model, train: list[dict], scorer: Sc
           f"({report.stage1.steps}+{report.stage2.steps} steps, "
           f"{report.stage1.seconds + report.stage2.seconds:.0f} s)", flush=True)
     return row
-
-
-# -- linear cost of the converted attention ------------------------------------------------------
-def converted_attention(kind: str = "performer") -> torch.nn.Module:
-    """MiniLM's attention shape (12 heads x 32) with the converted kernel: the Performer with
-    Hedgehog maps, or (``"hybrid"``) LoLCATs' hybrid with window 64 and Hedgehog d_f = 32."""
-    if kind == "hybrid":
-        return HybridWindowAttention(
-            HEADS * HEAD_DIM, HEADS, window=64,
-            feature_map=transformer_zoo.HedgehogFeatures(feature_dim=32)).eval()
-    return PerformerAttention(HEADS * HEAD_DIM, HEADS,
-                              feature_map=transformer_zoo.HedgehogFeatures()).eval()
-
-
-def contenders() -> dict[str, Callable[[int], Callable[[], torch.Tensor]]]:
-    """For ``benchmarks.memory``: forward+backward of the converted attention at length n."""
-
-    def converted(n: int, kind: str = "performer") -> Callable[[], torch.Tensor]:
-        torch.manual_seed(0)
-        attn = converted_attention(kind)
-        x = torch.randn(1, n, HEADS * HEAD_DIM, requires_grad=True)
-        return lambda: attn(x)
-
-    return {"converted_performer": converted,
-            "converted_hybrid": functools.partial(converted, kind="hybrid")}
-
-
-def scaling(lengths: tuple[int, ...] = SCALING_LENGTHS, repeats: int = 3,
-            kind: str = "performer") -> dict:
-    """Forward time per token (median of ``repeats``, no_grad) and fwd+bwd peak memory per
-    token (fresh process) of the converted attention (``converted_attention(kind)``)."""
-    from benchmarks.memory import measure_memory
-
-    attn, rows = converted_attention(kind), []
-    for n in lengths:
-        x = torch.randn(1, n, HEADS * HEAD_DIM)
-        with torch.no_grad():
-            attn(x)  # warm-up
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                attn(x)
-                times.append(time.perf_counter() - start)
-        mem = measure_memory("benchmarks.linearize_minilm", f"converted_{kind}", n,
-                             threads=torch.get_num_threads())
-        rows.append({"n": n, "forward_s": statistics.median(times),
-                     "us_per_token": 1e6 * statistics.median(times) / n,
-                     "peak_bytes": mem.get("peak_bytes"), "memory_error": mem.get("error"),
-                     "bytes_per_token": None if mem.get("peak_bytes") is None
-                     else mem["peak_bytes"] / n})
-        print(f"n={n}: {rows[-1]['us_per_token']:.2f} us/token, "
-              f"{(rows[-1]['bytes_per_token'] or 0) / 1024:.1f} KiB/token", flush=True)
-    times = [r["us_per_token"] for r in rows]
-    mems = [r["bytes_per_token"] for r in rows if r["bytes_per_token"]]
-    return {"attention": repr(attn), "rows": rows,
-            "time_ratio": max(times) / min(times),
-            "memory_ratio": max(mems) / min(mems) if mems else None}
-
-
-# -- --merge: one variant re-run, the others kept -----------------------------------------------
-#: run-level fields that must agree between a file and the rows merged into it (same data)
-SAME_DATA = ("model", "batch", "train", "held_out")
-
-
-def merge_base(earlier: dict, now: dict) -> dict:
-    """The earlier results, to merge this run's rows into; SystemExit if they were measured on
-    other data (model, batch, texts), where the rows would not be comparable."""
-    differ = [k for k in SAME_DATA if earlier.get(k) != now.get(k)]
-    if differ:
-        raise SystemExit(f"--merge: the existing file was measured with other {differ}; run "
-                         "without --merge (or with the same options)")
-    return earlier
-
-
-def run_details(args: argparse.Namespace, s1: float, s2: float, load_start) -> dict:
-    """What a merged row's run was (the file's run-level fields describe the others)."""
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_average": {"start": load_start, "end": os.getloadavg()},
-            "budget_seconds": {"stage1": s1, "stage2": s2},
-            "recipe": {"stage1_lr": args.stage1_lr, "stage2_lr": args.stage2_lr,
-                       "schedule": args.schedule, "stage2_trainable": args.stage2_trainable,
-                       "pooled_cosine": args.pooled_cosine, "hedgehog_dim": args.hedgehog_dim,
-                       "stage1_tokens": args.stage1_tokens,
-                       "stage2_min_tokens": args.stage2_min_tokens, "window": args.window}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,8 +1,14 @@
-"""Table and plot of ``benchmarks.linearize_minilm`` (from its JSON; no computing here)."""
+"""Table and plot of ``benchmarks.linearize_minilm`` (from its JSON; no computing here), and
+the ``--merge`` helpers that fold one re-run variant into the committed JSON."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import time
 from pathlib import Path
+
+import torch
 
 
 def markdown(results: dict) -> str:
@@ -125,3 +131,31 @@ def plot(results: dict, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+# -- --merge: one variant re-run, the others kept -----------------------------------------------
+#: run-level fields that must agree between a file and the rows merged into it (same data)
+SAME_DATA = ("model", "batch", "train", "held_out")
+
+
+def merge_base(earlier: dict, now: dict) -> dict:
+    """The earlier results, to merge this run's rows into; SystemExit if they were measured on
+    other data (model, batch, texts), where the rows would not be comparable."""
+    differ = [k for k in SAME_DATA if earlier.get(k) != now.get(k)]
+    if differ:
+        raise SystemExit(f"--merge: the existing file was measured with other {differ}; run "
+                         "without --merge (or with the same options)")
+    return earlier
+
+
+def run_details(args: argparse.Namespace, s1: float, s2: float, load_start) -> dict:
+    """What a merged row's run was (the file's run-level fields describe the others)."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average": {"start": load_start, "end": os.getloadavg()},
+            "budget_seconds": {"stage1": s1, "stage2": s2},
+            "recipe": {"stage1_lr": args.stage1_lr, "stage2_lr": args.stage2_lr,
+                       "schedule": args.schedule, "stage2_trainable": args.stage2_trainable,
+                       "pooled_cosine": args.pooled_cosine, "hedgehog_dim": args.hedgehog_dim,
+                       "stage1_tokens": args.stage1_tokens,
+                       "stage2_min_tokens": args.stage2_min_tokens, "window": args.window}}
