@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from transformer_zoo._checks import check_positive_int, check_rank
 from transformer_zoo.functional.transformer_xl import transformer_xl_bias, transformer_xl_bias_rows
+from transformer_zoo.functional.transformer_xl_blockwise import transformer_xl_skewed_rows
 from transformer_zoo.positional.base import LogitBias
 
 
@@ -183,16 +184,19 @@ class TransformerXLRelativePosition(LogitBias):
         self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *, k: Tensor | None = None
     ) -> Callable[[int, int], Tensor]:
         """Rows of the bias for the blockwise kernels, with the W_R R table of the call's
-        distances and uᵀk computed once (``functional.transformer_xl_bias_rows``); positions
+        distances and uᵀk computed once: for positions that step by one the skewed rows
+        (``functional.transformer_xl_blockwise``: a strided view instead of a gather, the
+        gradients summed per call), else ``functional.transformer_xl_bias_rows``; positions
         with gaps fall back to ``forward`` per block."""
         if k is not None and q.ndim == 4 and q.shape[1] == self.n_heads and (
                 q.shape[-1] == self.head_dim):
             owner = self.bias_owner
-            rows = transformer_xl_bias_rows(
-                q, k, u=owner.u, v=owner.v, r_weight=self.r_proj.weight,
-                q_positions=q_positions, k_positions=k_positions, clamp_len=self.clamp_len,
-                base=self.base, scale=self.logit_scale(self.head_dim),
-            )
+            options = dict(u=owner.u, v=owner.v, r_weight=self.r_proj.weight,
+                           q_positions=q_positions, k_positions=k_positions,
+                           clamp_len=self.clamp_len, base=self.base,
+                           scale=self.logit_scale(self.head_dim))
+            rows = transformer_xl_skewed_rows(q, k, **options) or transformer_xl_bias_rows(
+                q, k, **options)
             if rows is not None:
                 return rows
         return super().bias_rows(q, q_positions, k_positions, k=k)
