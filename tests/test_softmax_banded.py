@@ -26,7 +26,7 @@ from transformer_zoo import (
     T5RelativeBias,
 )
 from transformer_zoo.functional.softmax_blockwise import blockwise_softmax_attention
-from transformer_zoo.positional.base import FarField
+from transformer_zoo.positional.base import BandRows, FarField
 
 F64 = torch.float64
 real_worth_it = banded._worth_it
@@ -191,12 +191,26 @@ def test_module_default_uses_the_band_and_never_a_full_row(enc):
     ref.blockwise = False
     seen = []
     hook = attn.positional.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    band_rows = attn.positional.band_rows
+
+    def recorded(*args, **kwargs):  # the band's bias rows, whichever way they are built
+        band = band_rows(*args, **kwargs)
+
+        def rows(*a):
+            out = band.rows(*a)
+            seen.append(out.shape)
+            return out
+
+        return BandRows(band.tables, rows)
+
+    attn.positional.band_rows = recorded
     x = torch.randn(2, n, 16, dtype=F64, requires_grad=True)
     with always_banded() as calls:
         banded._worth_it = real_worth_it  # the module's own dispatch decides
         y = attn(x)
     assert len(calls) == 1
     hook.remove()
+    del attn.positional.band_rows
     assert seen and all(s[-1] < n and s[-2] < n for s in seen)
     y_ref = ref(x)
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-12)

@@ -232,28 +232,37 @@ def disentangled_bias_rows(
                              f"{i1 - i0}, k_len), got {tuple(index.shape)}")
         if p2c is not None and p2c.shape[-1] != m:
             raise ValueError(f"k: expected k_len={m} keys (index), got {tuple(k.shape)}")
-        r = i1 - i0
-        shared = index.ndim == 2 or index.shape[0] == 1  # one index for the whole batch
-        idx = None if shared else index[:, None].expand(b, h, r, m)
-        if shared:
-            index = index.reshape(r, m)
-        bias: Tensor | None = None
-        if key_t is not None:
-            c2p = torch.matmul(q[:, :, i0:i1], key_t)  # (b, h, rows, 2k)
-            if idx is None:  # a flat index_select: faster than gather on CPU
-                flat = index + torch.arange(r, device=index.device)[:, None] * c2p.shape[-1]
-                bias = c2p.reshape(b * h, -1).index_select(1, flat.reshape(-1)).view(b, h, r, m)
-            else:
-                bias = c2p.gather(-1, idx)  # q_i·K^r[index_ij]
-        if p2c is not None:
-            if idx is None:
-                flat = index * m + torch.arange(m, device=index.device)
-                term = p2c.reshape(b * h, -1).index_select(1, flat.reshape(-1)).view(b, h, r, m)
-            else:
-                term = p2c.gather(-2, idx)  # Q^r[index_ij]·k_j
-            bias = term if bias is None else bias + term
+        c2p = None if key_t is None else torch.matmul(q[:, :, i0:i1], key_t)  # (b, h, rows, 2k)
+        bias = gather_terms(c2p, p2c, index, b, h)
         if bias is None:
             return q.new_zeros(()).expand(b, h, i1 - i0, m)
         return bias  # the scale is in the tables
 
     return rows
+
+
+def gather_terms(c2p: Tensor | None, p2c: Tensor | None, index: Tensor, b: int,
+                 h: int) -> Tensor | None:
+    """c2p[.., i, index_ij] + p2c[.., index_ij, j] ``(b, h, r, c)`` (None without either):
+    c2p ``(b, h, r, 2k)``, p2c ``(b, h, 2k, c)``, index ``(r, c)`` or ``(b|1, r, c)`` (a flat
+    ``index_select`` when the batch shares one index: faster than gather on CPU)."""
+    r, m = index.shape[-2:]
+    shared = index.ndim == 2 or index.shape[0] == 1  # one index for the whole batch
+    idx = None if shared else index[:, None].expand(b, h, r, m)
+    if shared:
+        index = index.reshape(r, m)
+    bias: Tensor | None = None
+    if c2p is not None:
+        if idx is None:
+            flat = index + torch.arange(r, device=index.device)[:, None] * c2p.shape[-1]
+            bias = c2p.reshape(b * h, -1).index_select(1, flat.reshape(-1)).view(b, h, r, m)
+        else:
+            bias = c2p.gather(-1, idx)  # q_i·K^r[index_ij]
+    if p2c is not None:
+        if idx is None:
+            flat = index * m + torch.arange(m, device=index.device)
+            term = p2c.reshape(b * h, -1).index_select(1, flat.reshape(-1)).view(b, h, r, m)
+        else:
+            term = p2c.gather(-2, idx)  # Q^r[index_ij]·k_j
+        bias = term if bias is None else bias + term
+    return bias

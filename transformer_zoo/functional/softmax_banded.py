@@ -165,13 +165,16 @@ def banded_softmax_attention(
     qp, kp = q_positions.reshape(-1), k_positions.reshape(-1)
     with torch.enable_grad():
         far = positional.far_field(q_d, qp, kp, k=k_d if positional.needs_keys else None)
+        band = positional.band_rows(q_d, qp, kp, k=k_d if positional.needs_keys else None)
+    tables = tuple(t.detach().requires_grad_(t.requires_grad) for t in band.tables)
     plan = BandPlan(positional, far, radius, qp, kp, pad, causal, scale, rows, n, m, q_d, k_d,
-                    grad=torch.is_grad_enabled())
+                    grad=torch.is_grad_enabled(), band=band, tables=tables)
     leaves: list[Tensor] = []
     if torch.is_grad_enabled():
         with torch.enable_grad():
             roots = [t for side in (far.left, far.right)
                      for t in (side.row, side.key, side.value) if t is not None]
+            roots += [t for t in band.tables if t.requires_grad]
             probe = band_bias(plan, q_d[:, :, :1], k_d[:, :, :1], 0, 1, 0, 1)
             roots.append(probe)
             if positional.has_value_term:

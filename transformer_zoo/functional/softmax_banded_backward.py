@@ -30,6 +30,10 @@ def banded_backward(plan: BandPlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     sides = {"left": plan.far.left, "right": plan.far.right}
     g_terms: dict[tuple[str, str], Tensor] = {}
     g_leaves: list[Tensor | None] = [None] * len(leaves)
+    # the band's per-call tables (``BandRows``): their gradients summed over the blocks,
+    # then pulled through the tables' graphs once, with the far terms'
+    tables = [t for t in plan.tables if t.requires_grad]
+    g_tables: list[Tensor | None] = [None] * len(tables)
     sizes = {"row": (b, h, n), "key": (b, h, plan.m), "value": (b, h, 1, dv_)}
 
     def add_term(name: str, term: str, g: Tensor, index: tuple) -> None:
@@ -65,8 +69,10 @@ def banded_backward(plan: BandPlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor
             present.append(name)
         s_band = None
         if c > a:
+            g_band = g_tables + g_leaves
             s_band = _band_backward(plan, q, k, v, go, ob, lb, delta, i0, i1, a, c, dq, dk, dv,
-                                    leaves, g_leaves)
+                                    [*tables, *leaves], g_band)
+            g_tables, g_leaves = g_band[:len(tables)], g_band[len(tables):]
         if u_left is not None and present:  # the row terms: Σ_j dS_ij over each far part
             sums = {}
             rest = -s_band if s_band is not None else torch.zeros_like(delta)
@@ -85,6 +91,10 @@ def banded_backward(plan: BandPlan, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         if t.requires_grad:
             roots.append(t)
             grads.append(sum_to(g, t.shape))
+    made = [t for t, d_t in zip(plan.band.tables, plan.tables, strict=True)
+            if d_t.requires_grad] if plan.band is not None else []
+    roots += [t for t, g in zip(made, g_tables, strict=True) if g is not None]
+    grads += [g for g in g_tables if g is not None]
     # one root at a time: each pull's (b, h, n, d) temporaries are freed before the next
     for i, (root, g) in enumerate(zip(roots, grads, strict=True)):
         got = torch.autograd.grad(root, [plan.q_d, plan.k_d, *leaves], g, allow_unused=True,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from transformer_zoo.positional.base import FarField, FarSide, LogitBias
+from transformer_zoo.positional.base import BandRows, FarField, FarSide, LogitBias
 
 BAND_ELEMENTS = 2**21
 
@@ -29,6 +29,8 @@ class BandPlan:
     q_d: Tensor
     k_d: Tensor
     grad: bool = True  # a backward may follow (grad mode at the call)
+    band: BandRows | None = None  # the band's bias rows; None: ``forward`` per sub-block
+    tables: tuple[Tensor, ...] = ()  # band.tables detached (requiring grad where they do)
 
     def blocks(self):
         """(i0, i1, a, c, kmax): keys :a far left, a:min(c, kmax) band, c:kmax far right."""
@@ -101,9 +103,11 @@ def far_parts(plan: BandPlan, a: int, c: int, kmax: int):
 
 def band_bias(plan: BandPlan, qb: Tensor, kb: Tensor, i0: int, i1: int, a: int,
                c: int) -> Tensor:
+    qp, kp = plan.q_positions[i0:i1], plan.k_positions[a:c]
+    if plan.band is not None:
+        return plan.band.rows(plan.tables, qb, kb, qp, kp)
     pe = plan.positional
-    args = (qb, plan.q_positions[i0:i1], plan.k_positions[a:c])
-    return pe(*args, k=kb) if pe.needs_keys else pe(*args)
+    return pe(qb, qp, kp, k=kb) if pe.needs_keys else pe(qb, qp, kp)
 
 
 def band_mask(plan: BandPlan, i0: int, i1: int, a: int, c: int, like: Tensor) -> Tensor:

@@ -107,6 +107,18 @@ class FarField:
     right: FarSide
 
 
+@dataclass
+class BandRows:
+    """An encoding's bias on sub-blocks of rows and keys, for one call of the band kernel:
+    ``rows(tables, q_blk, k_blk, q_positions_blk, k_positions_blk)`` -> the bias
+    ``(b|1, h, rows, keys)`` of those pairs, equal to ``forward`` on them. ``tables``: the
+    per-call work every block shares (DeBERTa's projected position tables), built once with
+    its graph; the kernel passes detached copies and pulls their gradients back once."""
+
+    tables: tuple[Tensor, ...]
+    rows: Callable[..., Tensor]
+
+
 def saturation_radius(distance: Tensor, value: Tensor) -> int:
     """The smallest R >= 1 with ``value`` constant over distance <= −R and over >= R (value:
     e.g. the bucket of each distance, 1-D over a span that reaches the saturation)."""
@@ -193,6 +205,18 @@ class LogitBias(PositionalEncoding):
         ``forward`` on sub-blocks of rows and keys (row i, key j of the bias depend only on
         q_i, k_j and their positions)."""
         raise NotImplementedError(f"{type(self).__name__} has no far field")
+
+    def band_rows(
+        self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *, k: Tensor | None = None
+    ) -> BandRows:
+        """``BandRows`` for one band-kernel call. Default: no tables, ``forward`` on the
+        sub-block (row i, key j of the bias depend only on q_i, k_j and their positions)."""
+
+        def rows(tables, q_blk, k_blk, qp_blk, kp_blk):  # type: ignore[no-untyped-def]
+            return (self(q_blk, qp_blk, kp_blk, k=k_blk) if self.needs_keys
+                    else self(q_blk, qp_blk, kp_blk))
+
+        return BandRows((), rows)
 
     def score_mod(
         self, q: Tensor, k: Tensor, q_positions: Tensor, k_positions: Tensor

@@ -40,9 +40,16 @@ from transformer_zoo._checks import check_positive_int, check_probability, check
 from transformer_zoo.functional.deberta import (
     disentangled_bias,
     disentangled_bias_rows,
+    gather_terms,
 )
 from transformer_zoo.functional.flex import ScoreMod, position_at
-from transformer_zoo.positional.base import FarField, FarSide, LogitBias, saturation_radius
+from transformer_zoo.positional.base import (
+    BandRows,
+    FarField,
+    FarSide,
+    LogitBias,
+    saturation_radius,
+)
 from transformer_zoo.positional.deberta_embeddings import DebertaRelativeEmbeddings
 
 if TYPE_CHECKING:
@@ -268,6 +275,32 @@ class DebertaRelativeBias(LogitBias):
 
         # left (key before the query): δ > 0, the last row; right: the first
         return FarField(side(int(rows[-1])), side(int(rows[0])))
+
+    def band_rows(self, q: Tensor, q_positions: Tensor, k_positions: Tensor, *,
+                  k: Tensor | None = None) -> BandRows:
+        """The band kernel's bias rows with the per-call work once: P, its projections K^r,
+        Q^r (scaled) are the call's tables; per sub-block (rows I, keys J) the c2p rows
+        q_I·K^rᵀ, the p2c columns Q^r·k_Jᵀ, the rows δ from the lookup table, a gather each."""
+        lookup = self.embeddings.index_table(q.device)
+        if lookup is None:
+            return super().band_rows(q, q_positions, k_positions, k=k)
+        self._check_q(q)
+        scale = self.logit_scale(self.head_dim)
+        pos_key, pos_query = self.position_projections(self._table())
+        tables = tuple(t.to(q.dtype) * scale for t in (pos_key, pos_query) if t is not None)
+        has_key, table_rows, limit = pos_key is not None, *lookup
+
+        def rows(tabs, q_blk, k_blk, qp_blk, kp_blk):  # type: ignore[no-untyped-def]
+            index = table_rows[(qp_blk[:, None] - kp_blk[None, :]).clamp(-limit, limit) + limit]
+            key_s = tabs[0] if has_key else None
+            query_s = tabs[-1] if len(tabs) == 2 or not has_key and tabs else None
+            c2p = None if key_s is None else torch.matmul(q_blk, key_s.transpose(-1, -2))
+            p2c = None if query_s is None else torch.matmul(query_s, k_blk.transpose(-1, -2))
+            b, h, r = q_blk.shape[:3]
+            bias = gather_terms(c2p, p2c, index, b, h)
+            return q_blk.new_zeros(()).expand(b, h, r, index.shape[-1]) if bias is None else bias
+
+        return BandRows(tables, rows)
 
     def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
                   k_positions: Tensor) -> ScoreMod | None:
