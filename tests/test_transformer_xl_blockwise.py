@@ -40,9 +40,21 @@ def _grads(out, q, k, v, pe):
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 9), mem=st.integers(0, 6), b=st.integers(1, 2),
        causal=st.booleans(), offsets=st.booleans(), pad=st.booleans(), clamp=st.booleans(),
-       rows=st.integers(1, 5), seed=st.integers(0, 2**16))
+       rows=st.integers(1, 5), chunk=st.sampled_from([2, 3, 1024]),
+       seed=st.integers(0, 2**16))
 def test_skewed_rows_equal_the_materialised_bias(n, mem, b, causal, offsets, pad, clamp, rows,
-                                                 seed):
+                                                 chunk, seed):
+    """Also with the table and its gradient in chunks of 2 or 3 distances (a block's window
+    then spans several: built, dropped and flushed as the blocks move)."""
+    default = skew_module.CHUNK
+    skew_module.CHUNK = chunk
+    try:
+        _check_skewed(n, mem, b, causal, offsets, pad, clamp, rows, seed)
+    finally:
+        skew_module.CHUNK = default
+
+
+def _check_skewed(n, mem, b, causal, offsets, pad, clamp, rows, seed):
     m = n + mem
     pe, q, k, v = _setup(b, 2, n, m, 3, seed, clamp_len=100 if clamp else None)
     qpos, kpos = torch.arange(n) + mem, torch.arange(m)

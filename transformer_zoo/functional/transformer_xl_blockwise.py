@@ -39,57 +39,87 @@ from transformer_zoo._checks import check_positive_int
 from transformer_zoo.functional import transformer_xl as _txl
 from transformer_zoo.functional.relative import relative_positions
 
-#: distances per chunk when the table is built from R and dW_R pulled back through it
-CHUNK = 2048
+#: distances per chunk of the table and of its gradient (each built, flushed and freed whole)
+CHUNK = 1024
 
 
 def _step_one(p: Tensor) -> bool:
     return p.shape[-1] < 2 or bool((p.diff(dim=-1) == 1).all())
 
 
-class _Sums:
-    """Per-call state: the inputs (detached), the table and the backward's running sums."""
+def _skew(p: Tensor, m: int) -> Tensor:
+    """(rows, W) contiguous -> the (rows, m) view [i, j] -> p[i, rows − 1 − i + j]."""
+    rows, w = p.shape
+    return p.as_strided((rows, m), (w - 1, 1), p.storage_offset() + rows - 1)
 
-    def __init__(self, q, k, u, v, r_weight, hi, base, scale):
+
+class _Sums:
+    """Per-call state: the inputs (detached), the table's chunks, the backward's running sums.
+
+    The table (row t: distance hi − t) and its gradient live in chunks of ``CHUNK`` distances,
+    built on first use; a chunk wholly above a block's window is dropped (the table's, rebuilt
+    if a later block needs it) or flushed into dW_R (the gradient's). Blocks in ascending
+    order (as the kernels run them) move the window down, so about W + CHUNK rows of each are
+    alive, not all T; any order is exact (a flushed chunk touched again starts from zero)."""
+
+    def __init__(self, q, k, u, v, r_weight, hi, base, scale, need_w):
         self.q, self.k, self.u, self.v, self.r_weight = q, k, u, v, r_weight
-        self.hi, self.base, self.scale = hi, base, scale  # hi (1|b,): largest distance
-        n, m = q.shape[2], k.shape[2]
-        self.size = n + m - 1
+        self.hi, self.base, self.scale, self.need_w = hi, base, scale, need_w
+        self.size = q.shape[2] + k.shape[2] - 1  # T
+        self.tables: dict[int, Tensor] = {}
         with torch.no_grad():
-            self.table = self._table()  # (1|b, h, T, d), row t: distance hi − t
             self.content = (k @ (u.to(k.dtype) * scale)[:, :, None]).transpose(-1, -2)
         self.reset()
 
     def reset(self) -> None:
-        self.d_qv = self.d_table = self.d_content = None
+        self.d_qv = self.d_content = self.g_w = None
+        self.d_tables: dict[int, Tensor] = {}
 
-    def distances(self, t0: int, t1: int) -> Tensor:
-        return self.hi[:, None] - torch.arange(t0, t1, device=self.hi.device)  # (1|b, t)
+    def rel(self, c: int) -> Tensor:
+        """R of chunk c's distances, ``(1|b, rows, D)`` in W_R's dtype."""
+        t = torch.arange(c * CHUNK, min((c + 1) * CHUNK, self.size), device=self.hi.device)
+        return _txl.transformer_xl_sinusoid(self.hi[:, None] - t, self.r_weight.shape[1],
+                                            base=self.base, dtype=self.r_weight.dtype)
 
-    def _table(self) -> Tensor:
-        b, h, _, d = self.q.shape
-        out = self.q.new_empty(self.hi.shape[0], h, self.size, d)
-        for t0 in range(0, self.size, CHUNK):
-            t1 = min(t0 + CHUNK, self.size)
-            rel = _txl.transformer_xl_sinusoid(self.distances(t0, t1), self.r_weight.shape[1],
-                                               base=self.base, dtype=self.r_weight.dtype)
-            out[:, :, t0:t1] = F.linear(rel, self.r_weight).unflatten(-1, (h, d)).transpose(
-                1, 2)
-        return out
+    def table(self, c: int) -> Tensor:
+        """Chunk c of the W_R R table ``(1|b, h, rows, d)``."""
+        if c not in self.tables:
+            h, d = self.q.shape[1], self.q.shape[3]
+            with torch.no_grad():
+                self.tables[c] = F.linear(self.rel(c), self.r_weight).unflatten(
+                    -1, (h, d)).transpose(1, 2).contiguous().to(self.q.dtype)
+        return self.tables[c]
+
+    def d_table(self, c: int) -> Tensor:
+        if c not in self.d_tables:
+            self.d_tables[c] = torch.zeros_like(self.table(c))
+        return self.d_tables[c]
+
+    def flush(self, above: int) -> None:
+        """dW_R += dTable_cᵀ R_c for the gradient chunks starting at or above ``above``."""
+        for c in [c for c in self.d_tables if c * CHUNK >= above]:
+            g = self.d_tables.pop(c).to(self.r_weight.dtype)
+            if self.g_w is None:
+                self.g_w = torch.zeros_like(self.r_weight)
+            per_head = self.g_w.view(g.shape[1], g.shape[3], -1)  # (h, d, D)
+            rel = self.rel(c)
+            for i in range(g.shape[0]):
+                for j in range(g.shape[1]):
+                    per_head[j].addmm_(g[i, j].T, rel[i % rel.shape[0]])
+
+    def pieces(self, i0: int, i1: int):
+        """The block's window [t0, t1) of W = rows + m − 1 distances by chunk: (c, a, z, t0),
+        rows a:z of chunk c are columns a + c·CHUNK − t0 … of the window."""
+        n, m = self.q.shape[2], self.k.shape[2]
+        t0, t1 = n - i1, n - i0 + m - 1
+        for key in [c for c in self.tables if c * CHUNK >= t1]:
+            del self.tables[key]  # above the window: blocks below never read it
+        for c in range(t0 // CHUNK, (t1 - 1) // CHUNK + 1):
+            lo = c * CHUNK
+            yield c, max(t0, lo) - lo, min(t1, lo + CHUNK) - lo, lo - t0
 
     def qv(self, i0: int, i1: int) -> Tensor:
         return (self.q[:, :, i0:i1] + self.v.to(self.q.dtype)[:, None]) * self.scale
-
-    def window(self, i0: int, i1: int) -> tuple[int, int]:
-        n, m = self.q.shape[2], self.k.shape[2]
-        return n - i1, n - i0 + m - 1
-
-
-def _skew(p: Tensor, m: int) -> Tensor:
-    """(b, h, rows, W) -> the (b, h, rows, m) view [i, j] -> p[i, rows − 1 − i + j]."""
-    b, h, rows, w = p.shape
-    return p.as_strided((b, h, rows, m), (h * rows * w, rows * w, w - 1, 1),
-                        p.storage_offset() + rows - 1)
 
 
 class _Rows(torch.autograd.Function):
@@ -98,32 +128,50 @@ class _Rows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token: Tensor, sums: _Sums, i0: int, i1: int) -> Tensor:
         ctx.sums, ctx.i0, ctx.i1 = sums, i0, i1
-        t0, t1 = sums.window(i0, i1)
-        p = sums.qv(i0, i1) @ sums.table[:, :, t0:t1].transpose(-1, -2)  # (b, h, rows, W)
-        return _skew(p, sums.k.shape[2]) + sums.content  # + uᵀk_j s, (b, h, 1, m)
+        qv = sums.qv(i0, i1)
+        b, h, rows, _ = qv.shape
+        m = sums.k.shape[2]
+        out = qv.new_empty(b, h, rows, m)
+        p = qv.new_empty(rows, rows + m - 1)  # one matrix of P at a time
+        pieces = list(sums.pieces(i0, i1))
+        for i in range(b):
+            for j in range(h):
+                for c, a, z, col in pieces:  # P = (q + v) s Tableᵀ, chunk by chunk
+                    table = sums.table(c)
+                    torch.mm(qv[i, j], table[i % table.shape[0], j, a:z].T,
+                             out=p[:, col + a:col + z])
+                torch.add(_skew(p, m), sums.content[i % sums.content.shape[0], j],
+                          out=out[i, j])  # + uᵀk_j s
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         sums, i0, i1 = ctx.sums, ctx.i0, ctx.i1
-        q, k, table = sums.q, sums.k, sums.table
-        b, h, n, d = q.shape
-        m = k.shape[2]
+        q = sums.q
+        b, h, _, d = q.shape
+        m = sums.k.shape[2]
+        rows = i1 - i0
         if sums.d_qv is None:
             sums.d_qv = torch.zeros_like(q)
-            sums.d_table = torch.zeros_like(table)
             sums.d_content = q.new_zeros(b, h, m)
-        grad = grad.to(q.dtype).expand(b, h, i1 - i0, m)
+        grad = grad.to(q.dtype).expand(b, h, rows, m)
         sums.d_content += grad.sum(-2)
-        t0, t1 = sums.window(i0, i1)
-        dp = q.new_zeros(b, h, i1 - i0, t1 - t0)
-        _skew(dp, m).copy_(grad)  # every (i, j) its own element of dP
-        tw = table[:, :, t0:t1]
-        sums.d_qv[:, :, i0:i1] += dp @ tw
         qv = sums.qv(i0, i1)
-        acc = sums.d_table[:, :, t0:t1]
-        for i in range(b):  # acc += dPᵀ (q + v) s, in place, summed over a shared table
-            acc[i % acc.shape[0]].baddbmm_(dp[i].transpose(-1, -2), qv[i])
+        pieces = list(sums.pieces(i0, i1))
+        dp = q.new_empty(rows, rows + m - 1)  # one matrix of dP at a time
+        for i in range(b):
+            for j in range(h):
+                dp.zero_()
+                _skew(dp, m).copy_(grad[i, j])  # every (i, j) its own element of dP
+                for c, a, z, col in pieces:  # d(q + v) += dP Table, dTable += dPᵀ (q + v) s
+                    table = sums.table(c)
+                    tb = i % table.shape[0]
+                    sums.d_qv[i, j, i0:i1].addmm_(dp[:, col + a:col + z], table[tb, j, a:z])
+                    if sums.need_w:
+                        sums.d_table(c)[tb, j, a:z].addmm_(dp[:, col + a:col + z].T, qv[i, j])
+        if sums.need_w:
+            sums.flush(above=pieces[-1][0] * CHUNK + CHUNK)  # chunks above the window
         return grad.new_zeros(()), None, None, None
 
 
@@ -143,25 +191,17 @@ class _Shared(torch.autograd.Function):
         need = ctx.needs_input_grad
         if sums.d_qv is None:
             return None, None, None, None, None, None
+        sums.tables.clear()  # every block is done (rebuilt if a retained graph runs again)
+        sums.flush(above=0)
         s = sums.scale
-        d_qv, d_table, d_content = sums.d_qv, sums.d_table, sums.d_content
+        d_qv, d_content, g_w = sums.d_qv, sums.d_content, sums.g_w
         sums.reset()
-        u, v, w = sums.u, sums.v, sums.r_weight
+        u, v = sums.u, sums.v
         g_v = (d_qv.sum((0, 2)) * s).to(v.dtype) if need[4] else None
         g_q = d_qv.mul_(s) if need[1] else None
         g_k = (d_content[..., None] * (u.to(d_content.dtype) * s)[:, None]) if need[2] else None
         g_u = ((d_content[..., None] * sums.k).sum((0, 2)) * s).to(u.dtype) if need[3] else None
-        g_w = None
-        if need[5]:  # dW_R = Σ_t dTable_tᵀ R_t, R recomputed a chunk of distances at a time
-            g_w = torch.zeros_like(w)
-            flat = d_table.transpose(1, 2).flatten(2).to(w.dtype)  # (1|b, T, h·d)
-            for t0 in range(0, sums.size, CHUNK):
-                t1 = min(t0 + CHUNK, sums.size)
-                rel = _txl.transformer_xl_sinusoid(sums.distances(t0, t1), w.shape[1],
-                                                   base=sums.base, dtype=w.dtype)
-                for i in range(flat.shape[0]):
-                    g_w.addmm_(flat[i, t0:t1].transpose(0, 1), rel[i])
-        return None, g_q, g_k, g_u, g_v, g_w
+        return None, g_q, g_k, g_u, g_v, g_w if need[5] else None
 
 
 def transformer_xl_skewed_rows(
@@ -190,7 +230,7 @@ def transformer_xl_skewed_rows(
     if hi.shape[0] > 1 and bool((hi == hi[0]).all()):
         hi = hi[:1]  # one table serves the batch
     sums = _Sums(q.detach(), k.detach(), u.detach(), v.detach(), r_weight.detach(), hi,
-                 base, scale)
+                 base, scale, need_w=r_weight.requires_grad and torch.is_grad_enabled())
     token = _Shared.apply(sums, q, k, u, v, r_weight)
 
     def rows(i0: int, i1: int) -> Tensor:
