@@ -18,6 +18,7 @@ from test_softmax_blockwise import materialised
 from torch import nn
 
 import transformer_zoo.functional.softmax_banded as banded
+import transformer_zoo.positional.deberta as deberta_module
 from transformer_zoo import (
     ALiBi,
     DebertaRelativeBias,
@@ -94,6 +95,7 @@ def problems(draw):
     return dict(enc=enc, q=q, k=k, v=v, q_positions=torch.arange(n) + q0,
                 k_positions=torch.arange(m) + k0, mask=mask, bias=None, causal=causal,
                 scale=draw(st.sampled_from([None, 0.4])), block_size=draw(st.integers(1, 9)),
+                p2c_keys=draw(st.sampled_from([1, 3, 128])),  # DeBERTa's p2c pieces
                 options=dict(num_buckets=draw(st.sampled_from([4, 8, 12])),
                              max_distance=draw(st.integers(7, 12)) if enc.startswith("t5")
                              else draw(st.integers(1, 4)),
@@ -119,9 +121,14 @@ def test_banded_equals_materialised_outputs_and_gradients(p):
     h, d = p["q"].shape[1], p["q"].shape[-1]
     positional = make_encoding(p["enc"], h, d, **p["options"])
     twin = copy.deepcopy(positional)
-    with always_banded() as calls:
-        out, grads = _run(lambda *a, **kw: blockwise_softmax_attention(
-            *a, block_size=p["block_size"], **kw), p, positional)
+    pieces = deberta_module.P2C_KEYS
+    deberta_module.P2C_KEYS = p["p2c_keys"]
+    try:
+        with always_banded() as calls:
+            out, grads = _run(lambda *a, **kw: blockwise_softmax_attention(
+                *a, block_size=p["block_size"], **kw), p, positional)
+    finally:
+        deberta_module.P2C_KEYS = pieces
     assert len(calls) == 1  # the band kernel served it
     ref, ref_grads = _run(materialised, p, twin)
     assert torch.isfinite(out).all()

@@ -295,9 +295,11 @@ class DebertaRelativeBias(LogitBias):
             key_s = tabs[0] if has_key else None
             query_s = tabs[-1] if len(tabs) == 2 or not has_key and tabs else None
             c2p = None if key_s is None else torch.matmul(q_blk, key_s.transpose(-1, -2))
-            p2c = None if query_s is None else torch.matmul(query_s, k_blk.transpose(-1, -2))
             b, h, r = q_blk.shape[:3]
-            bias = gather_terms(c2p, p2c, index, b, h)
+            bias = gather_terms(c2p, None, index, b, h)
+            if query_s is not None:
+                p2c = _p2c_term(query_s, k_blk, index)
+                bias = p2c if bias is None else bias + p2c
             return q_blk.new_zeros(()).expand(b, h, r, index.shape[-1]) if bias is None else bias
 
         return BandRows(tables, rows)
@@ -334,3 +336,23 @@ class DebertaRelativeBias(LogitBias):
     def extra_repr(self) -> str:
         return (f"n_heads={self.n_heads}, head_dim={self.head_dim}, "
                 f"pos_att_type={self.pos_att_type}, share_att_key={self.share_att_key}")
+
+
+#: Keys per piece of the band's p2c columns (``_p2c_columns``).
+P2C_KEYS = 128
+
+
+def _p2c_term(query_s: Tensor, k_blk: Tensor, index: Tensor) -> Tensor:
+    """The p2c term Q^r[index_ij]·k_j ``(b, h, rows, keys)`` of a band sub-block (``index``
+    ``(rows, keys)``), by pieces of ``P2C_KEYS`` keys: each multiplies only the table rows
+    min … max of its index (a band's rows read a window of the 2k rows per key, as wide as
+    the block near the diagonal, a few log buckets far from it), then gathers."""
+    b, keys = k_blk.shape[0], k_blk.shape[2]
+    pieces = []
+    for j0 in range(0, keys, P2C_KEYS):
+        j1 = min(j0 + P2C_KEYS, keys)
+        piece = index[:, j0:j1]
+        lo, hi = int(piece.min()), int(piece.max()) + 1
+        cols = torch.matmul(query_s[:, lo:hi], k_blk[:, :, j0:j1].transpose(-1, -2))
+        pieces.append(gather_terms(None, cols, piece - lo, b, query_s.shape[0]))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
