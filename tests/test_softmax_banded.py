@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from test_softmax_blockwise import materialised
 from torch import nn
 
+import transformer_zoo.functional.deberta_band as deberta_module
 import transformer_zoo.functional.softmax_banded as banded
-import transformer_zoo.positional.deberta as deberta_module
 from transformer_zoo import (
     ALiBi,
     DebertaRelativeBias,

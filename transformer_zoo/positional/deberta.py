@@ -37,11 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from transformer_zoo._checks import check_positive_int, check_probability, check_rank
-from transformer_zoo.functional.deberta import (
-    disentangled_bias,
-    disentangled_bias_rows,
-    gather_terms,
-)
+from transformer_zoo.functional.deberta import disentangled_bias, disentangled_bias_rows
+from transformer_zoo.functional.deberta_band import deberta_band_rows
 from transformer_zoo.functional.flex import ScoreMod, position_at
 from transformer_zoo.positional.base import (
     BandRows,
@@ -288,21 +285,7 @@ class DebertaRelativeBias(LogitBias):
         scale = self.logit_scale(self.head_dim)
         pos_key, pos_query = self.position_projections(self._table())
         tables = tuple(t.to(q.dtype) * scale for t in (pos_key, pos_query) if t is not None)
-        has_key, table_rows, limit = pos_key is not None, *lookup
-
-        def rows(tabs, q_blk, k_blk, qp_blk, kp_blk):  # type: ignore[no-untyped-def]
-            index = table_rows[(qp_blk[:, None] - kp_blk[None, :]).clamp(-limit, limit) + limit]
-            key_s = tabs[0] if has_key else None
-            query_s = tabs[-1] if len(tabs) == 2 or not has_key and tabs else None
-            c2p = None if key_s is None else torch.matmul(q_blk, key_s.transpose(-1, -2))
-            b, h, r = q_blk.shape[:3]
-            bias = gather_terms(c2p, None, index, b, h)
-            if query_s is not None:
-                p2c = _p2c_term(query_s, k_blk, index)
-                bias = p2c if bias is None else bias + p2c
-            return q_blk.new_zeros(()).expand(b, h, r, index.shape[-1]) if bias is None else bias
-
-        return BandRows(tables, rows)
+        return BandRows(tables, deberta_band_rows(*lookup, has_key=pos_key is not None))
 
     def score_mod(self, q: Tensor, k: Tensor, q_positions: Tensor,
                   k_positions: Tensor) -> ScoreMod | None:
@@ -336,23 +319,3 @@ class DebertaRelativeBias(LogitBias):
     def extra_repr(self) -> str:
         return (f"n_heads={self.n_heads}, head_dim={self.head_dim}, "
                 f"pos_att_type={self.pos_att_type}, share_att_key={self.share_att_key}")
-
-
-#: Keys per piece of the band's p2c columns (``_p2c_columns``).
-P2C_KEYS = 128
-
-
-def _p2c_term(query_s: Tensor, k_blk: Tensor, index: Tensor) -> Tensor:
-    """The p2c term Q^r[index_ij]·k_j ``(b, h, rows, keys)`` of a band sub-block (``index``
-    ``(rows, keys)``), by pieces of ``P2C_KEYS`` keys: each multiplies only the table rows
-    min … max of its index (a band's rows read a window of the 2k rows per key, as wide as
-    the block near the diagonal, a few log buckets far from it), then gathers."""
-    b, keys = k_blk.shape[0], k_blk.shape[2]
-    pieces = []
-    for j0 in range(0, keys, P2C_KEYS):
-        j1 = min(j0 + P2C_KEYS, keys)
-        piece = index[:, j0:j1]
-        lo, hi = int(piece.min()), int(piece.max()) + 1
-        cols = torch.matmul(query_s[:, lo:hi], k_blk[:, :, j0:j1].transpose(-1, -2))
-        pieces.append(gather_terms(None, cols, piece - lo, b, query_s.shape[0]))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
