@@ -129,8 +129,11 @@ def _contiguous(p: Tensor) -> bool:
 
 
 def _worth_it(m: int, rows: int, band: int) -> bool:
-    """The far keys are most of the keys (else the blockwise kernel is as good)."""
-    return m >= 4 * (rows + band)
+    """Some key lies outside a block's band. Measured (fwd+bwd, 1 thread, d_model 512, 8
+    heads): never slower than the blockwise kernel within noise, and faster as the far share
+    grows (DeBERTa, R = 511: n = 2048 1.13 vs 1.43 s, 4096 3.7 vs 7.5 s and 125 vs 317 MiB; it
+    was served only from m >= 4 (rows + band) before)."""
+    return m > rows + band
 
 
 def banded_softmax_attention(
