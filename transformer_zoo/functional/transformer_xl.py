@@ -163,6 +163,18 @@ def transformer_xl_bias(
     return bias + content.transpose(-1, -2)
 
 
+def row_positions(q_positions: Tensor, k_positions: Tensor, clamp_len: int | None
+                  ) -> tuple[Tensor, Tensor, int | None]:
+    """The row builders' shared checks: positions' dtype and rank (``relative_positions``),
+    ``clamp_len``; returns the positions as ``(1|b, n)``, ``(1|b, m)`` and ``clamp_len``."""
+    relative_positions(q_positions[..., :1], k_positions[..., :1])  # dtype/rank checks
+    if clamp_len is not None:
+        clamp_len = check_positive_int(clamp_len, "clamp_len")
+    qp = q_positions if q_positions.ndim == 2 else q_positions[None]  # (1|b, n)
+    kp = k_positions if k_positions.ndim == 2 else k_positions[None]  # (1|b, m)
+    return qp, kp, clamp_len
+
+
 def transformer_xl_bias_rows(
     q: Tensor,
     k: Tensor,
@@ -188,11 +200,7 @@ def transformer_xl_bias_rows(
     m = k.shape[2]
     if n == 0 or m == 0:
         return None
-    relative_positions(q_positions[..., :1], k_positions[..., :1])  # dtype/rank checks
-    if clamp_len is not None:
-        clamp_len = check_positive_int(clamp_len, "clamp_len")
-    qp = q_positions if q_positions.ndim == 2 else q_positions[None]  # (1|b, n)
-    kp = k_positions if k_positions.ndim == 2 else k_positions[None]  # (1|b, m)
+    qp, kp, clamp_len = row_positions(q_positions, k_positions, clamp_len)
     lo, hi = qp.amin(-1) - kp.amax(-1), qp.amax(-1) - kp.amin(-1)  # (1|b,) and (1|b,)
     size = n + m - 1
     if clamp_len is not None:

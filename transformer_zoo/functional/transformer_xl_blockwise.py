@@ -35,9 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from transformer_zoo._checks import check_positive_int
 from transformer_zoo.functional import transformer_xl as _txl
-from transformer_zoo.functional.relative import relative_positions
 
 #: distances per chunk of the table and of its gradient (each built, flushed and freed whole)
 CHUNK = 1024
@@ -216,11 +214,7 @@ def transformer_xl_skewed_rows(
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(q.device.type) or (
             q.shape[2] == 0 or k.shape[2] == 0):
         return None
-    relative_positions(q_positions[..., :1], k_positions[..., :1])  # dtype/rank checks
-    if clamp_len is not None:
-        clamp_len = check_positive_int(clamp_len, "clamp_len")
-    qp = q_positions if q_positions.ndim == 2 else q_positions[None]  # (1|b, n)
-    kp = k_positions if k_positions.ndim == 2 else k_positions[None]  # (1|b, m)
+    qp, kp, clamp_len = _txl.row_positions(q_positions, k_positions, clamp_len)
     if not (_step_one(qp) and _step_one(kp)):
         return None
     hi = qp[:, -1] - kp[:, 0]  # (1|b,): the largest distance, n + m − 1 of them below it
